@@ -1,0 +1,138 @@
+"""One self-describing directory per trained model.
+
+    DIR/checkpoint.json   format version, graph, model config, image geometry, training
+                          config, data set, metrics, library version
+    DIR/weights.pt        the (EMA) model weights used for inference, a plain state dict
+    DIR/training.pt       optimizer, step and raw weights, for --resume (optional)
+
+Everything needed to rebuild the model is in checkpoint.json; weights load with
+``weights_only=True`` so a checkpoint cannot execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .graph import CausalGraph, GraphError
+from .model import CausalDiffAE, CausalDiffAEConfig
+
+__all__ = ["FORMAT_VERSION", "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint"]
+
+FORMAT_VERSION = 1
+META, WEIGHTS, TRAINING = "checkpoint.json", "weights.pt", "training.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, corrupt or of another format version."""
+
+
+@dataclass
+class Checkpoint:
+    model: CausalDiffAE
+    path: Path
+    dataset: str = ""
+    image: dict[str, Any] = field(default_factory=dict)  # channels, size, value range
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+
+    @property
+    def graph(self) -> CausalGraph:
+        return self.model.graph
+
+
+def _atomic_write(path: Path, write) -> None:
+    # Write beside the target then rename: an interrupted save never leaves a half file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: str | Path, model: CausalDiffAE, *, dataset: str, image: dict[str, Any],
+                    training: dict[str, Any], metrics: dict[str, Any] | None = None, step: int = 0,
+                    training_state: dict[str, Any] | None = None) -> Path:
+    from . import __version__
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "library": "cdae-med",
+        "library_version": __version__,
+        "dataset": dataset,
+        "step": step,
+        "graph": model.graph.to_dict(),
+        "model": model.config.to_dict(),
+        "image": image,
+        "training": training,
+        "metrics": metrics or {},
+    }
+    _atomic_write(path / WEIGHTS, lambda tmp: torch.save(model.state_dict(), tmp))
+    if training_state is not None:
+        _atomic_write(path / TRAINING, lambda tmp: torch.save(training_state, tmp))
+    _atomic_write(path / META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {path}")
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a cdae-med checkpoint: {META} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path} is corrupt: {err}") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version!r}; this cdae-med reads version {FORMAT_VERSION}. "
+            "Retrain the model, or load it with the cdae-med release that wrote it."
+        )
+    return meta
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        graph = CausalGraph.from_dict(meta["graph"])
+        config = CausalDiffAEConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError, GraphError) as err:
+        raise CheckpointError(f"{path / META} does not describe a valid model: {err}") from None
+    model = CausalDiffAE(graph, config)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS}")
+    try:
+        state = torch.load(weights, map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{weights} is corrupt or does not match {META}: {type(err).__name__}: {err}") from None
+    model.eval()
+    return Checkpoint(model=model, path=path, dataset=meta.get("dataset", ""), image=meta.get("image", {}),
+                      training=meta.get("training", {}), metrics=meta.get("metrics", {}), step=meta.get("step", 0))
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    file = Path(path) / TRAINING
+    if not file.is_file():
+        return None
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{file} is corrupt: {type(err).__name__}: {err}") from None

@@ -1,0 +1,257 @@
+"""The Causal Diffusion Autoencoder (CausalDiffAE).
+
+    x0 --encoder--> q(u | x0) --causal layer--> z = (z_1 .. z_n) --> denoiser eps(x_t, t, z)
+
+- The encoder is a stack of MONAI strided convolutions with two linear heads (mean and
+  log-variance of u), ``spatial_dims`` 2 or 3.
+- The causal layer is an additive-noise SCM over latent blocks of ``latent_dim`` each:
+  z_i = f_i(z_pa(i)) + u_i, evaluated in topological order from the parents' *z* (the paper's
+  public code feeds the parents' u in one pass, so an intervention never reaches descendants).
+  Additive noise makes abduction exact: u_i = z_i - f_i(z_pa(i)).
+- The label prior is p(z_i | y_i) = N(mu(y_i), sigma^2 I) with mu(y) = y * 1 (the normalised
+  label written into every dimension of the block, as in the paper's code) and a fixed
+  sigma (``prior_std``). A learned mu/sigma could drift to a constant and erase what the block
+  means, and the counterfactual step needs mu to *be* the label's latent value.
+- The denoiser is MONAI's ``DiffusionModelUNet``. z is mapped by an MLP to the width of the
+  timestep embedding and added to it, so the condition reaches every ResBlock (the paper's
+  code does the same, through AdaGN). Cross-attention alone was measured here to be ignored
+  by a briefly trained model (see FACTS.md), hence the embedding path.
+- Conditioning can be dropped (a learned null embedding) with probability ``cond_drop_prob``
+  during training; that gives the unconditional model used for guidance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+from .graph import CausalGraph
+
+__all__ = ["CausalDiffAEConfig", "CausalDiffAE", "CausalLayer", "Encoder", "kl_normal"]
+
+
+@dataclass
+class CausalDiffAEConfig:
+    spatial_dims: int = 2
+    in_channels: int = 3
+    image_size: tuple[int, ...] = (32, 32)
+    latent_dim: int = 16  # dimensions per causal variable
+    encoder_channels: tuple[int, ...] = (32, 64, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_attention: tuple[bool, ...] = (False, True, True)
+    unet_res_blocks: int = 1
+    unet_head_channels: int = 32
+    mechanism_hidden: int = 64
+    prior_std: float = 0.1
+    cond_drop_prob: float = 0.1
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        self.image_size = tuple(int(s) for s in self.image_size)
+        if len(self.image_size) != self.spatial_dims:
+            raise ValueError(f"image_size {self.image_size} does not have {self.spatial_dims} dimensions")
+        factor = 2 ** max(len(self.encoder_channels), len(self.unet_channels) - 1)
+        if any(s % factor for s in self.image_size):
+            raise ValueError(f"every image dimension must be a multiple of {factor}, got {self.image_size}")
+        self.encoder_channels = tuple(self.encoder_channels)
+        self.unet_channels = tuple(self.unet_channels)
+        self.unet_attention = tuple(bool(a) for a in self.unet_attention)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CausalDiffAEConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model settings {sorted(unknown)}")
+        return cls(**data)
+
+
+class Encoder(nn.Module):
+    """x0 -> (mean, log-variance) of q(u | x0), shape (B, n_vars, latent_dim) each."""
+
+    def __init__(self, cfg: CausalDiffAEConfig, n_vars: int):
+        super().__init__()
+        layers, ch = [], cfg.in_channels
+        for out in cfg.encoder_channels:
+            layers.append(
+                Convolution(
+                    cfg.spatial_dims, ch, out, strides=2, kernel_size=3,
+                    act=("leakyrelu", {"negative_slope": 0.2}),
+                    # GroupNorm, not the paper's BatchNorm: a counterfactual of one image must not
+                    # depend on which other images share its batch.
+                    norm=("group", {"num_groups": min(8, out)}),
+                )
+            )
+            ch = out
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        flat = ch * math.prod(s // 2 ** len(cfg.encoder_channels) for s in cfg.image_size)
+        self.n_vars, self.latent_dim = n_vars, cfg.latent_dim
+        self.heads = nn.Linear(flat, 2 * n_vars * cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.heads(self.features(x)).view(x.shape[0], 2, self.n_vars, self.latent_dim)
+        return h[:, 0], h[:, 1].clamp(-10.0, 5.0)
+
+
+class CausalLayer(nn.Module):
+    """Additive-noise SCM over latent blocks: z_i = f_i(z_parents) + u_i in topological order."""
+
+    def __init__(self, graph: CausalGraph, latent_dim: int, hidden: int):
+        super().__init__()
+        self.graph = graph
+        self.index = {n: i for i, n in enumerate(graph.names)}
+        self.mechanisms = nn.ModuleDict()
+        for v in graph.variables:
+            if v.parents:
+                self.mechanisms[v.name] = nn.Sequential(
+                    nn.Linear(len(v.parents) * latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, latent_dim)
+                )
+
+    def mechanism(self, name: str, z_blocks: list[torch.Tensor]) -> torch.Tensor:
+        parents = torch.cat([z_blocks[self.index[p]] for p in self.graph[name].parents], dim=-1)
+        return self.mechanisms[name](parents)
+
+    def forward(self, u: torch.Tensor, do: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """u (B, n, d) -> z (B, n, d); ``do`` maps a variable to the latent block it is set to."""
+        do = do or {}
+        z: list[torch.Tensor] = [u[:, i] for i in range(u.shape[1])]
+        for name in self.graph.order:
+            i = self.index[name]
+            if name in do:
+                z[i] = do[name].expand_as(u[:, i])
+            elif name in self.mechanisms:
+                z[i] = self.mechanism(name, z) + u[:, i]
+        return torch.stack(z, dim=1)
+
+    def abduct(self, z: torch.Tensor) -> torch.Tensor:
+        """The exogenous u that produces z: u_i = z_i - f_i(z_parents)."""
+        blocks = [z[:, i] for i in range(z.shape[1])]
+        u = [
+            blocks[i] - self.mechanism(n, blocks) if n in self.mechanisms else blocks[i]
+            for i, n in enumerate(self.graph.names)
+        ]
+        return torch.stack(u, dim=1)
+
+
+class ConditionEmbedding(nn.Module):
+    """z (B, n*d + 1) -> embedding added to the UNet's timestep embedding.
+
+    The last column is a keep flag: 0 swaps in a learned null embedding (unconditional model).
+    It travels inside the tensor because the UNet passes ``class_labels`` straight here.
+    """
+
+    def __init__(self, in_features: int, embed_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_features, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+        self.null = nn.Parameter(torch.zeros(embed_dim))
+
+    def forward(self, z_and_keep: torch.Tensor) -> torch.Tensor:
+        z, keep = z_and_keep[:, :-1], z_and_keep[:, -1:]
+        return keep * self.mlp(z) + (1 - keep) * self.null
+
+
+def kl_normal(mean: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Tensor | float = 0.0,
+              prior_std: float = 1.0) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(prior_mean, prior_std^2)) element-wise."""
+    var_ratio = logvar.exp() / prior_std**2
+    return 0.5 * (var_ratio + (mean - prior_mean) ** 2 / prior_std**2 - 1 - torch.log(var_ratio))
+
+
+class CausalDiffAE(nn.Module):
+    def __init__(self, graph: CausalGraph, config: CausalDiffAEConfig | None = None):
+        super().__init__()
+        cfg = config or CausalDiffAEConfig()
+        self.graph, self.config = graph, cfg
+        n = len(graph)
+        self.encoder = Encoder(cfg, n)
+        self.causal = CausalLayer(graph, cfg.latent_dim, cfg.mechanism_hidden)
+        self.unet = DiffusionModelUNet(
+            spatial_dims=cfg.spatial_dims,
+            in_channels=cfg.in_channels,
+            out_channels=cfg.in_channels,
+            channels=cfg.unet_channels,
+            attention_levels=cfg.unet_attention,
+            num_res_blocks=cfg.unet_res_blocks,
+            num_head_channels=cfg.unet_head_channels,
+            num_class_embeds=1,  # replaced below by the continuous z embedding
+        )
+        self.unet.class_embedding = ConditionEmbedding(n * cfg.latent_dim, cfg.unet_channels[0] * 4)
+
+    @property
+    def n_vars(self) -> int:
+        return len(self.graph)
+
+    # --- latents ------------------------------------------------------------------------
+    def encode(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior q(u | x0): mean and log-variance, (B, n, d)."""
+        return self.encoder(x0)
+
+    def label_latent(self, y_norm: torch.Tensor) -> torch.Tensor:
+        """mu(y): the latent block a normalised label value stands for. (..., n) -> (..., n, d)."""
+        return y_norm.unsqueeze(-1).expand(*y_norm.shape, self.config.latent_dim)
+
+    def latent_to_label(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`label_latent` in the least-squares sense: the block mean."""
+        return z.mean(dim=-1)
+
+    # --- denoiser -----------------------------------------------------------------------
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """eps(x_t, t, z). ``z=None`` is the unconditional model; ``keep`` (B,) drops per sample."""
+        b = x_t.shape[0]
+        if z is None:
+            flat = x_t.new_zeros(b, self.n_vars * self.config.latent_dim)
+            keep = x_t.new_zeros(b)
+        else:
+            flat = z.reshape(b, -1).to(x_t.dtype)
+            keep = x_t.new_ones(b) if keep is None else keep.to(x_t.dtype)
+        if t.ndim == 0:
+            t = t.expand(b)
+        return self.unet(x_t, timesteps=t, class_labels=torch.cat([flat, keep[:, None]], dim=1))
+
+    # --- training -----------------------------------------------------------------------
+    def loss(self, x0: torch.Tensor, y_norm: torch.Tensor | None, scheduler, gamma: float,
+             labelled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The CausalDiffAE objective on a batch.
+
+        eps-MSE + gamma * (KL(q(z|x0,y) || p(z|y)) + KL(q(u|x0) || N(0, I))), each KL averaged
+        over latent dimensions. ``labelled`` (B,) bool marks samples whose labels are known;
+        the label-prior term is taken over those only.
+        """
+        b = x0.shape[0]
+        mean, logvar = self.encode(x0)
+        u = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        z = self.causal(u)
+        t = torch.randint(0, scheduler.num_train_timesteps, (b,), device=x0.device)
+        noise = torch.randn_like(x0)
+        x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
+        keep = (torch.rand(b, device=x0.device) >= self.config.cond_drop_prob).to(x0.dtype)
+        eps = self.denoise(x_t, t, z, keep)
+        mse = torch.mean((eps.float() - noise.float()) ** 2)
+        kl_u = kl_normal(mean, logvar).mean()
+        if y_norm is not None:
+            # q(z | x0) under the additive SCM: mean = causal layer at u's mean; variance = u's.
+            z_mean = self.causal(mean)
+            kl_z_each = kl_normal(z_mean, logvar, self.label_latent(y_norm), self.config.prior_std)
+            if labelled is not None:
+                w = labelled.to(kl_z_each.dtype)[:, None, None]
+                kl_z = (kl_z_each * w).sum() / (w.sum() * kl_z_each[0].numel()).clamp_min(1)
+            else:
+                kl_z = kl_z_each.mean()
+        else:
+            kl_z = torch.zeros((), device=x0.device)
+        total = mse + gamma * (kl_z + kl_u)
+        return {"loss": total, "mse": mse.detach(), "kl_z": kl_z.detach(), "kl_u": kl_u.detach()}

@@ -1,0 +1,1 @@
+"""Runs built on the cdae_med library: training, counterfactuals, evaluation, the CLI."""

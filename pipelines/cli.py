@@ -1,0 +1,191 @@
+"""The ``cdae-med`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Causal counterfactuals of images with Causal Diffusion Autoencoders.")
+data_app = typer.Typer(no_args_is_help=True, help="Synthetic data sets with ground-truth counterfactuals.")
+app.add_typer(data_app, name="data")
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _run(fn):
+    """Turn the library's input errors into one clear line instead of a traceback."""
+    from cdae_med.checkpoint import CheckpointError
+    from cdae_med.graph import GraphError
+
+    try:
+        return fn()
+    except (UserError, GraphError, CheckpointError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@app.command()
+def train(
+    dataset: str = typer.Option("pendulum", help="Data set to train on."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint directory [default: runs/DATASET]."),
+    steps: int = typer.Option(100_000, help="Stop after this many optimisation steps."),
+    minutes: float = typer.Option(12.0, help="Stop after this many minutes of optimisation (0 = no time limit). "
+                                             "The default run, evaluation included, ends within 15 minutes on a 2-core CPU."),
+    size: Optional[int] = typer.Option(None, help="Image side in pixels [default: the data set's, 32 for pendulum]."),
+    batch_size: int = typer.Option(32, help="Images per optimisation step."),
+    lr: float = typer.Option(3e-4, help="AdamW learning rate."),
+    n_train: int = typer.Option(10_000, help="Training images to generate."),
+    seed: int = typer.Option(0, help="Seed for data, initialisation and batch order."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
+    eval_n: int = typer.Option(32, help="Test images scored against true counterfactuals at the end."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Train a CausalDiffAE; writes a checkpoint, metrics.json and counterfactual_grid.png."""
+    from .datasets import DATASETS
+    from .train import TrainConfig, train as run_train
+
+    def go():
+        if dataset not in DATASETS:
+            raise UserError(f"unknown data set {dataset!r}; available: {', '.join(DATASETS)}")
+        for name, value in (("--steps", steps), ("--batch-size", batch_size), ("--n-train", n_train)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if minutes < 0:
+            raise UserError(f"--minutes must be >= 0, got {minutes}")
+        cfg = TrainConfig(dataset=dataset, out=str(out or Path("runs") / dataset), steps=steps,
+                          minutes=minutes or None, size=size, batch_size=batch_size, lr=lr, n_train=n_train,
+                          seed=seed, device=device, eval_n=eval_n)
+        path = run_train(cfg, progress=not quiet, resume=resume)
+        metrics = json.loads((path / "metrics.json").read_text())
+        typer.echo(f"checkpoint: {path}")
+        typer.echo(f"counterfactual grid: {path / 'counterfactual_grid.png'}")
+        ev = metrics.get("eval")
+        if ev:
+            typer.echo(f"reconstruction MAE {ev['reconstruction_mae']:.2f}/255")
+            for key in ev:
+                if key.endswith("_copy_input_mae"):
+                    v = key[3:-len("_copy_input_mae")]
+                    typer.echo(f"do({v}) MAE vs true counterfactual {ev[f'do_{v}_mae']:.2f}/255 "
+                               f"(copying the input: {ev[key]:.2f})")
+
+    _run(go)
+
+
+@data_app.command("generate")
+def data_generate(
+    dataset: str = typer.Option(..., help="pendulum"),
+    out: Path = typer.Option(..., help="Output directory."),
+    n: int = typer.Option(1000, help="Number of samples."),
+    size: Optional[int] = typer.Option(None, help="Image side in pixels."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Write images and a labels CSV (with units) for a synthetic data set."""
+    from .datasets import get_dataset
+
+    def go():
+        if n < 1:
+            raise UserError(f"--n must be at least 1, got {n}")
+        ds = get_dataset(dataset)
+        csv = ds.generator.write_dataset(out, n=n, size=size or ds.default_size, seed=seed)
+        typer.echo(f"wrote {n} samples to {out} (labels: {csv})")
+
+    _run(go)
+
+
+@app.command()
+def counterfactual(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory written by `cdae-med train`."),
+    do: List[str] = typer.Option(..., "--do", help="Intervention variable=value in the variable's units; repeatable."),
+    out: Path = typer.Option(..., help="Output PNG."),
+    dataset: Optional[str] = typer.Option(None, help="Take the factual image from this data set's test set..."),
+    index: Optional[int] = typer.Option(None, help="...at this index."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Or a PNG of the model's size."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    depth: float = typer.Option(1.0, help="Inversion depth in (0, 1]."),
+    guidance: float = typer.Option(1.0, help="Guidance weight (1 = plain conditional decoding)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Write the counterfactual of one image under do(...) and print the values it implies."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from cdae_med.checkpoint import load_checkpoint
+    from cdae_med.counterfactual import counterfactual as run_cf, parse_do
+    from cdae_med.diffusion import DDIM
+
+    from .datasets import get_dataset, to_tensor, to_uint8
+    from .runtime import autocast, resolve_device
+    from .train import TEST_SET_SIZE, test_seed
+
+    def go():
+        if (input is None) == (index is None):
+            raise UserError("give either --input IMAGE or --dataset NAME --index I")
+        ckpt = load_checkpoint(checkpoint)
+        graph = ckpt.graph
+        interventions = parse_do(graph, do)
+        channels, (h, w) = ckpt.image["channels"], ckpt.image["size"]
+        if input is not None:
+            try:
+                img = Image.open(input)
+                img.load()
+            except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+                raise UserError(f"cannot read image {input}: {err}") from None
+            img = img.convert("RGB" if channels == 3 else "L")
+            if img.size != (w, h):
+                raise UserError(f"{input} is {img.size[0]}x{img.size[1]} px; this model takes {w}x{h}")
+            arr = np.asarray(img)[None]
+            arr = arr if arr.ndim == 4 else arr[..., None]
+        else:
+            name = dataset or ckpt.dataset
+            if name != ckpt.dataset:
+                raise UserError(f"the checkpoint was trained on {ckpt.dataset!r}, not {name!r}")
+            if not 0 <= index < TEST_SET_SIZE:
+                raise UserError(f"--index must be in [0, {TEST_SET_SIZE}), got {index}")
+            ds = get_dataset(name)
+            images, _ = ds.sample(TEST_SET_SIZE, seed=test_seed(ckpt.training.get("seed", 0)), size=h)
+            arr = images[index:index + 1]
+        dev = resolve_device(device)
+        model = ckpt.model.to(dev)
+        ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)
+        ddim.scheduler.alphas_cumprod = ddim.scheduler.alphas_cumprod.to(dev)
+        with torch.no_grad(), autocast(dev):
+            res = run_cf(model, ddim, to_tensor(arr).to(dev), interventions, num_steps=steps, depth=depth,
+                         guidance=guidance)
+        out_img = to_uint8(res.image)[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(out_img.squeeze(-1) if out_img.shape[-1] == 1 else out_img).save(out)
+        report = {
+            "interventions": interventions,
+            "factual_estimated": dict(zip(graph.names, res.factual[0].tolist())),
+            "counterfactual": dict(zip(graph.names, res.values[0].tolist())),
+            "changed": [n for n in graph.order if n in interventions or
+                        any(n in graph.descendants(v) for v in interventions)],
+            "units": {v.name: v.unit for v in graph.variables},
+        }
+        typer.echo(json.dumps(report, indent=2))
+        typer.echo(f"wrote {out}", err=True)
+
+    _run(go)
+
+
+if __name__ == "__main__":
+    app()

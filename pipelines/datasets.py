@@ -1,0 +1,55 @@
+"""The data sets a model can be trained on, by name, and their image <-> tensor conversions.
+
+A synthetic data set is a generator module of ``synthetic_data`` with ``sample(n, seed, size)``
+and ``counterfactual(labels, do, size)``; its causal graph is the built-in graph of the same
+name in ``cdae_med.graph``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from cdae_med.graph import CausalGraph, builtin_graph
+
+__all__ = ["SyntheticDataset", "get_dataset", "DATASETS", "to_tensor", "to_uint8"]
+
+DATASETS = ("pendulum",)
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    name: str
+    graph: CausalGraph
+    generator: ModuleType
+    default_size: int
+
+    def sample(self, n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.generator.sample(n, seed=seed, size=size)
+
+    def counterfactual(self, labels: np.ndarray, do: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.generator.counterfactual(labels, do, size=size)
+
+
+def get_dataset(name: str) -> SyntheticDataset:
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+    module = importlib.import_module(f"synthetic_data.{name}")
+    return SyntheticDataset(name=name, graph=builtin_graph(name), generator=module,
+                            default_size=module.DEFAULT_SIZE)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, *spatial, C) -> float (N, C, *spatial) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
+    return x.movedim(-1, 1).contiguous()
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (N, C, *spatial) in [-1, 1] -> uint8 (N, *spatial, C)."""
+    x = x.detach().float().cpu().movedim(1, -1)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

@@ -1,0 +1,183 @@
+"""Training a CausalDiffAE on a synthetic data set: progress, periodic checkpoints, resume, and a
+counterfactual grid plus errors against the generator's truth at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+from cdae_med.checkpoint import CheckpointError, load_training_state, save_checkpoint
+from cdae_med.diffusion import DDIM
+from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
+
+from .datasets import SyntheticDataset, get_dataset, to_tensor
+from .evaluate_cf import counterfactual_errors
+from .figures import counterfactual_grid
+from .runtime import autocast, resolve_device
+
+log = logging.getLogger("cdae_med")
+
+TEST_SET_SIZE = 1000
+
+
+def test_seed(seed: int) -> int:
+    """The held-out test set's seed: far from any training seed a user is likely to pick."""
+    return seed + 1_000_003
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "pendulum"
+    out: str = "runs/pendulum"
+    steps: int = 100_000
+    minutes: float | None = 12.0  # wall-clock budget for the optimisation; None = steps only
+    size: int | None = None  # image side in pixels; None = the data set's default
+    batch_size: int = 32
+    lr: float = 3e-4
+    n_train: int = 10_000
+    seed: int = 0
+    device: str = "auto"
+    gamma: float = 1.0
+    gamma_warmup: int = 200
+    ema_decay: float = 0.999
+    checkpoint_minutes: float = 2.0
+    eval_n: int = 32
+    eval_steps: int = 50
+    eval_depth: float = 1.0
+    eval_guidance: float = 1.0
+    grid_rows: int = 6
+    model: dict[str, Any] = field(default_factory=dict)  # CausalDiffAEConfig overrides
+
+
+def ema_avg(decay: float):
+    # Ramp the decay up from 0 so that short runs are not dominated by their initial weights.
+    def avg(ema_p, p, n):
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return ema_p + (p - ema_p) * (1 - d)
+
+    return avg
+
+
+def build_model(cfg: TrainConfig, ds: SyntheticDataset, size: int, channels: int) -> CausalDiffAE:
+    mcfg = CausalDiffAEConfig(**{"in_channels": channels, "image_size": (size, size), **cfg.model})
+    return CausalDiffAE(ds.graph, mcfg)
+
+
+def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path:
+    ds = get_dataset(cfg.dataset)
+    size = cfg.size or ds.default_size
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    log.info("device %s, precision %s", device, "bf16 autocast" if device.type == "cuda" else "fp32")
+
+    t0 = time.perf_counter()
+    images, labels = ds.sample(cfg.n_train, seed=cfg.seed, size=size)
+    x_all = to_tensor(images)
+    y_all = torch.as_tensor(ds.graph.normalise(labels), dtype=torch.float32)
+    log.info("generated %d %s training images at %d px in %.1f s", len(images), ds.name, size,
+             time.perf_counter() - t0)
+
+    model = build_model(cfg, ds, size, images.shape[-1]).to(device)
+    ema = AveragedModel(model, avg_fn=ema_avg(cfg.ema_decay), use_buffers=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)
+    ddim.scheduler.alphas_cumprod = ddim.scheduler.alphas_cumprod.to(device)
+
+    step, elapsed = 0, 0.0
+    if resume:
+        state = load_training_state(out)
+        if state is None:
+            raise CheckpointError(f"--resume: no training state in {out}; start without --resume")
+        if state["config"]["dataset"] != cfg.dataset or state["config"]["model"] != cfg.model:
+            raise CheckpointError(f"--resume: {out} was trained with another data set or model settings")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed_s"]
+        log.info("resumed from step %d (%.1f min trained)", step, elapsed / 60)
+
+    image_meta = {"channels": images.shape[-1], "size": [size, size], "value_range": [0, 255],
+                  "model_range": [-1.0, 1.0]}
+    train_meta = {**asdict(cfg), "size": size}
+
+    def save(metrics: dict | None = None) -> None:
+        save_checkpoint(out, ema.module, dataset=ds.name, image=image_meta, training=train_meta,
+                        metrics=metrics, step=step,
+                        training_state={"model": model.state_dict(), "ema": ema.state_dict(),
+                                        "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
+                                        "config": {"dataset": cfg.dataset, "model": cfg.model}})
+
+    budget_s = math.inf if cfg.minutes is None else cfg.minutes * 60
+    n = len(x_all)
+    # A time-budgeted run shows progress against its budget, a step-budgeted one against its steps.
+    by_time = budget_s < math.inf
+    bar = tqdm(total=round(budget_s) if by_time else cfg.steps, desc=f"train {ds.name}",
+               unit="s" if by_time else "step", disable=not progress, dynamic_ncols=True)
+    last_save = time.perf_counter()
+    run_start = time.perf_counter() - elapsed
+    images_seen_this_run, this_run_start = 0, time.perf_counter()
+    model.train()
+    while step < cfg.steps and elapsed < budget_s:
+        # The batch order is a function of the step alone, so a resumed run sees the same data.
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step // max(1, n // cfg.batch_size))
+        perm = torch.randperm(n, generator=g)
+        offset = (step % max(1, n // cfg.batch_size)) * cfg.batch_size
+        idx = perm[offset:offset + cfg.batch_size]
+        x0, y = x_all[idx].to(device, non_blocking=True), y_all[idx].to(device, non_blocking=True)
+        gamma = cfg.gamma * min(1.0, (step + 1) / max(1, cfg.gamma_warmup))
+        with autocast(device):
+            losses = model.loss(x0, y, ddim, gamma)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update_parameters(model)
+        step += 1
+        images_seen_this_run += len(idx)
+        elapsed = time.perf_counter() - run_start
+        if not math.isfinite(losses["loss"].item()):
+            raise FloatingPointError(f"loss became {losses['loss'].item()} at step {step}; lower --lr")
+        if step % 10 == 0 or step == 1:
+            rate = images_seen_this_run / (time.perf_counter() - this_run_start)
+            bar.set_postfix(step=step, loss=f"{losses['loss'].item():.4f}", mse=f"{losses['mse'].item():.4f}",
+                            kl_z=f"{losses['kl_z'].item():.3f}", img_s=f"{rate:.1f}", refresh=False)
+            bar.n = min(bar.total, round(elapsed) if by_time else step)
+            bar.refresh()
+        if time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
+            save()
+            last_save = time.perf_counter()
+    bar.close()
+    train_rate = images_seen_this_run / max(1e-9, time.perf_counter() - this_run_start)
+    stopped = "step limit" if step >= cfg.steps else f"time budget of {cfg.minutes} min"
+    log.info("trained %d steps (%s), %.1f images/s", step, stopped, train_rate)
+
+    model.eval()
+    ema.module.eval()
+    test_images, test_labels = ds.sample(TEST_SET_SIZE, seed=test_seed(cfg.seed), size=size)
+    metrics: dict[str, Any] = {"steps": step, "train_minutes": elapsed / 60, "train_images_per_s": train_rate}
+    variables = tuple(v.name for v in ds.graph.variables if not v.parents)
+    if cfg.eval_n > 0:
+        t1 = time.perf_counter()
+        errs = counterfactual_errors(ema.module, ddim, ds, test_images[:cfg.eval_n], test_labels[:cfg.eval_n],
+                                     variables, num_steps=cfg.eval_steps, depth=cfg.eval_depth,
+                                     guidance=cfg.eval_guidance, seed=cfg.seed, progress=progress)
+        errs["seconds_per_counterfactual"] = (time.perf_counter() - t1) / (cfg.eval_n * (len(variables) + 1))
+        metrics["eval"] = errs
+    save(metrics)
+    grid = counterfactual_grid(ema.module, ddim, ds, test_images[:cfg.grid_rows], test_labels[:cfg.grid_rows],
+                               variables, num_steps=cfg.eval_steps, depth=cfg.eval_depth,
+                               guidance=cfg.eval_guidance, seed=cfg.seed)
+    grid.save(out / "counterfactual_grid.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return out
