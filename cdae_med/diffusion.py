@@ -44,7 +44,7 @@ class DDIM:
         if not 0.0 < depth <= 1.0:
             raise ValueError(f"depth must be in (0, 1], got {depth}")
         stride = self.num_train_timesteps // num_steps
-        k = max(1, round(depth * (num_steps - 1)))  # index of the latent timestep, at most num_steps-1
+        k = min(num_steps - 1, max(1, round(depth * num_steps)))  # latent timestep = k * stride
         return [i * stride for i in range(k)]
 
     def _prepare(self, num_steps: int) -> None:

@@ -240,8 +240,10 @@ def builtin_graph(name: str) -> CausalGraph:
         raise GraphError(f"no built-in graph {name!r}; built-in: {', '.join(BUILTIN_GRAPHS)}") from None
 
 
-# Pendulum (CausalVAE): the paper's normalisation, in degrees (one index unit = 0.9 deg).
-# Shadow ranges: the extent of the mechanism over the angle x light rectangle.
+# Pendulum (CausalVAE): the paper's normalisation (angle (2, 42), light (104, 44) in index units)
+# converted to degrees (one index unit = 0.9 deg); ranges of angle/light are CausalVAE's grid.
+# Shadow ranges: extremes of synthetic_data.pendulum.shadow() on a 3001 x 3001 grid over the
+# angle x light rectangle, rounded outward (len: 3 floor .. 12.577; pos: 2.008 .. 19.606).
 BUILTIN_GRAPHS: dict[str, dict[str, Any]] = {
     "pendulum": {
         "variables": [

@@ -26,7 +26,8 @@ Causal graph: ``angle -> {shadow_len, shadow_pos} <- light``.
 Label units: ``angle`` and ``light`` are in degrees (``angle = i * 0.9`` in
 [-36, 38.7], ``light = j * 0.9`` in [54, 132.3]); ``shadow_len`` and
 ``shadow_pos`` are in canvas units.  :data:`NORMALISATION` holds CausalVAE's
-(centre, scale) normalisation converted to these units.
+(centre, scale) normalisation converted to these units; all of it comes from the
+built-in ``pendulum`` graph of :mod:`cdae_med.graph`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import pathlib
 from typing import Mapping
 
 import numpy as np
+
+from cdae_med.graph import builtin_graph
 
 __all__ = [
     "VARIABLES",
@@ -56,34 +59,18 @@ __all__ = [
     "read_dataset",
 ]
 
-VARIABLES = ("angle", "light", "shadow_len", "shadow_pos")
-UNITS = {"angle": "deg", "light": "deg", "shadow_len": "canvas units", "shadow_pos": "canvas units"}
-# (centre, scale): CausalVAE's normalisation in index units was angle (2, 42), light (104, 44),
-# shadow_len (7.5, 4.5), shadow_pos (11, 8); angle/light converted to degrees (x 0.9).
-NORMALISATION = {
-    "angle": (1.8, 37.8),
-    "light": (93.6, 39.6),
-    "shadow_len": (7.5, 4.5),
-    "shadow_pos": (11.0, 8.0),
-}
-# (low, high) per variable in its own units.  angle/light: the CausalVAE grid (i*0.9, j*0.9).
-# shadow_len/shadow_pos: extremes of shadow() over the full angle x light rectangle, found on a
-# 3001 x 3001 grid (the extremes sit at corners of the rectangle):
-#   shadow_len min 3 (the max(3, .) floor), max 12.5774 at (angle -36, light 132.3);
-#   shadow_pos min 2.00803 at (-36, 54), max 19.60598 at (38.7, 132.3);
-# rounded outward to one decimal.
-RANGES = {
-    "angle": (-36.0, 38.7),
-    "light": (54.0, 132.3),
-    "shadow_len": (3.0, 12.6),
-    "shadow_pos": (2.0, 19.7),
-}
+# The causal graph, units, normalisation and ranges are declared once, in cdae_med's built-in
+# "pendulum" graph; this module renders what it declares.
+GRAPH = builtin_graph("pendulum")
+VARIABLES = GRAPH.names
+UNITS = {v.name: v.unit for v in GRAPH.variables}
+NORMALISATION = {v.name: (v.centre, v.scale) for v in GRAPH.variables}
+RANGES = {v.name: (v.low, v.high) for v in GRAPH.variables}
+PARENTS = {v.name: v.parents for v in GRAPH.variables}
 DEFAULT_SIZE = 32
 # Header of labels.csv written by write_dataset: the image path (relative to the data set
 # directory) then the VARIABLES, each with its unit suffix where it has one.
 CSV_COLUMNS = ("file", "angle_deg", "light_deg", "shadow_len", "shadow_pos")
-# Causal parents (exogenous variables have none).
-PARENTS = {"angle": (), "light": (), "shadow_len": ("angle", "light"), "shadow_pos": ("angle", "light")}
 
 # --- scene constants (canvas units) -------------------------------------------------------
 _X_RANGE = (0.0, 20.0)
@@ -161,22 +148,14 @@ def _as_label_array(labels) -> np.ndarray:
     return arr
 
 
-def _centre_scale() -> tuple[np.ndarray, np.ndarray]:
-    centre = np.array([NORMALISATION[v][0] for v in VARIABLES], dtype=np.float64)
-    scale = np.array([NORMALISATION[v][1] for v in VARIABLES], dtype=np.float64)
-    return centre, scale
-
-
 def normalise(labels: np.ndarray) -> np.ndarray:
     """``(labels - centre) / scale`` column-wise (VARIABLES order, last axis of size 4)."""
-    centre, scale = _centre_scale()
-    return (np.asarray(labels, dtype=np.float64) - centre) / scale
+    return GRAPH.normalise(np.asarray(labels, dtype=np.float64))
 
 
 def denormalise(z: np.ndarray) -> np.ndarray:
     """Inverse of :func:`normalise`."""
-    centre, scale = _centre_scale()
-    return np.asarray(z, dtype=np.float64) * scale + centre
+    return GRAPH.denormalise(np.asarray(z, dtype=np.float64))
 
 
 # --- rendering --------------------------------------------------------------------------------

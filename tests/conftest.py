@@ -1,0 +1,21 @@
+import pytest
+
+from pipelines.train import TrainConfig, train
+
+# A model small enough to train in seconds on 2 CPU cores; big enough to learn 16 px pendulums a little.
+TINY_MODEL = {
+    "latent_dim": 4,
+    "encoder_channels": (16, 32),
+    "unet_channels": (32, 32, 32),
+    "unet_attention": (False, False, True),
+    "mechanism_hidden": 16,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "pendulum"
+    cfg = TrainConfig(dataset="pendulum", out=str(out), steps=80, minutes=None, size=16, batch_size=16,
+                      lr=1e-3, n_train=512, device="cpu", gamma_warmup=20, eval_n=4, eval_steps=10,
+                      grid_rows=2, model=TINY_MODEL)
+    return train(cfg, progress=False)

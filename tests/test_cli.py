@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_counterfactual_from_the_test_set(tiny_checkpoint, tmp_path):
+    out = tmp_path / "cf.png"
+    r = run("counterfactual", "--checkpoint", tiny_checkpoint, "--dataset", "pendulum", "--index", 3,
+            "--do", "angle=20", "--out", out, "--steps", 5)
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).size == (16, 16)
+    report = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    assert report["interventions"] == {"angle": 20.0}
+    assert report["changed"] == ["angle", "shadow_len", "shadow_pos"]
+    assert report["counterfactual"]["angle"] == pytest.approx(20.0)
+
+
+def test_counterfactual_from_a_png(tiny_checkpoint, tmp_path):
+    img = tmp_path / "in.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(img)
+    r = run("counterfactual", "--checkpoint", tiny_checkpoint, "--input", img, "--do", "light=100",
+            "--do", "angle=-10", "--out", tmp_path / "cf.png", "--steps", 3)
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize(
+    "do, message",
+    [("angle=99", "angle=99 deg is outside the declared range"),
+     ("age=70", "unknown variable 'age'"),
+     ("angle", "not of the form variable=value"),
+     ("angle=old", "'old' is not a number")],
+)
+def test_bad_interventions(tiny_checkpoint, tmp_path, do, message):
+    r = run("counterfactual", "--checkpoint", tiny_checkpoint, "--dataset", "pendulum", "--index", 0,
+            "--do", do, "--out", tmp_path / "cf.png")
+    assert r.exit_code == 2
+    assert message in r.output
+    assert not (tmp_path / "cf.png").exists()
+
+
+def test_bad_inputs(tiny_checkpoint, tmp_path):
+    r = run("counterfactual", "--checkpoint", tmp_path / "nope", "--index", 0, "--do", "angle=1", "--out", "x.png")
+    assert r.exit_code == 2 and "no checkpoint directory" in r.output
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a png")
+    r = run("counterfactual", "--checkpoint", tiny_checkpoint, "--input", junk, "--do", "angle=1", "--out", "x.png")
+    assert r.exit_code == 2 and "cannot read image" in r.output
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(big)
+    r = run("counterfactual", "--checkpoint", tiny_checkpoint, "--input", big, "--do", "angle=1", "--out", "x.png")
+    assert r.exit_code == 2 and "this model takes 16x16" in r.output
+    r = run("counterfactual", "--checkpoint", tiny_checkpoint, "--do", "angle=1", "--out", "x.png")
+    assert r.exit_code == 2 and "either --input" in r.output
+    r = run("counterfactual", "--checkpoint", tiny_checkpoint, "--index", 5000, "--do", "angle=1", "--out", "x.png")
+    assert r.exit_code == 2 and "--index must be in [0, 1000)" in r.output
+
+
+def test_train_rejects_bad_options(tmp_path):
+    r = run("train", "--dataset", "mnist", "--out", tmp_path)
+    assert r.exit_code == 2 and "unknown data set 'mnist'" in r.output
+    r = run("train", "--steps", 0, "--out", tmp_path)
+    assert r.exit_code == 2 and "--steps must be at least 1" in r.output
+
+
+def test_data_generate(tmp_path):
+    r = run("data", "generate", "--dataset", "pendulum", "--out", tmp_path / "d", "--n", 3, "--size", 24)
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "d" / "labels.csv").read_text().splitlines()
+    assert lines[0] == "file,angle_deg,light_deg,shadow_len,shadow_pos" and len(lines) == 4
+    assert Image.open(tmp_path / "d" / "images" / "000002.png").size == (24, 24)
+    r = run("data", "generate", "--dataset", "nope", "--out", tmp_path / "e")
+    assert r.exit_code == 2 and "unknown data set 'nope'" in r.output

@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+import torch
+
+from cdae_med.counterfactual import abduct, act, counterfactual
+from cdae_med.diffusion import DDIM
+from cdae_med.graph import GraphError, builtin_graph, load_graph
+from cdae_med.model import CausalDiffAE, CausalDiffAEConfig, CausalLayer, kl_normal
+
+from .conftest import TINY_MODEL
+
+
+@pytest.fixture
+def layer():
+    torch.manual_seed(0)
+    return CausalLayer(builtin_graph("pendulum"), latent_dim=4, hidden=8)
+
+
+def test_root_intervention_reaches_descendants_only(layer):
+    u = torch.randn(5, 4, 4)
+    z = layer(u)
+    z_do = layer(u, do={"angle": torch.full((5, 4), 0.7)})
+    assert torch.allclose(z_do[:, 0], torch.full((5, 4), 0.7))
+    assert torch.equal(z_do[:, 1], z[:, 1])  # light: not a descendant
+    assert (z_do[:, 2] - z[:, 2]).abs().min() > 0  # shadow_len recomputed
+    assert (z_do[:, 3] - z[:, 3]).abs().min() > 0  # shadow_pos recomputed
+
+
+def test_leaf_intervention_changes_nothing_else(layer):
+    u = torch.randn(3, 4, 4)
+    z = layer(u)
+    z_do = layer(u, do={"shadow_len": torch.zeros(3, 4)})
+    assert torch.equal(z_do[:, [0, 1, 3]], z[:, [0, 1, 3]])
+
+
+def test_descendants_use_parents_z_not_u(tmp_path):
+    # Chain a -> b -> c: an intervention on a must reach c through b's *new* z.
+    (tmp_path / "chain.yaml").write_text(
+        "variables:\n - {name: a}\n - {name: b, parents: [a]}\n - {name: c, parents: [b]}\n")
+    g = load_graph(tmp_path / "chain.yaml")
+    torch.manual_seed(1)
+    chain = CausalLayer(g, latent_dim=3, hidden=8)
+    u = torch.randn(4, 3, 3)
+    z, z_do = chain(u), chain(u, do={"a": torch.full((4, 3), 2.0)})
+    assert (z_do[:, 2] - z[:, 2]).abs().min() > 0
+    expected_c = chain.mechanisms["c"](z_do[:, 1]) + u[:, 2]
+    assert torch.allclose(z_do[:, 2], expected_c)
+
+
+def test_null_intervention_and_abduction_are_exact(layer):
+    u = torch.randn(6, 4, 4)
+    z = layer(u)
+    assert torch.allclose(layer.abduct(z), u, atol=1e-6)
+    for i, name in enumerate(("angle", "light", "shadow_len", "shadow_pos")):
+        assert torch.allclose(layer(u, do={name: z[:, i]}), z, atol=1e-6)
+
+
+def test_kl_normal_matches_closed_form():
+    m, lv = torch.tensor([0.5]), torch.log(torch.tensor([0.25]))
+    # KL(N(0.5, 0.25) || N(1, 0.5^2)) = log(0.5/0.5) + (0.25 + 0.25)/(2*0.25) - 0.5 = 0.5
+    assert torch.allclose(kl_normal(m, lv, 1.0, 0.5), torch.tensor([0.5]), atol=1e-6)
+    assert kl_normal(torch.zeros(3), torch.zeros(3)).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_one_code_path_for_2d_and_3d(spatial_dims):
+    cfg = CausalDiffAEConfig(spatial_dims=spatial_dims, in_channels=1, image_size=(16,) * spatial_dims,
+                             **{k: v for k, v in TINY_MODEL.items()})
+    model = CausalDiffAE(load_graph("pendulum"), cfg)
+    x = torch.randn(2, 1, *(16,) * spatial_dims)
+    y = torch.zeros(2, 4)
+    ddim = DDIM()
+    losses = model.loss(x, y, ddim, gamma=1.0)
+    losses["loss"].backward()
+    assert losses["loss"].ndim == 0 and torch.isfinite(losses["loss"])
+    ab = abduct(model, ddim, x, num_steps=3)
+    assert ab.x_t.shape == x.shape and ab.z.shape == (2, 4, 4)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+        CausalDiffAEConfig(spatial_dims=1, image_size=(16,))
+    with pytest.raises(ValueError, match="multiple of"):
+        CausalDiffAEConfig(image_size=(30, 30))
+
+
+def test_ddim_timestep_grid():
+    ddim = DDIM()
+    assert ddim.timesteps(50)[:2] == [0, 20] and ddim.latent_timestep(50) == 980
+    assert ddim.latent_timestep(50, depth=0.5) == 500
+    with pytest.raises(ValueError, match="depth"):
+        ddim.timesteps(50, depth=0)

@@ -1,0 +1,136 @@
+"""End to end on a model trained for a few seconds (the session fixture in conftest.py)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cdae_med.checkpoint import META, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
+from cdae_med.counterfactual import abduct, counterfactual
+from cdae_med.diffusion import DDIM
+from cdae_med.graph import GraphError
+from pipelines.datasets import get_dataset, to_tensor, to_uint8
+from pipelines.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def test_batch():
+    return get_dataset("pendulum").sample(16, seed=123, size=16)
+
+
+def test_training_writes_a_complete_checkpoint(tiny_checkpoint):
+    names = {p.name for p in tiny_checkpoint.iterdir()}
+    assert {META, WEIGHTS, "training.pt", "metrics.json", "counterfactual_grid.png"} <= names
+    meta = json.loads((tiny_checkpoint / META).read_text())
+    assert meta["format_version"] == 1 and meta["dataset"] == "pendulum" and meta["step"] == 80
+    assert meta["image"]["size"] == [16, 16] and meta["graph"]["variables"][0]["name"] == "angle"
+    ev = json.loads((tiny_checkpoint / "metrics.json").read_text())["eval"]
+    assert ev["n"] == 4 and ev["reconstruction_mae"] >= 0
+
+
+def test_encoder_learns_the_labels(tiny_checkpoint, test_batch):
+    # The label prior must make each latent block read out its variable after a few seconds of training.
+    ckpt = load_checkpoint(tiny_checkpoint)
+    images, labels = test_batch
+    with torch.no_grad():
+        u, _ = ckpt.model.encode(to_tensor(images))
+        est = ckpt.graph.denormalise(ckpt.model.latent_to_label(ckpt.model.causal(u))).numpy()
+    for i, name in enumerate(("angle", "light")):
+        r = np.corrcoef(est[:, i], labels[:, i])[0, 1]
+        assert r > 0.8, f"{name}: correlation {r:.2f} between latent and label"
+
+
+def test_ddim_inversion_reconstructs(tiny_checkpoint, test_batch):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    model, ddim = ckpt.model, DDIM()
+    images, _ = test_batch
+    x0 = to_tensor(images)
+    ab = abduct(model, ddim, x0, num_steps=20)
+    assert abs(ab.x_t.std().item() - 1.0) < 0.35  # the code is noise-like, not the image
+    with torch.no_grad():
+        rec = ddim.decode(lambda x, t: model.denoise(x, t, ab.z), ab.x_t, num_steps=20)
+        fresh = ddim.decode(lambda x, t: model.denoise(x, t, ab.z), torch.randn_like(ab.x_t), num_steps=20)
+    rec_mae = np.abs(to_uint8(rec).astype(float) - images).mean()
+    fresh_mae = np.abs(to_uint8(fresh).astype(float) - images).mean()
+    assert rec_mae < 3.0, f"reconstruction MAE {rec_mae:.2f}/255"
+    assert fresh_mae > 3 * rec_mae  # identity lives in the inverted code, not in z alone
+
+
+def test_counterfactual_shapes_and_errors(tiny_checkpoint, test_batch):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    x0 = to_tensor(test_batch[0][:3])
+    res = counterfactual(ckpt.model, DDIM(), x0, {"angle": torch.tensor([-20.0, 0.0, 20.0])}, num_steps=5)
+    assert res.image.shape == x0.shape
+    assert torch.allclose(res.values[:, 0], torch.tensor([-20.0, 0.0, 20.0]), atol=1e-4)
+    assert torch.allclose(res.values[:, 1], res.factual[:, 1])  # light is not a descendant of angle
+    with pytest.raises(GraphError, match="outside the declared range"):
+        counterfactual(ckpt.model, DDIM(), x0, {"angle": 80.0}, num_steps=5)
+    with pytest.raises(GraphError, match="unknown variable 'age'"):
+        counterfactual(ckpt.model, DDIM(), x0, {"age": 70.0}, num_steps=5)
+    with pytest.raises(GraphError, match="2 values for a batch of 3"):
+        counterfactual(ckpt.model, DDIM(), x0, {"angle": torch.tensor([1.0, 2.0])}, num_steps=5)
+
+
+def test_null_intervention_with_guidance_reproduces_reconstruction(tiny_checkpoint, test_batch):
+    from cdae_med.counterfactual import predict
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ddim = DDIM()
+    ab = abduct(ckpt.model, ddim, to_tensor(test_batch[0][:2]), num_steps=8)
+    plain = predict(ckpt.model, ddim, ab, ab.z)
+    guided = predict(ckpt.model, ddim, ab, ab.z, guidance=3.0)
+    assert torch.allclose(plain, guided, atol=1e-4)
+
+
+def test_checkpoint_round_trip(tiny_checkpoint, tmp_path, test_batch):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    copy = save_checkpoint(tmp_path / "copy", ckpt.model, dataset=ckpt.dataset, image=ckpt.image,
+                           training=ckpt.training, metrics=ckpt.metrics, step=ckpt.step)
+    again = load_checkpoint(copy)
+    assert again.graph == ckpt.graph and again.model.config == ckpt.model.config
+    x = to_tensor(test_batch[0][:2])
+    t = torch.tensor([500, 10])
+    with torch.no_grad():
+        z = ckpt.model.causal(ckpt.model.encode(x)[0])
+        assert torch.equal(ckpt.model.denoise(x, t, z), again.model.denoise(x, t, z))
+
+
+def test_checkpoint_errors(tiny_checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="checkpoint.json is missing"):
+        load_checkpoint(tmp_path / "empty")
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_checkpoint, other)
+    meta = json.loads((other / META).read_text())
+    meta["format_version"] = 99
+    (other / META).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format version 99; this cdae-med reads version 1"):
+        load_checkpoint(other)
+    meta["format_version"] = 1
+    (other / META).write_text(json.dumps(meta))
+    (other / WEIGHTS).write_bytes((other / WEIGHTS).read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="weights.pt is corrupt"):
+        load_checkpoint(other)
+    (other / META).write_text("{not json")
+    with pytest.raises(CheckpointError, match="checkpoint.json is corrupt"):
+        load_checkpoint(other)
+
+
+def test_resume_continues_from_the_saved_step(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from .conftest import TINY_MODEL
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_checkpoint, run)
+    cfg = TrainConfig(out=str(run), steps=85, minutes=None, size=16, batch_size=16, lr=1e-3, n_train=512,
+                      device="cpu", gamma_warmup=20, eval_n=0, grid_rows=1, eval_steps=2, model=TINY_MODEL)
+    train(cfg, progress=False, resume=True)
+    assert load_checkpoint(run).step == 85
+    with pytest.raises(CheckpointError, match="no training state"):
+        train(TrainConfig(out=str(tmp_path / "fresh"), steps=1), progress=False, resume=True)
