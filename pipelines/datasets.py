@@ -45,7 +45,7 @@ def get_dataset(name: str) -> SyntheticDataset:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, *spatial, C) -> float (N, C, *spatial) in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
+    x = torch.tensor(images, dtype=torch.float32).div_(127.5).sub_(1.0)
     return x.movedim(-1, 1).contiguous()
 
 

@@ -15,7 +15,7 @@ TINY_MODEL = {
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "pendulum"
-    cfg = TrainConfig(dataset="pendulum", out=str(out), steps=80, minutes=None, size=16, batch_size=16,
+    cfg = TrainConfig(dataset="pendulum", out=str(out), steps=250, minutes=None, size=16, batch_size=16,
                       lr=1e-3, n_train=512, device="cpu", gamma_warmup=20, eval_n=4, eval_steps=10,
                       grid_rows=2, model=TINY_MODEL)
     return train(cfg, progress=False)

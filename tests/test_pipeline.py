@@ -23,7 +23,7 @@ def test_training_writes_a_complete_checkpoint(tiny_checkpoint):
     names = {p.name for p in tiny_checkpoint.iterdir()}
     assert {META, WEIGHTS, "training.pt", "metrics.json", "counterfactual_grid.png"} <= names
     meta = json.loads((tiny_checkpoint / META).read_text())
-    assert meta["format_version"] == 1 and meta["dataset"] == "pendulum" and meta["step"] == 80
+    assert meta["format_version"] == 1 and meta["dataset"] == "pendulum" and meta["step"] == 250
     assert meta["image"]["size"] == [16, 16] and meta["graph"]["variables"][0]["name"] == "angle"
     ev = json.loads((tiny_checkpoint / "metrics.json").read_text())["eval"]
     assert ev["n"] == 4 and ev["reconstruction_mae"] >= 0
@@ -46,15 +46,15 @@ def test_ddim_inversion_reconstructs(tiny_checkpoint, test_batch):
     model, ddim = ckpt.model, DDIM()
     images, _ = test_batch
     x0 = to_tensor(images)
-    ab = abduct(model, ddim, x0, num_steps=20)
+    ab = abduct(model, ddim, x0, num_steps=50)
     assert abs(ab.x_t.std().item() - 1.0) < 0.35  # the code is noise-like, not the image
     with torch.no_grad():
-        rec = ddim.decode(lambda x, t: model.denoise(x, t, ab.z), ab.x_t, num_steps=20)
-        fresh = ddim.decode(lambda x, t: model.denoise(x, t, ab.z), torch.randn_like(ab.x_t), num_steps=20)
+        rec = ddim.decode(lambda x, t: model.denoise(x, t, ab.z), ab.x_t, num_steps=50)
+        fresh = ddim.decode(lambda x, t: model.denoise(x, t, ab.z), torch.randn_like(ab.x_t), num_steps=50)
     rec_mae = np.abs(to_uint8(rec).astype(float) - images).mean()
     fresh_mae = np.abs(to_uint8(fresh).astype(float) - images).mean()
     assert rec_mae < 3.0, f"reconstruction MAE {rec_mae:.2f}/255"
-    assert fresh_mae > 3 * rec_mae  # identity lives in the inverted code, not in z alone
+    assert fresh_mae > 10 * rec_mae  # identity lives in the inverted code, not in z alone
 
 
 def test_counterfactual_shapes_and_errors(tiny_checkpoint, test_batch):
@@ -128,9 +128,9 @@ def test_resume_continues_from_the_saved_step(tiny_checkpoint, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(tiny_checkpoint, run)
-    cfg = TrainConfig(out=str(run), steps=85, minutes=None, size=16, batch_size=16, lr=1e-3, n_train=512,
+    cfg = TrainConfig(out=str(run), steps=255, minutes=None, size=16, batch_size=16, lr=1e-3, n_train=512,
                       device="cpu", gamma_warmup=20, eval_n=0, grid_rows=1, eval_steps=2, model=TINY_MODEL)
     train(cfg, progress=False, resume=True)
-    assert load_checkpoint(run).step == 85
+    assert load_checkpoint(run).step == 255
     with pytest.raises(CheckpointError, match="no training state"):
         train(TrainConfig(out=str(tmp_path / "fresh"), steps=1), progress=False, resume=True)
