@@ -52,8 +52,8 @@ def main() -> None:
     model, ddim = ckpt.model, DDIM()
     ds = get_dataset("pendulum")
     size = ckpt.image["size"][0]
-    images, labels = ds.sample(TEST_SET_SIZE, seed=test_seed(cfg.seed), size=size)
-    images, labels = images[:args.eval_n], labels[:args.eval_n]
+    test = ds.sample(TEST_SET_SIZE, seed=test_seed(cfg.seed), size=size)[:args.eval_n]
+    images = test.images
 
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -72,7 +72,7 @@ def main() -> None:
     for depth in (1.0, 0.6):
         for guidance in (1.0, 2.0, 3.0):
             t0 = time.perf_counter()
-            errs = counterfactual_errors(model, ddim, ds, images, labels, ("angle", "light"),
+            errs = counterfactual_errors(model, ddim, ds, test, ("angle", "light"),
                                          num_steps=args.steps, depth=depth, guidance=guidance)
             errs["seconds"] = time.perf_counter() - t0
             results["settings"].append(errs)

@@ -255,4 +255,35 @@ BUILTIN_GRAPHS: dict[str, dict[str, Any]] = {
              "range": [2.0, 19.7], "parents": ["angle", "light"]},
         ]
     },
+    # Morpho-MNIST (Castro 2019): t = 0.5 + Gamma(10, rate 5); i = 64 + 191 sigmoid(N(2(t - 2.5), 0.5)).
+    # Normalisation is the paper's; ranges cover the mechanism's support in practice.
+    "morphomnist": {
+        "variables": [
+            {"name": "thickness", "unit": "px", "centre": 3.4, "scale": 2.4, "range": [0.5, 7.0]},
+            {"name": "intensity", "unit": "grey level (0-255)", "centre": 161.0, "scale": 94.0,
+             "range": [64.0, 255.0], "parents": ["thickness"]},
+        ]
+    },
+    # CausalCircuit (Brehmer 2022): all variables in [0, 1].
+    "circuit": {
+        "variables": [
+            {"name": "arm", "unit": "", "centre": 0.5, "scale": 0.5, "range": [0.0, 1.0]},
+            {"name": "blue", "unit": "", "centre": 0.5, "scale": 0.5, "range": [0.0, 1.0], "parents": ["arm"]},
+            {"name": "green", "unit": "", "centre": 0.5, "scale": 0.5, "range": [0.0, 1.0], "parents": ["arm"]},
+            {"name": "red", "unit": "", "centre": 0.5, "scale": 0.5, "range": [0.0, 1.0],
+             "parents": ["arm", "blue", "green"]},
+        ]
+    },
+    # Brain MRI (Pawlowski 2020; Ribeiro 2023): sex (0 female, 1 male), age -> brain volume;
+    # age, brain volume -> ventricle volume. Volumes are those the synthetic cohort measures.
+    "brain": {
+        "variables": [
+            {"name": "age", "unit": "years", "centre": 60.0, "scale": 20.0, "range": [20.0, 95.0]},
+            {"name": "sex", "unit": "0=female, 1=male", "binary": True},
+            {"name": "brain_volume", "unit": "ml", "centre": 1100.0, "scale": 200.0, "range": [600.0, 1800.0],
+             "parents": ["age", "sex"]},
+            {"name": "ventricle_volume", "unit": "ml", "centre": 40.0, "scale": 30.0, "range": [2.0, 200.0],
+             "parents": ["age", "brain_volume"]},
+        ]
+    },
 }

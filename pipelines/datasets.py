@@ -1,8 +1,8 @@
 """The data sets a model can be trained on, by name, and their image <-> tensor conversions.
 
-A synthetic data set is a generator module of ``synthetic_data`` with ``sample(n, seed, size)``
-and ``counterfactual(labels, do, size)``; its causal graph is the built-in graph of the same
-name in ``cdae_med.graph``.
+A synthetic data set is a generator module of ``synthetic_data`` (the interface is in
+``synthetic_data.base``); its causal graph is the built-in graph of the same name in
+``cdae_med.graph``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cdae_med.graph import CausalGraph, builtin_graph
+from synthetic_data.base import Samples
 
 __all__ = ["SyntheticDataset", "get_dataset", "DATASETS", "to_tensor", "to_uint8"]
 
@@ -28,11 +29,11 @@ class SyntheticDataset:
     generator: ModuleType
     default_size: int
 
-    def sample(self, n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def sample(self, n: int, seed: int, size: int) -> Samples:
         return self.generator.sample(n, seed=seed, size=size)
 
-    def counterfactual(self, labels: np.ndarray, do: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.generator.counterfactual(labels, do, size=size)
+    def counterfactual(self, samples: Samples, do: dict, size: int) -> Samples:
+        return self.generator.counterfactual(samples, do, size=size)
 
 
 def get_dataset(name: str) -> SyntheticDataset:

@@ -10,6 +10,8 @@ from cdae_med.counterfactual import abduct, act, predict
 from cdae_med.diffusion import DDIM
 from cdae_med.model import CausalDiffAE
 
+from synthetic_data.base import Samples
+
 from .datasets import SyntheticDataset, to_tensor, to_uint8
 from .runtime import autocast
 
@@ -22,13 +24,14 @@ def random_targets(dataset: SyntheticDataset, variable: str, n: int, seed: int) 
 
 
 @torch.no_grad()
-def counterfactual_errors(model: CausalDiffAE, ddim: DDIM, dataset: SyntheticDataset, images: np.ndarray,
-                          labels: np.ndarray, variables: tuple[str, ...], *, num_steps: int = 50,
+def counterfactual_errors(model: CausalDiffAE, ddim: DDIM, dataset: SyntheticDataset, samples: Samples,
+                          variables: tuple[str, ...], *, num_steps: int = 50,
                           depth: float = 1.0, guidance: float = 1.0, batch_size: int = 64, seed: int = 0,
                           progress: bool = True) -> dict:
     """Mean absolute pixel error (0-255) of reconstructions and of do(v) counterfactuals, each against
     the generator's true counterfactual, beside the error of returning the input unchanged."""
     device = next(model.parameters()).device
+    images = samples.images
     size = images.shape[1]
     out: dict = {"n": len(images), "num_steps": num_steps, "depth": depth, "guidance": guidance}
     passes = len(variables) + 1
@@ -37,7 +40,7 @@ def counterfactual_errors(model: CausalDiffAE, ddim: DDIM, dataset: SyntheticDat
     copy_err = {v: [] for v in variables}
     for v_i, v in enumerate(variables):
         targets = random_targets(dataset, v, len(images), seed + v_i)
-        true_imgs, _ = dataset.counterfactual(labels, {v: targets}, size)
+        true_imgs = dataset.counterfactual(samples, {v: targets}, size).images
         for s in range(0, len(images), batch_size):
             x0 = to_tensor(images[s:s + batch_size]).to(device)
             with autocast(device):

@@ -10,6 +10,8 @@ from cdae_med.counterfactual import abduct, act, predict
 from cdae_med.diffusion import DDIM
 from cdae_med.model import CausalDiffAE
 
+from synthetic_data.base import Samples
+
 from .datasets import SyntheticDataset, to_tensor, to_uint8
 from .evaluate_cf import random_targets
 from .runtime import autocast
@@ -34,11 +36,12 @@ def image_grid(cells: list[list[np.ndarray]], headers: list[str], cell_px: int =
 
 
 @torch.no_grad()
-def counterfactual_grid(model: CausalDiffAE, ddim: DDIM, ds: SyntheticDataset, images: np.ndarray,
-                        labels: np.ndarray, variables: tuple[str, ...], *, num_steps: int = 50,
+def counterfactual_grid(model: CausalDiffAE, ddim: DDIM, ds: SyntheticDataset, samples: Samples,
+                        variables: tuple[str, ...], *, num_steps: int = 50,
                         depth: float = 1.0, guidance: float = 1.0, seed: int = 0) -> Image.Image:
     """Rows = samples; columns = input, reconstruction, then do(v) and the true do(v) for each v."""
     device = next(model.parameters()).device
+    images = samples.images
     size = images.shape[1]
     x0 = to_tensor(images).to(device)
     with autocast(device):
@@ -49,7 +52,7 @@ def counterfactual_grid(model: CausalDiffAE, ddim: DDIM, ds: SyntheticDataset, i
             targets = random_targets(ds, v, len(images), seed + v_i)
             z_cf = act(model, ab, {v: torch.as_tensor(targets, device=device)})
             columns.append(to_uint8(predict(model, ddim, ab, z_cf, guidance)))
-            columns.append(ds.counterfactual(labels, {v: targets}, size)[0])
+            columns.append(ds.counterfactual(samples, {v: targets}, size).images)
             headers += [f"do({v})", f"true do({v})"]
     cells = [[col[r] for col in columns] for r in range(len(images))]
     return image_grid(cells, headers)

@@ -164,19 +164,17 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
 
     model.eval()
     ema.module.eval()
-    test_images, test_labels = ds.sample(TEST_SET_SIZE, seed=test_seed(cfg.seed), size=size)
+    test = ds.sample(TEST_SET_SIZE, seed=test_seed(cfg.seed), size=size)
     metrics: dict[str, Any] = {"steps": step, "train_minutes": elapsed / 60, "train_images_per_s": train_rate}
     variables = tuple(v.name for v in ds.graph.variables if not v.parents)
     if cfg.eval_n > 0:
         t1 = time.perf_counter()
-        errs = counterfactual_errors(ema.module, ddim, ds, test_images[:cfg.eval_n], test_labels[:cfg.eval_n],
-                                     variables, num_steps=cfg.eval_steps, depth=cfg.eval_depth,
+        errs = counterfactual_errors(ema.module, ddim, ds, test[:cfg.eval_n], variables, num_steps=cfg.eval_steps, depth=cfg.eval_depth,
                                      guidance=cfg.eval_guidance, seed=cfg.seed, progress=progress)
         errs["seconds_per_counterfactual"] = (time.perf_counter() - t1) / (cfg.eval_n * (len(variables) + 1))
         metrics["eval"] = errs
     save(metrics)
-    grid = counterfactual_grid(ema.module, ddim, ds, test_images[:cfg.grid_rows], test_labels[:cfg.grid_rows],
-                               variables, num_steps=cfg.eval_steps, depth=cfg.eval_depth,
+    grid = counterfactual_grid(ema.module, ddim, ds, test[:cfg.grid_rows], variables, num_steps=cfg.eval_steps, depth=cfg.eval_depth,
                                guidance=cfg.eval_guidance, seed=cfg.seed)
     grid.save(out / "counterfactual_grid.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -41,6 +41,8 @@ import numpy as np
 
 from cdae_med.graph import builtin_graph
 
+from .base import Samples
+
 __all__ = [
     "VARIABLES",
     "UNITS",
@@ -57,6 +59,8 @@ __all__ = [
     "denormalise",
     "write_dataset",
     "read_dataset",
+    "SPATIAL_DIMS",
+    "CHANNELS",
 ]
 
 # The causal graph, units, normalisation and ranges are declared once, in cdae_med's built-in
@@ -68,6 +72,8 @@ NORMALISATION = {v.name: (v.centre, v.scale) for v in GRAPH.variables}
 RANGES = {v.name: (v.low, v.high) for v in GRAPH.variables}
 PARENTS = {v.name: v.parents for v in GRAPH.variables}
 DEFAULT_SIZE = 32
+SPATIAL_DIMS = 2
+CHANNELS = 3
 # Header of labels.csv written by write_dataset: the image path (relative to the data set
 # directory) then the VARIABLES, each with its unit suffix where it has one.
 CSV_COLUMNS = ("file", "angle_deg", "light_deg", "shadow_len", "shadow_pos")
@@ -286,15 +292,16 @@ def _sample_labels(n: int, seed: int) -> np.ndarray:
     return np.stack([angle, light, s_len, s_pos], axis=1)
 
 
-def sample(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def sample(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Samples:
     """Draw ``n`` observational samples.
 
     Angle and light are uniform (continuous) over their RANGES, drawn with
     ``np.random.default_rng(seed)`` (angle first, then light); the shadow comes from
-    :func:`shadow`.  Returns ``(images uint8 (n, size, size, 3), labels float64 (n, 4))``.
+    :func:`shadow`.  Images are uint8 (n, size, size, 3), labels float64 (n, 4); the
+    exogenous noise is the angle and light themselves (the scene has no other randomness).
     """
     labels = _sample_labels(n, seed)
-    return render(labels, size), labels
+    return Samples(render(labels, size), labels, {"angle": labels[:, 0].copy(), "light": labels[:, 1].copy()})
 
 
 def _check_in_range(name: str, value) -> None:
@@ -306,14 +313,15 @@ def _check_in_range(name: str, value) -> None:
         raise ValueError(f"do({name}={first!r}) is outside the range of {name}: [{lo}, {hi}] ({UNITS[name]})")
 
 
-def counterfactual(labels, do: Mapping[str, float | np.ndarray], size: int = DEFAULT_SIZE):
+def counterfactual(samples, do: Mapping[str, float | np.ndarray], size: int = DEFAULT_SIZE) -> Samples:
     """True counterfactual images and labels under the intervention ``do``.
 
     Each row keeps its exogenous values (angle, light); the intervened variables are set
     (scalars or arrays broadcasting to N); shadow_len/shadow_pos are recomputed from the
-    mechanism unless intervened themselves.  Returns ``(images, new labels)``.
+    mechanism unless intervened themselves.  ``samples`` is a :class:`Samples` or an (N, 4)
+    label array (the labels hold all of this scene's exogenous values).
     """
-    lab = _as_label_array(labels).copy()
+    lab = _as_label_array(samples.labels if isinstance(samples, Samples) else samples).copy()
     unknown = [k for k in do if k not in VARIABLES]
     if unknown:
         raise ValueError(f"unknown variable(s) {unknown} in do(); valid variables are {VARIABLES}")
@@ -329,7 +337,7 @@ def counterfactual(labels, do: Mapping[str, float | np.ndarray], size: int = DEF
         lab[:, 2] = s_len
     if "shadow_pos" not in do:
         lab[:, 3] = s_pos
-    return render(lab, size), lab
+    return Samples(render(lab, size), lab, {"angle": lab[:, 0].copy(), "light": lab[:, 1].copy()})
 
 
 # --- files ------------------------------------------------------------------------------------
