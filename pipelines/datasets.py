@@ -19,7 +19,7 @@ from synthetic_data.base import Samples
 
 __all__ = ["SyntheticDataset", "get_dataset", "DATASETS", "to_tensor", "to_uint8"]
 
-DATASETS = ("pendulum",)
+DATASETS = ("pendulum", "morphomnist", "circuit", "brain")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class SyntheticDataset:
     graph: CausalGraph
     generator: ModuleType
     default_size: int
+    spatial_dims: int
+    channels: int
 
     def sample(self, n: int, seed: int, size: int) -> Samples:
         return self.generator.sample(n, seed=seed, size=size)
@@ -39,14 +41,21 @@ class SyntheticDataset:
 def get_dataset(name: str) -> SyntheticDataset:
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
-    module = importlib.import_module(f"synthetic_data.{name}")
+    try:
+        module = importlib.import_module(f"synthetic_data.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"synthetic_data.{name}":
+            raise
+        raise ValueError(f"data set {name!r} is not built yet (see README, status)") from None
     return SyntheticDataset(name=name, graph=builtin_graph(name), generator=module,
-                            default_size=module.DEFAULT_SIZE)
+                            default_size=module.DEFAULT_SIZE, spatial_dims=module.SPATIAL_DIMS,
+                            channels=module.CHANNELS)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, *spatial, C) -> float (N, C, *spatial) in [-1, 1]."""
-    x = torch.tensor(images, dtype=torch.float32).div_(127.5).sub_(1.0)
+    """(N, *spatial, C) -> float (N, C, *spatial) in [-1, 1]: uint8 from [0, 255], float from [0, 1]."""
+    x = torch.tensor(images, dtype=torch.float32)
+    x = x.div_(127.5).sub_(1.0) if images.dtype == np.uint8 else x.mul_(2.0).sub_(1.0)
     return x.movedim(-1, 1).contiguous()
 
 

@@ -68,8 +68,9 @@ def ema_avg(decay: float):
     return avg
 
 
-def build_model(cfg: TrainConfig, ds: SyntheticDataset, size: int, channels: int) -> CausalDiffAE:
-    mcfg = CausalDiffAEConfig(**{"in_channels": channels, "image_size": (size, size), **cfg.model})
+def build_model(cfg: TrainConfig, ds: SyntheticDataset, size: int) -> CausalDiffAE:
+    mcfg = CausalDiffAEConfig(**{"spatial_dims": ds.spatial_dims, "in_channels": ds.channels,
+                                 "image_size": (size,) * ds.spatial_dims, **cfg.model})
     return CausalDiffAE(ds.graph, mcfg)
 
 
@@ -79,7 +80,9 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    log.info("device %s, precision %s", device, "bf16 autocast" if device.type == "cuda" else "fp32")
+    log.info("device %s, precision %s; training for up to %s steps%s", device,
+             "bf16 autocast" if device.type == "cuda" else "fp32", cfg.steps,
+             f" or {cfg.minutes:g} minutes" if cfg.minutes else "")
 
     t0 = time.perf_counter()
     images, labels = ds.sample(cfg.n_train, seed=cfg.seed, size=size)
@@ -88,7 +91,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     log.info("generated %d %s training images at %d px in %.1f s", len(images), ds.name, size,
              time.perf_counter() - t0)
 
-    model = build_model(cfg, ds, size, images.shape[-1]).to(device)
+    model = build_model(cfg, ds, size).to(device)
     ema = AveragedModel(model, avg_fn=ema_avg(cfg.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)
@@ -107,8 +110,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
         step, elapsed = state["step"], state["elapsed_s"]
         log.info("resumed from step %d (%.1f min trained)", step, elapsed / 60)
 
-    image_meta = {"channels": images.shape[-1], "size": [size, size], "value_range": [0, 255],
-                  "model_range": [-1.0, 1.0]}
+    image_meta = {"channels": ds.channels, "size": [size] * ds.spatial_dims, "spatial_dims": ds.spatial_dims,
+                  "value_range": [0, 255] if images.dtype == np.uint8 else [0.0, 1.0], "model_range": [-1.0, 1.0]}
     train_meta = {**asdict(cfg), "size": size}
 
     def save(metrics: dict | None = None) -> None:
