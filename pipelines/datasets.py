@@ -17,7 +17,7 @@ import torch
 from cdae_med.graph import CausalGraph, builtin_graph
 from synthetic_data.base import Samples
 
-__all__ = ["SyntheticDataset", "get_dataset", "DATASETS", "to_tensor", "to_uint8"]
+__all__ = ["SyntheticDataset", "get_dataset", "DATASETS", "to_tensor", "to_uint8", "to_255", "preview"]
 
 DATASETS = ("pendulum", "morphomnist", "circuit", "brain")
 
@@ -63,3 +63,15 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """float (N, C, *spatial) in [-1, 1] -> uint8 (N, *spatial, C)."""
     x = x.detach().float().cpu().movedim(1, -1)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def to_255(images: np.ndarray) -> np.ndarray:
+    """Data-set images as float on the 0-255 scale the pixel metrics use."""
+    return images.astype(np.float64) if images.dtype == np.uint8 else images.astype(np.float64) * 255.0
+
+
+def preview(images: np.ndarray) -> np.ndarray:
+    """Displayable uint8 (N, H, W, C): 2D images as they are, volumes by their middle axial slice."""
+    if images.ndim == 5:  # (N, X, Y, Z, C) in RAS: the axial plane is X-Y at the middle Z
+        images = np.rot90(images[:, :, :, images.shape[3] // 2], k=1, axes=(1, 2))
+    return np.clip(to_255(images), 0, 255).round().astype(np.uint8)

@@ -12,10 +12,15 @@ from cdae_med.model import CausalDiffAE
 
 from synthetic_data.base import Samples
 
-from .datasets import SyntheticDataset, to_tensor, to_uint8
+from .datasets import SyntheticDataset, to_255, to_tensor, to_uint8
 from .runtime import autocast
 
 __all__ = ["random_targets", "counterfactual_errors"]
+
+
+def _mae(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image mean absolute difference on the 0-255 scale."""
+    return np.abs(to_255(a) - to_255(b)).reshape(len(a), -1).mean(axis=1)
 
 
 def random_targets(dataset: SyntheticDataset, variable: str, n: int, seed: int) -> np.ndarray:
@@ -47,13 +52,13 @@ def counterfactual_errors(model: CausalDiffAE, ddim: DDIM, dataset: SyntheticDat
                 ab = abduct(model, ddim, x0, num_steps, depth)
                 if v_i == 0:
                     rec = predict(model, ddim, ab, ab.z)
-                    recon_err.append(np.abs(to_uint8(rec).astype(float) - images[s:s + batch_size]).mean(axis=(1, 2, 3)))
+                    recon_err.append(_mae(to_uint8(rec), images[s:s + batch_size]))
                     bar.update(len(x0))
                 z_cf = act(model, ab, {v: torch.as_tensor(targets[s:s + batch_size], device=device)})
                 cf = predict(model, ddim, ab, z_cf, guidance)
-            truth = true_imgs[s:s + batch_size].astype(float)
-            cf_err[v].append(np.abs(to_uint8(cf).astype(float) - truth).mean(axis=(1, 2, 3)))
-            copy_err[v].append(np.abs(images[s:s + batch_size].astype(float) - truth).mean(axis=(1, 2, 3)))
+            truth = true_imgs[s:s + batch_size]
+            cf_err[v].append(_mae(to_uint8(cf), truth))
+            copy_err[v].append(_mae(images[s:s + batch_size], truth))
             bar.update(len(x0))
     bar.close()
     out["reconstruction_mae"] = float(np.concatenate(recon_err).mean())

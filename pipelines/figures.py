@@ -12,26 +12,31 @@ from cdae_med.model import CausalDiffAE
 
 from synthetic_data.base import Samples
 
-from .datasets import SyntheticDataset, to_tensor, to_uint8
+from .datasets import SyntheticDataset, preview, to_tensor, to_uint8
 from .evaluate_cf import random_targets
 from .runtime import autocast
 
 __all__ = ["image_grid", "counterfactual_grid"]
 
 
-def image_grid(cells: list[list[np.ndarray]], headers: list[str], cell_px: int = 96) -> Image.Image:
-    """rows x columns of uint8 HWC images, upscaled to ``cell_px``, with a header line."""
+def image_grid(cells: list[list[np.ndarray]], headers: list[str], cell_px: int = 96,
+               row_labels: list[str] | None = None) -> Image.Image:
+    """rows x columns of uint8 HWC images, upscaled to ``cell_px``, with a header line and
+    optional row labels on the left."""
     rows, cols = len(cells), len(headers)
     head, pad = 16, 2
-    grid = Image.new("RGB", (cols * (cell_px + pad) + pad, head + rows * (cell_px + pad) + pad), "white")
+    left = 8 + 6 * max((len(t) for t in row_labels), default=0) if row_labels else 0
+    grid = Image.new("RGB", (left + cols * (cell_px + pad) + pad, head + rows * (cell_px + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for c, text in enumerate(headers):
-        draw.text((pad + c * (cell_px + pad) + 2, 2), text, fill="black")
+        draw.text((left + pad + c * (cell_px + pad) + 2, 2), text, fill="black")
     for r, row in enumerate(cells):
+        if row_labels:
+            draw.text((4, head + pad + r * (cell_px + pad) + cell_px // 2 - 6), row_labels[r], fill="black")
         for c, img in enumerate(row):
             tile = Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img)
             grid.paste(tile.resize((cell_px, cell_px), Image.NEAREST),
-                       (pad + c * (cell_px + pad), head + pad + r * (cell_px + pad)))
+                       (left + pad + c * (cell_px + pad), head + pad + r * (cell_px + pad)))
     return grid
 
 
@@ -46,13 +51,13 @@ def counterfactual_grid(model: CausalDiffAE, ddim: DDIM, ds: SyntheticDataset, s
     x0 = to_tensor(images).to(device)
     with autocast(device):
         ab = abduct(model, ddim, x0, num_steps, depth)
-        columns = [images, to_uint8(predict(model, ddim, ab, ab.z))]
+        columns = [preview(images), preview(to_uint8(predict(model, ddim, ab, ab.z)))]
         headers = ["input", "reconstruction"]
         for v_i, v in enumerate(variables):
             targets = random_targets(ds, v, len(images), seed + v_i)
             z_cf = act(model, ab, {v: torch.as_tensor(targets, device=device)})
-            columns.append(to_uint8(predict(model, ddim, ab, z_cf, guidance)))
-            columns.append(ds.counterfactual(samples, {v: targets}, size).images)
+            columns.append(preview(to_uint8(predict(model, ddim, ab, z_cf, guidance))))
+            columns.append(preview(ds.counterfactual(samples, {v: targets}, size).images))
             headers += [f"do({v})", f"true do({v})"]
     cells = [[col[r] for col in columns] for r in range(len(images))]
     return image_grid(cells, headers)
