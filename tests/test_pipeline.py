@@ -16,7 +16,8 @@ from pipelines.train import TrainConfig, train
 
 @pytest.fixture(scope="module")
 def test_batch():
-    return get_dataset("pendulum").sample(16, seed=123, size=16)
+    images, labels = get_dataset("pendulum").sample(16, seed=123, size=16)
+    return images, labels
 
 
 def test_training_writes_a_complete_checkpoint(tiny_checkpoint):
