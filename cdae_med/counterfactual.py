@@ -85,8 +85,12 @@ def abduct(model: CausalDiffAE, ddim: DDIM, x0: torch.Tensor, num_steps: int = 5
 
 
 @torch.no_grad()
-def act(model: CausalDiffAE, abduction: Abduction, do: Interventions) -> torch.Tensor:
-    """The counterfactual z: intervened blocks set, descendants recomputed in topological order."""
+def act(model: CausalDiffAE, abduction: Abduction, do: Interventions, propagate: bool = True) -> torch.Tensor:
+    """The counterfactual z: intervened blocks set, descendants recomputed in topological order.
+
+    ``propagate=False`` only overwrites the intervened blocks, as the paper's public code does;
+    it exists to measure what recomputing the descendants is worth.
+    """
     graph = model.graph
     _validate(graph, do)
     b = abduction.u.shape[0]
@@ -98,6 +102,11 @@ def act(model: CausalDiffAE, abduction: Abduction, do: Interventions) -> torch.T
             raise GraphError(f"do({name}) has {value_t.numel()} values for a batch of {b}")
         y = var.normalise(value_t.expand(b))
         blocks[name] = model.label_latent(y)
+    if not propagate:
+        z = abduction.z.clone()
+        for name, block in blocks.items():
+            z[:, graph.index(name)] = block
+        return z
     return model.causal(abduction.u, do=blocks)
 
 

@@ -187,5 +187,33 @@ def counterfactual(
     _run(go)
 
 
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory written by `cdae-med train`."),
+    out: Optional[Path] = typer.Option(None, help="Output directory [default: CHECKPOINT/evaluation]."),
+    n: int = typer.Option(64, help="Test images per intervention."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    depth: float = typer.Option(1.0, help="Inversion depth in (0, 1]."),
+    guidance: float = typer.Option(1.0, help="Guidance weight."),
+    procedure: str = typer.Option("ddim", help="ddim (ours) or original (fresh noise, no propagation)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """DCI, effectiveness, composition, reversibility and error against true counterfactuals."""
+    from .evaluate import evaluate as run_evaluate
+
+    def go():
+        if n < 1:
+            raise UserError(f"--n must be at least 1, got {n}")
+        result = run_evaluate(checkpoint, out, n=n, num_steps=steps, depth=depth, guidance=guidance,
+                              procedure=procedure, device=device, progress=not quiet)
+        dest = Path(out or Path(checkpoint) / "evaluation")
+        typer.echo((dest / "evaluation.md").read_text())
+        typer.echo(f"wrote {dest}/evaluation.json, evaluation.md, counterfactual_grid.png, sweep.png", err=True)
+        return result
+
+    _run(go)
+
+
 if __name__ == "__main__":
     app()
