@@ -161,8 +161,8 @@ def counterfactual(
             if not 0 <= index < TEST_SET_SIZE:
                 raise UserError(f"--index must be in [0, {TEST_SET_SIZE}), got {index}")
             ds = get_dataset(name)
-            images, _ = ds.sample(TEST_SET_SIZE, seed=test_seed(ckpt.training.get("seed", 0)), size=h)
-            arr = images[index:index + 1]
+            # Generators give the same first k samples for any n, so only index + 1 are drawn.
+            arr = ds.sample(index + 1, seed=test_seed(ckpt.training.get("seed", 0)), size=h).images[index:]
         dev = resolve_device(device)
         model = ckpt.model.to(dev)
         ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)

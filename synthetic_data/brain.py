@@ -51,11 +51,15 @@ Mechanisms (units: years, ml) and their sources
 
 Realisation on the image
 ------------------------
-* Ventricles: a smooth radial warp about the ventricles' centre with a compactly supported
-  ellipsoidal envelope (identity outside it): template coordinate
-  ``z = c + (y - c) / (1 + a g(y))``, ``g = (1 - rho^2)^2`` inside the ellipsoid; ``a > 0``
-  expands the ventricles (pushing the surrounding tissue outward), ``a < 0`` shrinks them.
-  ``a`` is solved (Brent) so that the measured ventricle volume hits its target.
+* Ventricles: a smooth deformation pushing tissue away from the ventricles along the
+  normal of their surface.  With ``D`` the (smoothed, signed) template distance to the
+  ventricle surface, an image point at ``D`` samples the template at ``D' = D - t w(D)``,
+  ``w = exp(-D / 15 mm) (1 - (D / 60 mm)^2)^2`` outside (1 inside, 0 beyond 60 mm): ``t > 0``
+  dilates the ventricles by the ``d`` with ``d = t w(d)`` and compresses the tissue around them
+  (displacement decaying with distance), ``t < 0`` shrinks them; image points deep inside the
+  enlarged ventricles are pure CSF.  ``t`` is solved (Brent) so that the measured ventricle
+  volume hits its target.  Below the smallest ventricles the warp can show (about 1.5-3 ml),
+  the remaining ventricular CSF is partly turned into white matter.
 * Brain volume: cortical thinning/erosion converts tissue to external CSF, grey matter
   at the rate ``alpha x e(x)`` and white matter at 0.3 ``alpha x e(x)`` per voxel (fractions
   capped at 1), where ``e`` is the smoothed fraction of non-brain (sulcal/outer CSF) around
@@ -162,10 +166,11 @@ T1_WM, T1_GM, T1_CSF = 0.85, 0.55, 0.12
 WM_EROSION = 0.3  # white matter erodes at this fraction of the grey-matter rate
 _VENT_SEEDS_MNI = ((14.0, -15.0, 15.0), (-14.0, -15.0, 15.0))
 _VENT_BOX_MNI = ((-38.0, 38.0), (-62.0, 36.0), (-8.0, 34.0))
-_ENVELOPE_MM = (60.0, 80.0, 55.0)  # semi-axes of the ventricle warp's support
-_VENT_A_MIN = -0.74  # the warp is a diffeomorphism for a > -0.75
-_VENT_A_CAP = 2.0  # largest warp; bigger ventricles come from periventricular tissue conversion
-_VENT_NEAR_MM = 5.0  # decay length of the conversion weight away from the ventricles
+# ventricle warp: displacement along the normal of the ventricle surface, decaying away from it
+_VENT_DECAY_MM = 15.0  # decay length L of the push, w(D) = exp(-D / L) (1 - (D / D_max)^2)^2
+_VENT_REACH_MM = 60.0  # D_max: tissue further than this from the ventricles does not move
+_VENT_CLAMP_MM = 1.5  # image points deep in a ventricle sample the template this far inside its wall
+_VENT_T_MIN = -12.0  # most negative push (mm); f(D) = D - t w(D) stays monotone for t > -L
 _NOISE_KEYS = ("u_icv", "u_brain", "u_vent", "anatomy_seed", "anatomy_amp", "rotation_deg",
                "translation_mm", "intensity_scale", "bias", "noise_seed", "noise_sd")
 
@@ -220,6 +225,9 @@ class _Template:
         t1 = datasets.load_mni152_template(resolution=2)
         self.affine = np.asarray(t1.affine, dtype=np.float64)
         self.inv_affine = np.linalg.inv(self.affine)
+        lin = self.affine[:3, :3]
+        if not np.allclose(lin, np.diag(np.diag(lin))) or np.any(np.diag(lin) <= 0):
+            raise RuntimeError("expected an axis-aligned RAS MNI152 template")
         m = np.asarray(datasets.load_mni152_brain_mask(resolution=2).get_fdata(), dtype=np.float64)
         g = np.clip(np.asarray(datasets.load_mni152_gm_template(resolution=2).get_fdata(), dtype=np.float64), 0, 1)
         w = np.clip(np.asarray(datasets.load_mni152_wm_template(resolution=2).get_fdata(), dtype=np.float64), 0, 1)
@@ -262,8 +270,13 @@ class _Template:
         self.icv_ml = float(m.sum() * self.voxel_ml)
         self.brain_ml = float((g + w).sum() * self.voxel_ml)
         self.vent_ml = float(vent.sum() * self.voxel_ml)
-        dist = ndi.distance_transform_edt(vent < 0.3) * 2.0  # mm to the ventricles
-        self.vent_near = np.exp(-dist / _VENT_NEAR_MM).astype(np.float32)
+        # signed distance (mm, > 0 outside) to the ventricle surface, smoothed, and its gradient
+        core = vent > 0.5
+        sd = ndi.distance_transform_edt(~core) * 2.0 - ndi.distance_transform_edt(core) * 2.0
+        sd = np.where(core, sd + 1.0, sd - 1.0)  # the surface half-way between voxel centres
+        sd = ndi.gaussian_filter(sd, 1.0)
+        self.vent_dist = sd.astype(np.float32)
+        self.vent_grad = [a.astype(np.float32) / 2.0 for a in np.gradient(sd)]  # per mm, template axes
 
 
 @functools.lru_cache(maxsize=1)
@@ -393,71 +406,86 @@ def _render_one(brain_target: float, vent_target: float, sex: float, nz: dict, s
     return t1, brain_ml, vent_ml
 
 
-def _realise(y: np.ndarray, brain_target: float, vent_target: float, maps: dict, tpl: _Template, vox_ml: float):
-    """Solve the ventricle warp/conversion and the atrophy for the targets; None if they do not fit."""
-    c = tpl.vent_centre[:, None]
-    rel = (y - c) / np.asarray(_ENVELOPE_MM)[:, None]
-    rho2 = (rel * rel).sum(axis=0)
-    inside = rho2 < 1.0
-    g = (1.0 - rho2[inside]) ** 2
-    d_in = y[:, inside] - c
-    aff = tpl.inv_affine
-    lo, hi = maps["vent_box"]
-    vent_map = maps["vent"]
+def _push_weight(d: np.ndarray) -> np.ndarray:
+    """w(D): 1 inside the ventricles, exp(-D/L) (1 - (D/D_max)^2)^2 outside, 0 beyond D_max."""
+    dp = np.clip(d, 0.0, _VENT_REACH_MM)
+    return np.exp(-dp / _VENT_DECAY_MM) * (1.0 - (dp / _VENT_REACH_MM) ** 2) ** 2
 
-    def warp(a: float) -> np.ndarray:
-        return c + d_in / (1.0 + a * g)
+
+def _realise(y: np.ndarray, brain_target: float, vent_target: float, maps: dict, tpl: _Template, vox_ml: float):
+    """Solve the ventricle warp and the atrophy for the targets; None if they do not fit."""
+    aff = tpl.inv_affine
 
     def to_index(z: np.ndarray) -> np.ndarray:
         return aff[:3, :3] @ z + aff[:3, 3:4]
 
-    def vent_ml(a: float) -> float:
-        idx = to_index(warp(a))
-        sel = np.all((idx >= lo[:, None]) & (idx <= hi[:, None]), axis=0)
-        return float(_sample_map(vent_map, idx[:, sel]).sum(dtype=np.float64) * vox_ml)
+    # The ventricle warp moves an image point at template distance D from the ventricle surface
+    # to distance D' = D - t w(D) along the surface normal (t > 0: ventricles dilate by the d
+    # with d = t w(d), tissue is pushed outward; t < 0: they shrink).  Points with D' < -c
+    # sample the template at -c and are filled with ventricle CSF as D' goes to -2c.
+    idx_y = to_index(y)
+    dist = _sample_map(tpl.vent_dist, idx_y).astype(np.float64)
+    sup = np.flatnonzero(dist < _VENT_REACH_MM)
+    d_s = dist[sup]
+    w_s = _push_weight(d_s)
+    grad = np.stack([_sample_map(gm_, idx_y[:, sup]) for gm_ in tpl.vent_grad]).astype(np.float64)
+    y_s = y[:, sup]
+    c = _VENT_CLAMP_MM
 
-    # 1) ventricle warp, a in [A_MIN, A_CAP]: V(a) increases with a
-    v_cap = vent_ml(_VENT_A_CAP)
-    if vent_target <= v_cap:
-        v_min = vent_ml(_VENT_A_MIN)
-        if vent_target < v_min:
-            raise ValueError(f"ventricle_volume={vent_target:.3g} ml is below the smallest this subject's anatomy "
-                             f"can show ({v_min:.3g} ml)")
-        a = brentq(lambda t: vent_ml(t) - vent_target, _VENT_A_MIN, _VENT_A_CAP, xtol=1e-9, rtol=1e-12, maxiter=200)
+    def warp(t: float):
+        dprime = d_s - t * w_s
+        shift = d_s - np.maximum(dprime, -c)
+        fill = np.clip((-dprime - c) / c, 0.0, 1.0)
+        return y_s - shift * grad, dprime, fill
+
+    vent_map, m_map = maps["vent"], maps["m"]
+
+    def vent_ml(t: float) -> float:
+        z, dprime, fill = warp(t)
+        near = np.flatnonzero(np.maximum(dprime, -c) < 20.0)  # the ventricle map is 0 further out
+        idx = to_index(z[:, near])
+        v = _sample_map(vent_map, idx).astype(np.float64)
+        m = _sample_map(m_map, idx).astype(np.float64)
+        f = fill[near]
+        return float((v + f * (m - v)).sum()) * vox_ml
+
+    f = lambda t: vent_ml(t) - vent_target  # noqa: E731  (increasing in t)
+    keep = 1.0  # fraction of the ventricle CSF kept (< 1 only below the warp's smallest ventricles)
+    v_min = vent_ml(_VENT_T_MIN)
+    if v_min >= vent_target:
+        t = _VENT_T_MIN
+        keep = vent_target / v_min  # the rest of the (partial-volume) ventricle CSF becomes white matter
+    elif f(0.0) >= 0:
+        t_lo, t_hi = _VENT_T_MIN, 0.0
     else:
-        a = _VENT_A_CAP
+        t_lo, t_hi = 0.0, 4.0
+        while f(t_hi) < 0:
+            t_lo, t_hi = t_hi, t_hi * 2.0
+            if t_hi > 1e5:
+                return None
+    if keep == 1.0:
+        t = brentq(f, t_lo, t_hi, xtol=1e-10, rtol=1e-12, maxiter=200)
+
     z = y.copy()
-    z[:, inside] = warp(a)
+    zs, _, fill_s = warp(t)
+    z[:, sup] = zs
+    fill = np.zeros(y.shape[1])
+    fill[sup] = fill_s
     idx = to_index(z)
     m = _sample_map(maps["m"], idx)
     body = m > 1e-6
     idx_b = idx[:, body]
     mb = m[body].astype(np.float64)
-    gm = _sample_map(maps["g"], idx_b).astype(np.float64)
-    wm = _sample_map(maps["w"], idx_b).astype(np.float64)
+    fb_ = fill[body]
+    gm = _sample_map(maps["g"], idx_b).astype(np.float64) * (1 - fb_)
+    wm = _sample_map(maps["w"], idx_b).astype(np.float64) * (1 - fb_)
     vent = _sample_map(maps["vent"], idx_b).astype(np.float64)
-    vent = np.minimum(vent, mb - gm - wm).clip(0.0, None)
+    vent = vent + fb_ * (mb - vent)
+    if keep < 1.0:
+        wm = wm + (1.0 - keep) * vent
+        vent = keep * vent
     ew = _sample_map(tpl.erode_w, idx_b).astype(np.float64)
 
-    # 2) beyond the warp's range: periventricular tissue turns into ventricle (ex vacuo), the
-    #    fraction min(1, beta k) with k = exp(-distance to the ventricles / 5 mm)
-    if vent_target > v_cap:
-        k = _sample_map(tpl.vent_near, idx_b).astype(np.float64)
-        tissue = gm + wm
-        base = vent.sum()
-
-        def vent_conv(beta: float) -> float:
-            return float(base + (tissue * np.minimum(1.0, beta * k)).sum()) * vox_ml
-
-        hi_b = 1.0
-        while vent_conv(hi_b) < vent_target:
-            hi_b *= 4.0
-            if hi_b > 1e7:
-                return None
-        beta = brentq(lambda b: vent_conv(b) - vent_target, 0.0, hi_b, xtol=1e-12, rtol=1e-12, maxiter=200)
-        frac = np.minimum(1.0, beta * k)
-        vent = vent + tissue * frac
-        gm, wm = gm * (1 - frac), wm * (1 - frac)
     ext = np.clip(mb - gm - wm - vent, 0.0, None)
     gw = _sample_map(tpl.grow_w, idx_b).astype(np.float64)
     gm_sum, wm_sum = gm.sum(), wm.sum()

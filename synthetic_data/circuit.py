@@ -58,6 +58,7 @@ import pathlib
 from typing import Mapping
 
 import numpy as np
+from scipy.special import ndtr
 
 from cdae_med.graph import builtin_graph
 
@@ -393,17 +394,20 @@ def _sample_noise(n: int, seed: int) -> dict[str, np.ndarray]:
     if int(n) < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     n = int(n)
-    rng = np.random.default_rng(seed)
-    arm = rng.uniform(*RANGES["arm"], size=n)
-    u = rng.normal(0.0, NOISE_SD, size=(3, n))
+    # One (n, 4) normal draw, row by row, so sample(k, seed) is the first k of sample(n, seed);
+    # the arm's uniform comes from its normal through the normal CDF.
+    z = np.random.default_rng(seed).standard_normal((n, 4))
+    lo, hi = RANGES["arm"]
+    arm = lo + (hi - lo) * ndtr(z[:, 0])
+    u = NOISE_SD * z[:, 1:].T
     return {"arm": arm, "blue": u[0], "green": u[1], "red": u[2]}
 
 
 def sample(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Samples:
     """Draw ``n`` observational samples.
 
-    With ``np.random.default_rng(seed)``: ``arm`` ~ Uniform(0, 1) (n draws), then a (3, n)
-    normal array: U_blue, U_green, U_red.  Labels follow :func:`mechanism`; images are uint8
+    With ``np.random.default_rng(seed)``: one row of four standard normals per sample, giving
+    ``arm`` ~ Uniform(0, 1) (through the normal CDF) and U_blue, U_green, U_red.  Labels follow :func:`mechanism`; images are uint8
     ``(n, size, size, 3)``, labels float64 ``(n, 4)``, ``noise`` the exogenous terms.
     """
     noise = _sample_noise(n, seed)

@@ -285,9 +285,11 @@ def render(labels, size: int = DEFAULT_SIZE) -> np.ndarray:
 def _sample_labels(n: int, seed: int) -> np.ndarray:
     if int(n) < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    rng = np.random.default_rng(seed)
-    angle = rng.uniform(*RANGES["angle"], size=int(n))
-    light = rng.uniform(*RANGES["light"], size=int(n))
+    # One (n, 2) draw, row by row: sample(k, seed) is the first k rows of sample(n, seed).
+    u = np.random.default_rng(seed).random((int(n), 2))
+    (a_lo, a_hi), (l_lo, l_hi) = RANGES["angle"], RANGES["light"]
+    angle = a_lo + (a_hi - a_lo) * u[:, 0]
+    light = l_lo + (l_hi - l_lo) * u[:, 1]
     s_len, s_pos = shadow(angle, light)
     return np.stack([angle, light, s_len, s_pos], axis=1)
 
@@ -296,7 +298,8 @@ def sample(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Samples:
     """Draw ``n`` observational samples.
 
     Angle and light are uniform (continuous) over their RANGES, drawn with
-    ``np.random.default_rng(seed)`` (angle first, then light); the shadow comes from
+    ``np.random.default_rng(seed)`` one row per sample, so the first k of n samples do not
+    depend on n; the shadow comes from
     :func:`shadow`.  Images are uint8 (n, size, size, 3), labels float64 (n, 4); the
     exogenous noise is the angle and light themselves (the scene has no other randomness).
     """

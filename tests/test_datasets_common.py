@@ -1,0 +1,31 @@
+"""What every generator promises (synthetic_data.base)."""
+
+import numpy as np
+import pytest
+
+from pipelines.datasets import get_dataset
+
+TWO_D = ["pendulum", "morphomnist", "circuit"]
+
+
+@pytest.mark.parametrize("name", TWO_D)
+def test_first_k_samples_do_not_depend_on_n(name):
+    ds = get_dataset(name)
+    a = ds.sample(3, seed=5, size=ds.default_size)
+    b = ds.sample(7, seed=5, size=ds.default_size)
+    assert np.array_equal(a.images, b.images[:3]) and np.array_equal(a.labels, b.labels[:3])
+
+
+@pytest.mark.parametrize("name", TWO_D)
+def test_counterfactual_keeps_non_descendants(name):
+    ds = get_dataset(name)
+    s = ds.sample(5, seed=1, size=ds.default_size)
+    root = ds.graph.variables[0]
+    value = (root.low + root.high) / 2
+    cf = ds.counterfactual(s, {root.name: value}, ds.default_size)
+    assert np.allclose(cf.labels[:, 0], value, atol=0.6)  # measured labels may differ slightly
+    for v in ds.graph.variables[1:]:
+        j = ds.graph.index(v.name)
+        if v.name not in ds.graph.descendants(root.name):
+            assert np.allclose(cf.labels[:, j], s.labels[:, j])
+    assert cf.images.shape == s.images.shape
