@@ -93,7 +93,9 @@ def load_or_train_predictors(ds: SyntheticDataset, size: int, n_train: int = 800
     x, xv, y, yv = x[:n_train], x[n_train:], y[:n_train], y[n_train:]
     steps = len(ds.graph) * epochs * -(-n_train // 64)
     report = {}
-    with tqdm(total=steps, desc=f"anti-causal predictors ({ds.name})", unit="step", disable=not progress) as bar:
+    # Callers evaluate under no_grad; training here needs gradients whatever the caller's mode.
+    with torch.enable_grad(), tqdm(total=steps, desc=f"anti-causal predictors ({ds.name})", unit="step",
+                                   disable=not progress) as bar:
         for j, name in enumerate(ds.graph.names):
             _, mae = _train_one(model.nets[name], x, y[:, j], xv, yv[:, j], epochs, bar)
             report[name] = {"val_mae_normalised": mae, "val_mae": mae * ds.graph[name].scale,

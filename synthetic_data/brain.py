@@ -17,7 +17,7 @@ downloaded.  From it, in template space:
 * ``CSF = M - G - W``; the lateral ventricles ``Vt`` are the CSF inside the connected
   component of CSF > 0.5 lying at least 20 mm inside the mask that contains the lateral
   ventricles (seeds at MNI (+-14, -15, 15)), dilated by one voxel and restricted to a box
-  around them (22 ml in the template); the rest of the CSF is "external" (sulci, cisterns).
+  around them (17 ml in the template); the rest of the CSF is "external" (sulci, cisterns).
 
 Each subject is a cubic grid of ``size`` voxels covering a field of view of 192 mm
 (spacing ``192 / size`` mm), RAS, world origin at the centre of the brain.  Every voxel
@@ -43,7 +43,7 @@ Mechanisms (units: years, ml) and their sources
   70 that is 12.4 % of brain volume.  Sex acts only through head size.
 * ``age, brain_volume -> ventricle_volume``: V = 18 ml x exp(Q(age)) x (1150 ml / B)
   x exp(0.3 u_vent), Q the cumulative growth at q(t) = 1 %/yr up to 40 rising linearly to
-  3.5 %/yr at 80; with the brain loss of ageing the observational growth is 1.2 %/yr at
+  3.5 %/yr at 80; with the brain loss of ageing the observational growth is 1.3 %/yr at
   40, 3.5 %/yr at 70, 4.2 %/yr at 80 ("lateral ventricles grow about 3-5 %/yr in healthy
   elderly"); less brain -> larger ventricles (ex vacuo).  The graph gives ventricles no ICV
   parent, so at equal age men's (larger) brains come with slightly smaller ventricles here,
