@@ -24,7 +24,7 @@ from cdae_med.counterfactual import counterfactual
 from cdae_med.diffusion import DDIM
 from pipelines.datasets import get_dataset, to_tensor
 from pipelines.evaluate_cf import counterfactual_errors
-from pipelines.train import TEST_SET_SIZE, TrainConfig, test_seed, train
+from pipelines.train import TrainConfig, test_seed, train
 
 ROOT = Path(__file__).resolve().parent
 
@@ -52,7 +52,7 @@ def main() -> None:
     model, ddim = ckpt.model, DDIM()
     ds = get_dataset("pendulum")
     size = ckpt.image["size"][0]
-    test = ds.sample(TEST_SET_SIZE, seed=test_seed(cfg.seed), size=size)[:args.eval_n]
+    test = ds.sample(args.eval_n, seed=test_seed(cfg.seed), size=size)
     images = test.images
 
     results = {

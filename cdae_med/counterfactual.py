@@ -130,7 +130,9 @@ def predict(model: CausalDiffAE, ddim: DDIM, abduction: Abduction, z_cf: torch.T
             e_cf, e_ref = model.denoise(torch.cat([x, x]), torch.cat([t, t]), z_both, keep).chunk(2)
             return e_ref + guidance * (e_cf - e_ref)
 
-    return ddim.decode(eps_fn, abduction.x_t, abduction.num_steps, abduction.depth, progress)
+    # Images live in [-1, 1]; out-of-range values would be amplified by the next inversion
+    # (a null intervention applied 10 times drifted to 58/255 without this clamp, 1.0 with one pass).
+    return ddim.decode(eps_fn, abduction.x_t, abduction.num_steps, abduction.depth, progress).clamp(-1, 1)
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from .evaluate_cf import random_targets
 from .figures import counterfactual_grid, image_grid
 from .regressors import load_or_train_predictors
 from .runtime import autocast, resolve_device
-from .train import TEST_SET_SIZE, test_seed
+from .train import test_seed
 
 log = logging.getLogger("cdae_med")
 

@@ -25,7 +25,10 @@ def _mae(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def random_targets(dataset: SyntheticDataset, variable: str, n: int, seed: int) -> np.ndarray:
     var = dataset.graph[variable]
-    return np.random.default_rng(seed).uniform(var.low, var.high, size=n)
+    rng = np.random.default_rng(seed)
+    if var.binary:
+        return rng.integers(0, 2, size=n).astype(float)
+    return rng.uniform(var.low, var.high, size=n)
 
 
 @torch.no_grad()

@@ -167,7 +167,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
 
     model.eval()
     ema.module.eval()
-    test = ds.sample(TEST_SET_SIZE, seed=test_seed(cfg.seed), size=size)
+    # Only the test subjects used below: generators give the same first k for any n.
+    test = ds.sample(max(cfg.eval_n, cfg.grid_rows, 1), seed=test_seed(cfg.seed), size=size)
     metrics: dict[str, Any] = {"steps": step, "train_minutes": elapsed / 60, "train_images_per_s": train_rate}
     variables = tuple(v.name for v in ds.graph.variables if not v.parents)
     if cfg.eval_n > 0:

@@ -5,7 +5,7 @@ import pytest
 
 from pipelines.datasets import get_dataset
 
-TWO_D = ["pendulum", "morphomnist", "circuit"]
+TWO_D = ["pendulum", "morphomnist", "circuit", "brain"]
 
 
 @pytest.mark.parametrize("name", TWO_D)
