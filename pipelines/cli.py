@@ -56,6 +56,7 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
     eval_n: int = typer.Option(32, help="Test images scored against true counterfactuals at the end."),
+    mnist_dir: Optional[Path] = typer.Option(None, help="morphomnist: MNIST IDX files to use real digits."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train a CausalDiffAE; writes a checkpoint, metrics.json and counterfactual_grid.png."""
@@ -72,7 +73,8 @@ def train(
             raise UserError(f"--minutes must be >= 0, got {minutes}")
         cfg = TrainConfig(dataset=dataset, out=str(out or Path("runs") / dataset), steps=steps,
                           minutes=minutes or None, size=size, batch_size=batch_size, lr=lr, n_train=n_train,
-                          seed=seed, device=device, eval_n=eval_n)
+                          seed=seed, device=device, eval_n=eval_n,
+                          mnist_dir=str(mnist_dir) if mnist_dir else None)
         path = run_train(cfg, progress=not quiet, resume=resume)
         metrics = json.loads((path / "metrics.json").read_text())
         typer.echo(f"checkpoint: {path}")
@@ -91,20 +93,21 @@ def train(
 
 @data_app.command("generate")
 def data_generate(
-    dataset: str = typer.Option(..., help="pendulum"),
+    dataset: str = typer.Option(..., help="pendulum, morphomnist, circuit or brain."),
     out: Path = typer.Option(..., help="Output directory."),
     n: int = typer.Option(1000, help="Number of samples."),
     size: Optional[int] = typer.Option(None, help="Image side in pixels."),
     seed: int = typer.Option(0, help="Random seed."),
+    mnist_dir: Optional[Path] = typer.Option(None, help="morphomnist: MNIST IDX files to use real digits."),
 ) -> None:
-    """Write images and a labels CSV (with units) for a synthetic data set."""
+    """Write images (NIfTI volumes for brain) and a labels CSV with units for a synthetic data set."""
     from .datasets import get_dataset
 
     def go():
         if n < 1:
             raise UserError(f"--n must be at least 1, got {n}")
-        ds = get_dataset(dataset)
-        csv = ds.generator.write_dataset(out, n=n, size=size or ds.default_size, seed=seed)
+        ds = get_dataset(dataset, mnist_dir=str(mnist_dir) if mnist_dir else None)
+        csv = ds.write(out, n=n, size=size or ds.default_size, seed=seed)
         typer.echo(f"wrote {n} samples to {out} (labels: {csv})")
 
     _run(go)

@@ -30,15 +30,22 @@ class SyntheticDataset:
     default_size: int
     spatial_dims: int
     channels: int
+    options: tuple = ()  # generator-specific keyword arguments for sample/write, e.g. mnist_dir
 
     def sample(self, n: int, seed: int, size: int) -> Samples:
-        return self.generator.sample(n, seed=seed, size=size)
+        return self.generator.sample(n, seed=seed, size=size, **dict(self.options))
+
+    def write(self, out, n: int, size: int, seed: int):
+        return self.generator.write_dataset(out, n=n, size=size, seed=seed, **dict(self.options))
 
     def counterfactual(self, samples: Samples, do: dict, size: int) -> Samples:
         return self.generator.counterfactual(samples, do, size=size)
 
 
-def get_dataset(name: str) -> SyntheticDataset:
+def get_dataset(name: str, mnist_dir: str | None = None) -> SyntheticDataset:
+    """A data set by name; ``mnist_dir`` (MNIST IDX files) makes morphomnist use real digits."""
+    if mnist_dir is not None and name != "morphomnist":
+        raise ValueError(f"--mnist-dir applies to morphomnist only, not {name!r}")
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
     try:
@@ -49,7 +56,8 @@ def get_dataset(name: str) -> SyntheticDataset:
         raise ValueError(f"data set {name!r} is not built yet (see README, status)") from None
     return SyntheticDataset(name=name, graph=builtin_graph(name), generator=module,
                             default_size=module.DEFAULT_SIZE, spatial_dims=module.SPATIAL_DIMS,
-                            channels=module.CHANNELS)
+                            channels=module.CHANNELS,
+                            options=(("mnist_dir", str(mnist_dir)),) if mnist_dir is not None else ())
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

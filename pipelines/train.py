@@ -56,6 +56,7 @@ class TrainConfig:
     eval_depth: float = 1.0
     eval_guidance: float = 1.0
     grid_rows: int = 6
+    mnist_dir: str | None = None  # real MNIST digits for morphomnist
     model: dict[str, Any] = field(default_factory=dict)  # CausalDiffAEConfig overrides
 
 
@@ -75,7 +76,7 @@ def build_model(cfg: TrainConfig, ds: SyntheticDataset, size: int) -> CausalDiff
 
 
 def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path:
-    ds = get_dataset(cfg.dataset)
+    ds = get_dataset(cfg.dataset, mnist_dir=cfg.mnist_dir)
     size = cfg.size or ds.default_size
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)

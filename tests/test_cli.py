@@ -81,3 +81,22 @@ def test_data_generate(tmp_path):
     assert Image.open(tmp_path / "d" / "images" / "000002.png").size == (24, 24)
     r = run("data", "generate", "--dataset", "nope", "--out", tmp_path / "e")
     assert r.exit_code == 2 and "unknown data set 'nope'" in r.output
+
+
+@pytest.mark.parametrize("name, csv, header", [
+    ("morphomnist", "labels.csv", "file,digit,thickness_px,intensity"),
+    ("circuit", "labels.csv", "file,arm,blue,green,red"),
+    ("brain", "manifest.csv", "subject_id,path,age,sex,brain_volume_ml,ventricle_volume_ml"),
+])
+def test_data_generate_every_dataset(tmp_path, name, csv, header):
+    r = run("data", "generate", "--dataset", name, "--out", tmp_path / name, "--n", 2)
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / name / csv).read_text().splitlines()
+    assert lines[0] == header and len(lines) == 3
+
+
+def test_mnist_dir_only_for_morphomnist(tmp_path):
+    r = run("data", "generate", "--dataset", "pendulum", "--out", tmp_path, "--mnist-dir", tmp_path)
+    assert r.exit_code == 2 and "applies to morphomnist only" in r.output
+    r = run("data", "generate", "--dataset", "morphomnist", "--out", tmp_path / "m", "--mnist-dir", tmp_path)
+    assert r.exit_code == 2 and "no MNIST file" in r.output
