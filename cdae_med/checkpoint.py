@@ -6,7 +6,9 @@
     DIR/training.pt       optimizer, step and raw weights, for --resume (optional)
 
 Everything needed to rebuild the model is in checkpoint.json; weights load with
-``weights_only=True`` so a checkpoint cannot execute code.
+``weights_only=True`` so a checkpoint cannot execute code. The model variant (causaldiffae,
+diffae, label_conditional) is part of the model config and repeated at the top level for
+readers; a checkpoint written before variants existed has neither and loads as causaldiffae.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class Checkpoint:
     def graph(self) -> CausalGraph:
         return self.model.graph
 
+    @property
+    def variant(self) -> str:
+        return self.model.config.variant
+
 
 def _atomic_write(path: Path, write) -> None:
     # Write beside the target then rename: an interrupted save never leaves a half file.
@@ -72,6 +78,7 @@ def save_checkpoint(path: str | Path, model: CausalDiffAE, *, dataset: str, imag
         "library": "cdae-med",
         "library_version": __version__,
         "dataset": dataset,
+        "variant": model.config.variant,
         "step": step,
         "graph": model.graph.to_dict(),
         "model": model.config.to_dict(),
@@ -112,6 +119,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         graph = CausalGraph.from_dict(meta["graph"])
         config = CausalDiffAEConfig.from_dict(meta["model"])
+        if meta.get("variant", config.variant) != config.variant:
+            raise ValueError(f"variant {meta['variant']!r} disagrees with the model config's {config.variant!r}")
     except (KeyError, TypeError, ValueError, GraphError) as err:
         raise CheckpointError(f"{path / META} does not describe a valid model: {err}") from None
     model = CausalDiffAE(graph, config)

@@ -18,6 +18,20 @@
   by a briefly trained model (see FACTS.md), hence the embedding path.
 - Conditioning can be dropped (a learned null embedding) with probability ``cond_drop_prob``
   during training; that gives the unconditional model used for guidance.
+
+Variants (``CausalDiffAEConfig.variant``), trained by the same code with one switch each, so that
+the baselines of the paper are measured on equal terms:
+
+- ``"causaldiffae"`` (default): all of the above.
+- ``"diffae"``: a diffusion autoencoder (Preechakul et al. 2022): no causal layer (z = u, no
+  mechanisms) and no label prior (labels are never used in training; only KL(q(u|x) || N(0, I))
+  regularises the code). Its latent blocks carry no assigned meaning, so an intervention writes a
+  label value into a block the model never learned to read: that is the point of the baseline.
+- ``"label_conditional"``: a label-conditional diffusion model: the denoiser is conditioned on
+  z = mu(y), the normalised labels themselves (no exogenous latent, no causal layer, so an
+  intervention does not reach descendants). The encoder is trained only as a label reader
+  (KL(q(u|x) || p(z|y)), no N(0, I) term) so that abduction works on an image without labels;
+  unlabelled samples train the unconditional model (z dropped).
 """
 
 from __future__ import annotations
@@ -33,7 +47,9 @@ from torch import nn
 
 from .graph import CausalGraph
 
-__all__ = ["CausalDiffAEConfig", "CausalDiffAE", "CausalLayer", "Encoder", "kl_normal"]
+__all__ = ["CausalDiffAEConfig", "CausalDiffAE", "CausalLayer", "Encoder", "kl_normal", "VARIANTS"]
+
+VARIANTS = ("causaldiffae", "diffae", "label_conditional")
 
 
 @dataclass
@@ -53,8 +69,13 @@ class CausalDiffAEConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    # Which model: see the module docstring. Checkpoints written before variants existed lack the
+    # field and load as "causaldiffae", which is what they are.
+    variant: str = "causaldiffae"
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown model variant {self.variant!r}; available: {', '.join(VARIANTS)}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         self.image_size = tuple(int(s) for s in self.image_size)
@@ -109,13 +130,14 @@ class Encoder(nn.Module):
 class CausalLayer(nn.Module):
     """Additive-noise SCM over latent blocks: z_i = f_i(z_parents) + u_i in topological order."""
 
-    def __init__(self, graph: CausalGraph, latent_dim: int, hidden: int):
+    def __init__(self, graph: CausalGraph, latent_dim: int, hidden: int, mechanisms: bool = True):
         super().__init__()
         self.graph = graph
         self.index = {n: i for i, n in enumerate(graph.names)}
         self.mechanisms = nn.ModuleDict()
+        # mechanisms=False: z = u, the identity (the baselines without a causal layer).
         for v in graph.variables:
-            if v.parents:
+            if v.parents and mechanisms:
                 self.mechanisms[v.name] = nn.Sequential(
                     nn.Linear(len(v.parents) * latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, latent_dim)
                 )
@@ -177,7 +199,8 @@ class CausalDiffAE(nn.Module):
         self.graph, self.config = graph, cfg
         n = len(graph)
         self.encoder = Encoder(cfg, n)
-        self.causal = CausalLayer(graph, cfg.latent_dim, cfg.mechanism_hidden)
+        self.causal = CausalLayer(graph, cfg.latent_dim, cfg.mechanism_hidden,
+                                  mechanisms=cfg.variant == "causaldiffae")
         self.unet = DiffusionModelUNet(
             spatial_dims=cfg.spatial_dims,
             in_channels=cfg.in_channels,
@@ -193,6 +216,10 @@ class CausalDiffAE(nn.Module):
     @property
     def n_vars(self) -> int:
         return len(self.graph)
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
 
     # --- latents ------------------------------------------------------------------------
     def encode(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,25 +250,49 @@ class CausalDiffAE(nn.Module):
         return self.unet(x_t, timesteps=t, class_labels=torch.cat([flat, keep[:, None]], dim=1))
 
     # --- training -----------------------------------------------------------------------
+    def training_condition(self, u: torch.Tensor, y_norm: torch.Tensor | None,
+                           labelled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The z the denoiser is trained on, and (B,) 1/0 whether a sample has one at all.
+
+        CausalDiffAE and DiffAE: z = causal_layer(u) for every sample. Label-conditional: z = mu(y),
+        the normalised labels, for labelled samples; unlabelled ones (or ``y_norm=None``) have no
+        condition and train the unconditional model.
+        """
+        b = u.shape[0]
+        if self.config.variant != "label_conditional":
+            return self.causal(u), u.new_ones(b)
+        if y_norm is None:
+            return torch.zeros_like(u), u.new_zeros(b)
+        has = u.new_ones(b) if labelled is None else labelled.to(u.dtype)
+        return self.label_latent(y_norm.to(u.dtype)) * has[:, None, None], has
+
     def loss(self, x0: torch.Tensor, y_norm: torch.Tensor | None, scheduler, gamma: float,
              labelled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The CausalDiffAE objective on a batch.
+        """The objective of the configured variant on a batch.
 
-        eps-MSE + gamma * (KL(q(z|x0,y) || p(z|y)) + KL(q(u|x0) || N(0, I))), each KL averaged
-        over latent dimensions. ``labelled`` (B,) bool marks samples whose labels are known;
-        the label-prior term is taken over those only.
+        CausalDiffAE: eps-MSE + gamma * (KL(q(z|x0,y) || p(z|y)) + KL(q(u|x0) || N(0, I))), each
+        KL averaged over latent dimensions. ``labelled`` (B,) bool marks samples whose labels are
+        known; the label-prior term is taken over those only. DiffAE drops the label term (labels
+        are ignored); the label-conditional model drops the N(0, I) term (see the module docstring).
         """
         b = x0.shape[0]
+        variant = self.config.variant
+        if variant == "diffae":
+            y_norm = None  # no label prior: the one switch that makes it DiffAE, with no mechanisms
         mean, logvar = self.encode(x0)
         u = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
-        z = self.causal(u)
+        z, has_condition = self.training_condition(u, y_norm, labelled)
         t = torch.randint(0, scheduler.num_train_timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
         x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
         keep = (torch.rand(b, device=x0.device) >= self.config.cond_drop_prob).to(x0.dtype)
+        keep = keep * has_condition.to(x0.dtype)
         eps = self.denoise(x_t, t, z, keep)
         mse = torch.mean((eps.float() - noise.float()) ** 2)
-        kl_u = kl_normal(mean, logvar).mean()
+        if variant == "label_conditional":
+            kl_u = torch.zeros((), device=x0.device)
+        else:
+            kl_u = kl_normal(mean, logvar).mean()
         if y_norm is not None:
             # q(z | x0) under the additive SCM: mean = causal layer at u's mean; variance = u's.
             z_mean = self.causal(mean)

@@ -5,7 +5,13 @@ an intervention sweep) to the output directory.
 
 ``procedure="original"`` reproduces the counterfactual procedure of the paper's public code, to
 measure what doing it properly is worth: x_T drawn as fresh noise instead of DDIM inversion, and
-the intervened block overwritten without recomputing its descendants.
+the intervened block overwritten without recomputing its descendants. Composition and
+reversibility are measured under the same procedure (fresh noise at every pass), so they show
+what the original procedure loses of the subject. The figures always use the DDIM procedure.
+
+``reference`` is the guidance reference of ``cdae_med.counterfactual.predict``: "factual" (ours)
+or "null" (the paper's classifier-free form). Any checkpoint variant (causaldiffae, diffae,
+label_conditional) is evaluated the same way; ``n_dci=0`` skips DCI and ``figures=False`` the PNGs.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from cdae_med.checkpoint import load_checkpoint
-from cdae_med.counterfactual import Abduction, abduct, act, predict
+from cdae_med.counterfactual import abduct, act, predict
 from cdae_med.diffusion import DDIM
-from cdae_med.metrics import composition, dci_disentanglement, effectiveness_mae, image_errors, reversibility
+from cdae_med.metrics import (PROCEDURES, abduct_by, composition, dci_disentanglement, effectiveness_mae,
+                              image_errors, reversibility)
 
 from .datasets import get_dataset, preview, to_tensor, to_uint8
 from .evaluate_cf import random_targets
@@ -37,20 +44,16 @@ log = logging.getLogger("cdae_med")
 __all__ = ["evaluate"]
 
 
-def _abduct(model, ddim, x0, num_steps, depth, procedure) -> Abduction:
-    ab = abduct(model, ddim, x0, num_steps, depth)
-    if procedure == "original":
-        ab.x_t = torch.randn_like(ab.x_t)
-    return ab
-
-
 @torch.no_grad()
 def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64, num_steps: int = 50,
              depth: float = 1.0, guidance: float = 1.0, procedure: Literal["ddim", "original"] = "ddim",
              n_dci: int = 500, n_composition: int = 16, batch_size: int = 64, device: str = "auto",
-             predictor_n_train: int = 8000, progress: bool = True) -> dict:
-    if procedure not in ("ddim", "original"):
+             predictor_n_train: int = 8000, progress: bool = True, reference: str = "factual",
+             figures: bool = True) -> dict:
+    if procedure not in PROCEDURES:
         raise ValueError(f"procedure must be 'ddim' or 'original', got {procedure!r}")
+    if reference not in ("factual", "null"):
+        raise ValueError(f"reference must be 'factual' or 'null', got {reference!r}")
     t_start = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
     ds = get_dataset(ckpt.dataset)
@@ -65,14 +68,17 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
     seed = ckpt.training.get("seed", 0)
     test = ds.sample(max(n, n_dci), seed=test_seed(seed), size=size)
     predictors = load_or_train_predictors(ds, size, n_train=predictor_n_train, progress=progress).to(dev)
-    result: dict = {"checkpoint": str(checkpoint), "dataset": ds.name, "step": ckpt.step, "n": n,
-                    "num_steps": num_steps, "depth": depth, "guidance": guidance, "procedure": procedure}
+    result: dict = {"checkpoint": str(checkpoint), "dataset": ds.name, "variant": ckpt.variant,
+                    "labelled_fraction": ckpt.training.get("labelled_fraction", 1.0), "step": ckpt.step, "n": n,
+                    "num_steps": num_steps, "depth": depth, "guidance": guidance, "reference": reference,
+                    "procedure": procedure}
+    gen = torch.Generator().manual_seed(seed)  # fresh noise of the original procedure
 
     # DCI on the posterior-mean causal latents
     x_all = to_tensor(test.images)
     z = torch.cat([model.causal(model.encode(x_all[i:i + 256].to(dev))[0]).flatten(1).float().cpu()
                    for i in range(0, len(x_all), 256)])
-    result["dci"] = dci_disentanglement(z[:n_dci].numpy(), graph.normalise(test.labels[:n_dci]))
+    result["dci"] = dci_disentanglement(z[:n_dci].numpy(), graph.normalise(test.labels[:n_dci])) if n_dci else None
 
     # Effectiveness and error against the true counterfactual, for do() on every variable
     variables = graph.names
@@ -84,11 +90,11 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
         batch = eval_set[s:s + batch_size]
         x0 = to_tensor(batch.images).to(dev)
         with autocast(dev):
-            ab = _abduct(model, ddim, x0, num_steps, depth, procedure)
+            ab = abduct_by(procedure, model, ddim, x0, num_steps, depth, gen)
             for v_i, v in enumerate(variables):
                 targets = random_targets(ds, v, n, seed + v_i)[s:s + batch_size]
                 z_cf = act(model, ab, {v: torch.as_tensor(targets, device=dev)}, propagate=procedure == "ddim")
-                x_cf = predict(model, ddim, ab, z_cf, guidance)
+                x_cf = predict(model, ddim, ab, z_cf, guidance, reference)
                 truth = ds.counterfactual(batch, {v: targets}, size)
                 pred = predictors.predict(x_cf.float())
                 for m_i, m in enumerate(variables):
@@ -106,9 +112,9 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
     # Composition (null intervention 1 and 10 times) and reversibility (to pa' and back)
     x_c = to_tensor(eval_set.images[:n_composition]).to(dev)
     with autocast(dev):
-        if procedure == "ddim":
-            result["composition"] = {f"k={k}": d for k, d in
-                                     composition(model, ddim, x_c, 10, num_steps, depth).items()}
+        result["composition"] = {f"k={k}": d for k, d in composition(
+            model, ddim, x_c, 10, num_steps, depth, guidance=guidance, reference=reference, procedure=procedure,
+            seed=seed).items()}
         roots = [v for v in graph.variables if not v.parents]
         result["reversibility"] = {}
         for v_i, var in enumerate(roots):
@@ -116,16 +122,18 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
             back = eval_set.labels[:n_composition, graph.index(var.name)]
             result["reversibility"][f"do({var.name})"] = reversibility(
                 model, ddim, x_c, {var.name: torch.as_tensor(targets, device=dev)},
-                {var.name: torch.as_tensor(back, device=dev)}, num_steps, depth, guidance)
+                {var.name: torch.as_tensor(back, device=dev)}, num_steps, depth, guidance, reference,
+                procedure, seed)
     if procedure == "original":
-        # Fresh noise per pass makes composition a measure of sampling variety; report it as such.
-        result["composition_note"] = "not applicable: the original procedure does not invert"
+        result["composition_note"] = ("original procedure: every pass decodes fresh noise, so composition "
+                                      "measures how much of the subject is lost")
 
     # Figures
-    roots_names = tuple(v.name for v in graph.variables if not v.parents)
-    counterfactual_grid(model, ddim, ds, test[:6], roots_names, num_steps=num_steps, depth=depth,
-                        guidance=guidance, seed=seed).save(out / "counterfactual_grid.png")
-    _sweep(model, ddim, ds, test[:1], roots_names, num_steps, depth, guidance).save(out / "sweep.png")
+    if figures:
+        roots_names = tuple(v.name for v in graph.variables if not v.parents)
+        counterfactual_grid(model, ddim, ds, test[:6], roots_names, num_steps=num_steps, depth=depth,
+                            guidance=guidance, seed=seed).save(out / "counterfactual_grid.png")
+        _sweep(model, ddim, ds, test[:1], roots_names, num_steps, depth, guidance).save(out / "sweep.png")
     result["seconds"] = time.perf_counter() - t_start
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "evaluation.md").write_text(markdown_tables(result, graph.names))
@@ -154,9 +162,11 @@ def _sweep(model, ddim, ds, sample, variables, num_steps, depth, guidance, n_val
 
 def markdown_tables(result: dict, variables: tuple[str, ...]) -> str:
     lines = [f"# Evaluation of {result['checkpoint']}", "",
-             f"data set {result['dataset']}, step {result['step']}, n = {result['n']}, "
-             f"{result['num_steps']} DDIM steps, depth {result['depth']}, guidance {result['guidance']}, "
-             f"procedure {result['procedure']}", "", f"DCI disentanglement: {result['dci']:.3f}", "",
+             f"data set {result['dataset']}, model {result.get('variant', 'causaldiffae')}, labelled fraction "
+             f"{result.get('labelled_fraction', 1.0):g}, step {result['step']}, n = {result['n']}, "
+             f"{result['num_steps']} DDIM steps, depth {result['depth']}, guidance {result['guidance']} "
+             f"({result.get('reference', 'factual')} reference), procedure {result['procedure']}", "",
+             "DCI disentanglement: " + ("not measured" if result["dci"] is None else f"{result['dci']:.3f}"), "",
              "## Effectiveness: MAE of the anti-causal predictor on the counterfactual vs the true label",
              "", "Normalised units (the paper's); rows = measured variable, columns = intervention.", "",
              "| measured | " + " | ".join(f"do({v})" for v in variables) + " |",

@@ -57,6 +57,8 @@ class TrainConfig:
     eval_guidance: float = 1.0
     grid_rows: int = 6
     mnist_dir: str | None = None  # real MNIST digits for morphomnist
+    variant: str = "causaldiffae"  # causaldiffae, diffae or label_conditional (cdae_med.model)
+    labelled_fraction: float = 1.0  # weak supervision: labels for this share of the training set
     model: dict[str, Any] = field(default_factory=dict)  # CausalDiffAEConfig overrides
 
 
@@ -76,9 +78,19 @@ VOLUME_MODEL_DEFAULTS = {"unet_attention": (False, False, True)}
 VOLUME_EVAL_CAP = {"eval_n": 4, "grid_rows": 3}
 
 
+def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """(n,) bool: which training images keep their labels; round(fraction * n) of them, a fixed
+    seeded choice (the same for a resumed run)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"labelled fraction must be in [0, 1], got {fraction}")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed + 424_242))[:round(fraction * n)]] = True
+    return mask
+
+
 def build_model(cfg: TrainConfig, ds: SyntheticDataset, size: int) -> CausalDiffAE:
     defaults = VOLUME_MODEL_DEFAULTS if ds.spatial_dims == 3 else {}
-    mcfg = CausalDiffAEConfig(**{"spatial_dims": ds.spatial_dims, "in_channels": ds.channels,
+    mcfg = CausalDiffAEConfig(**{"spatial_dims": ds.spatial_dims, "in_channels": ds.channels, "variant": cfg.variant,
                                  "image_size": (size,) * ds.spatial_dims, **defaults, **cfg.model})
     return CausalDiffAE(ds.graph, mcfg)
 
@@ -101,6 +113,10 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     images, labels = ds.sample(cfg.n_train, seed=cfg.seed, size=size)
     x_all = to_tensor(images)
     y_all = torch.as_tensor(ds.graph.normalise(labels), dtype=torch.float32)
+    labelled_all = labelled_mask(len(y_all), cfg.labelled_fraction, cfg.seed)
+    y_all[~labelled_all] = 0.0  # the hidden labels cannot leak into training
+    if cfg.labelled_fraction < 1.0:
+        log.info("weak supervision: labels for %d of %d training images", int(labelled_all.sum()), len(y_all))
     log.info("generated %d %s training images at %d px in %.1f s", len(images), ds.name, size,
              time.perf_counter() - t0)
 
@@ -115,7 +131,9 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
         state = load_training_state(out)
         if state is None:
             raise CheckpointError(f"--resume: no training state in {out}; start without --resume")
-        if state["config"]["dataset"] != cfg.dataset or state["config"]["model"] != cfg.model:
+        if (state["config"]["dataset"] != cfg.dataset or state["config"]["model"] != cfg.model
+                or state["config"].get("variant", "causaldiffae") != cfg.variant
+                or state["config"].get("labelled_fraction", 1.0) != cfg.labelled_fraction):
             raise CheckpointError(f"--resume: {out} was trained with another data set or model settings")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -132,7 +150,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
                         metrics=metrics, step=step,
                         training_state={"model": model.state_dict(), "ema": ema.state_dict(),
                                         "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed,
-                                        "config": {"dataset": cfg.dataset, "model": cfg.model}})
+                                        "config": {"dataset": cfg.dataset, "model": cfg.model, "variant": cfg.variant,
+                                                   "labelled_fraction": cfg.labelled_fraction}})
 
     budget_s = math.inf if cfg.minutes is None else cfg.minutes * 60
     n = len(x_all)
@@ -153,7 +172,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
         x0, y = x_all[idx].to(device, non_blocking=True), y_all[idx].to(device, non_blocking=True)
         gamma = cfg.gamma * min(1.0, (step + 1) / max(1, cfg.gamma_warmup))
         with autocast(device):
-            losses = model.loss(x0, y, ddim, gamma)
+            losses = model.loss(x0, y, ddim, gamma,
+                                labelled=None if cfg.labelled_fraction >= 1.0 else labelled_all[idx].to(device))
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
