@@ -57,6 +57,12 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
     eval_n: int = typer.Option(32, help="Test images scored against true counterfactuals at the end."),
     mnist_dir: Optional[Path] = typer.Option(None, help="morphomnist: MNIST IDX files to use real digits."),
+    variant: str = typer.Option("causaldiffae", help="Model: causaldiffae, diffae (no causal layer, no label "
+                                                     "prior) or label_conditional (conditioned on the labels)."),
+    labelled_fraction: float = typer.Option(1.0, help="Weak supervision: share of training images whose labels "
+                                                      "are used (0-1)."),
+    cond_drop_prob: Optional[float] = typer.Option(None, help="Rate at which z is dropped in training, for "
+                                                              "guidance (default: the model's, 0.1)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train a CausalDiffAE; writes a checkpoint, metrics.json and counterfactual_grid.png."""
@@ -71,10 +77,19 @@ def train(
                 raise UserError(f"{name} must be at least 1, got {value}")
         if minutes < 0:
             raise UserError(f"--minutes must be >= 0, got {minutes}")
+        from cdae_med.model import VARIANTS
+        if variant not in VARIANTS:
+            raise UserError(f"unknown --variant {variant!r}; available: {', '.join(VARIANTS)}")
+        if not 0.0 <= labelled_fraction <= 1.0:
+            raise UserError(f"--labelled-fraction must be in [0, 1], got {labelled_fraction}")
+        if cond_drop_prob is not None and not 0.0 <= cond_drop_prob < 1.0:
+            raise UserError(f"--cond-drop-prob must be in [0, 1), got {cond_drop_prob}")
         cfg = TrainConfig(dataset=dataset, out=str(out or Path("runs") / dataset), steps=steps,
                           minutes=minutes or None, size=size, batch_size=batch_size, lr=lr, n_train=n_train,
                           seed=seed, device=device, eval_n=eval_n,
-                          mnist_dir=str(mnist_dir) if mnist_dir else None)
+                          mnist_dir=str(mnist_dir) if mnist_dir else None, variant=variant,
+                          labelled_fraction=labelled_fraction,
+                          model={} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob})
         path = run_train(cfg, progress=not quiet, resume=resume)
         metrics = json.loads((path / "metrics.json").read_text())
         typer.echo(f"checkpoint: {path}")
@@ -199,6 +214,8 @@ def evaluate(
     depth: float = typer.Option(1.0, help="Inversion depth in (0, 1]."),
     guidance: float = typer.Option(1.0, help="Guidance weight."),
     procedure: str = typer.Option("ddim", help="ddim (ours) or original (fresh noise, no propagation)."),
+    reference: str = typer.Option("factual", help="Guidance reference: factual (ours) or null (the paper's "
+                                                  "classifier-free form)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
@@ -209,7 +226,8 @@ def evaluate(
         if n < 1:
             raise UserError(f"--n must be at least 1, got {n}")
         result = run_evaluate(checkpoint, out, n=n, num_steps=steps, depth=depth, guidance=guidance,
-                              procedure=procedure, device=device, progress=not quiet)
+                              procedure=procedure, device=device, progress=not quiet,
+                              reference=reference)
         dest = Path(out or Path(checkpoint) / "evaluation")
         typer.echo((dest / "evaluation.md").read_text())
         typer.echo(f"wrote {dest}/evaluation.json, evaluation.md, counterfactual_grid.png, sweep.png", err=True)
