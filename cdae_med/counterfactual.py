@@ -77,9 +77,27 @@ def _validate(graph: CausalGraph, do: Interventions) -> None:
 
 @torch.no_grad()
 def abduct(model: CausalDiffAE, ddim: DDIM, x0: torch.Tensor, num_steps: int = 50, depth: float = 1.0,
-           progress: Callable[[int], None] | None = None) -> Abduction:
+           progress: Callable[[int], None] | None = None,
+           observed: Mapping[str, torch.Tensor] | None = None) -> Abduction:
+    """``observed`` maps a variable to its known factual values (B,) in its own units, NaN where
+    unknown: those latent blocks are set from the label prior instead of being estimated from the
+    image, and u is re-derived (u_i = z_i - f_i(z_parents)) so that z stays the SCM's output."""
     u, _ = model.encode(x0)
     z = model.causal(u)
+    if observed:
+        z = z.clone()
+        for name, values in observed.items():
+            values = torch.as_tensor(values, dtype=z.dtype, device=z.device).reshape(-1).expand(z.shape[0])
+            known = torch.isfinite(values)
+            if not known.any():
+                continue
+            var = model.graph[name]  # an unknown name is a GraphError
+            for v in values[known].tolist():
+                var.check_value(v)
+            i = model.graph.index(name)
+            block = model.label_latent(var.normalise(torch.where(known, values, 0.0)))
+            z[:, i] = torch.where(known[:, None], block, z[:, i])
+        u = model.causal.abduct(z)
     x_t = ddim.encode(lambda x, t: model.denoise(x, t, z), x0, num_steps, depth, progress)
     return Abduction(u=u, z=z, x_t=x_t, num_steps=num_steps, depth=depth)
 

@@ -63,6 +63,13 @@ def train(
                                                       "are used (0-1)."),
     cond_drop_prob: Optional[float] = typer.Option(None, help="Rate at which z is dropped in training, for "
                                                               "guidance (default: the model's, 0.1)."),
+    data: Optional[Path] = typer.Option(None, help="brain: train on a cohort of NIfTI scans instead of generated "
+                                                   "ones: a manifest CSV (subject_id, path, one column per graph "
+                                                   "variable) or a folder holding manifest.csv."),
+    graph: Optional[str] = typer.Option(None, help="Causal graph: a built-in name or a YAML file "
+                                                   "[default: the data set's]."),
+    spacing_mm: Optional[float] = typer.Option(None, help="Volumes: voxel spacing of the model's grid in mm "
+                                                          "[default: 192 mm / size]."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Train a CausalDiffAE; writes a checkpoint, metrics.json and counterfactual_grid.png."""
@@ -89,11 +96,13 @@ def train(
                           seed=seed, device=device, eval_n=eval_n,
                           mnist_dir=str(mnist_dir) if mnist_dir else None, variant=variant,
                           labelled_fraction=labelled_fraction,
-                          model={} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob})
+                          model={} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob},
+                          data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm)
         path = run_train(cfg, progress=not quiet, resume=resume)
         metrics = json.loads((path / "metrics.json").read_text())
         typer.echo(f"checkpoint: {path}")
-        typer.echo(f"counterfactual grid: {path / 'counterfactual_grid.png'}")
+        if (path / "counterfactual_grid.png").exists():
+            typer.echo(f"counterfactual grid: {path / 'counterfactual_grid.png'}")
         ev = metrics.get("eval")
         if ev:
             typer.echo(f"reconstruction MAE {ev['reconstruction_mae']:.2f}/255")
@@ -132,36 +141,68 @@ def data_generate(
 def counterfactual(
     checkpoint: Path = typer.Option(..., help="Checkpoint directory written by `cdae-med train`."),
     do: List[str] = typer.Option(..., "--do", help="Intervention variable=value in the variable's units; repeatable."),
-    out: Path = typer.Option(..., help="Output PNG."),
+    out: Optional[Path] = typer.Option(None, help="Images: the output PNG."),
+    out_dir: Optional[Path] = typer.Option(None, help="Scans: folder for counterfactual.nii.gz, difference.nii.gz, "
+                                                      "preview.png and report.json."),
     dataset: Optional[str] = typer.Option(None, help="Take the factual image from this data set's test set..."),
     index: Optional[int] = typer.Option(None, help="...at this index."),
-    input: Optional[Path] = typer.Option(None, "--input", help="Or a PNG of the model's size."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Or a PNG of the model's size, or a NIfTI scan "
+                                                               "(.nii/.nii.gz) for a model trained on scans."),
+    covariates: Optional[str] = typer.Option(None, help="Scans: factual values you know, e.g. age=52,sex=F; the "
+                                                        "others are estimated from the image."),
     steps: int = typer.Option(50, help="DDIM steps."),
     depth: float = typer.Option(1.0, help="Inversion depth in (0, 1]."),
     guidance: float = typer.Option(1.0, help="Guidance weight (1 = plain conditional decoding)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
-    """Write the counterfactual of one image under do(...) and print the values it implies."""
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from cdae_med.checkpoint import load_checkpoint
-    from cdae_med.counterfactual import counterfactual as run_cf, parse_do
-    from cdae_med.diffusion import DDIM
-
-    from .datasets import get_dataset, to_tensor, to_uint8
-    from .runtime import autocast, resolve_device
-    from .train import TEST_SET_SIZE, test_seed
+    """Counterfactual of one image or scan under do(...); prints a JSON report of the values it implies."""
+    from cdae_med.io import is_nifti
 
     def go():
         if (input is None) == (index is None):
-            raise UserError("give either --input IMAGE or --dataset NAME --index I")
+            raise UserError("give either --input IMAGE_OR_SCAN or --dataset NAME --index I")
+        if input is not None and is_nifti(input):
+            if out_dir is None:
+                raise UserError("a scan's counterfactual needs --out-dir DIR (it writes four files)")
+            if guidance != 1.0:
+                raise UserError("--guidance is not supported for scans yet; scans decode with guidance 1")
+            report = _scan_counterfactual()
+            typer.echo(json.dumps(report, indent=2))
+            typer.echo(f"wrote {', '.join(report['files'])} to {out_dir}", err=True)
+            return
+        if out is None:
+            raise UserError("an image's counterfactual needs --out FILE.png")
+        _image_counterfactual()
+
+    def _scan_counterfactual() -> dict:
+        from .scans import ScanModel
+
+        model = ScanModel.load(checkpoint, device=device, num_steps=steps, depth=depth)
+        do_map = dict(_pairs(do, "--do"))
+        given = dict(_pairs(covariates.split(","), "--covariates")) if covariates else {}
+        return model.run(input, do_map, out_dir, covariates=given)
+
+    def _image_counterfactual() -> None:
+        import numpy as np
+        import torch
+        from PIL import Image, UnidentifiedImageError
+
+        from cdae_med.checkpoint import load_checkpoint
+        from cdae_med.counterfactual import counterfactual as run_cf, parse_do
+        from cdae_med.diffusion import DDIM
+
+        from .datasets import get_dataset, to_tensor, to_uint8
+        from .runtime import autocast, resolve_device
+        from .train import TEST_SET_SIZE, test_seed
+
         ckpt = load_checkpoint(checkpoint)
         graph = ckpt.graph
         interventions = parse_do(graph, do)
-        channels, (h, w) = ckpt.image["channels"], ckpt.image["size"]
+        channels, size = ckpt.image["channels"], ckpt.image["size"]
         if input is not None:
+            if len(size) != 2:
+                raise UserError(f"{checkpoint} takes 3D volumes; give a .nii or .nii.gz scan")
+            h, w = size
             try:
                 img = Image.open(input)
                 img.load()
@@ -180,7 +221,10 @@ def counterfactual(
                 raise UserError(f"--index must be in [0, {TEST_SET_SIZE}), got {index}")
             ds = get_dataset(name)
             # Generators give the same first k samples for any n, so only index + 1 are drawn.
-            arr = ds.sample(index + 1, seed=test_seed(ckpt.training.get("seed", 0)), size=h).images[index:]
+            arr = ds.sample(index + 1, seed=test_seed(ckpt.training.get("seed", 0)), size=size[0]).images[index:]
+            if len(size) == 3:
+                raise UserError("for volumes, write the cohort with `cdae-med data generate --dataset brain` "
+                                "and pass a scan with --input")
         dev = resolve_device(device)
         model = ckpt.model.to(dev)
         ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)
@@ -201,6 +245,63 @@ def counterfactual(
         }
         typer.echo(json.dumps(report, indent=2))
         typer.echo(f"wrote {out}", err=True)
+
+    _run(go)
+
+
+def _pairs(items, option: str) -> list[tuple[str, str]]:
+    """['age=70', 'sex=F'] -> [('age', '70'), ('sex', 'F')]; a repeated name is an error."""
+    pairs, seen = [], set()
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not value.strip():
+            raise UserError(f"{option} {item!r} is not of the form variable=value")
+        if name in seen:
+            raise UserError(f"{option}: {name!r} is given twice")
+        seen.add(name)
+        pairs.append((name, value.strip()))
+    return pairs
+
+
+@app.command()
+def batch(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory of a model trained on scans."),
+    do: List[str] = typer.Option(..., "--do", help="Intervention variable=value, the same for every scan; repeatable."),
+    out_dir: Path = typer.Option(..., help="Output folder: one sub-folder per subject and summary.csv."),
+    manifest: Optional[Path] = typer.Option(None, help="CSV with subject_id, path and optional columns of known "
+                                                       "factual values (graph variables)."),
+    folder: Optional[Path] = typer.Option(None, help="Or a folder of .nii/.nii.gz files."),
+    batch_size: int = typer.Option(4, help="Scans per forward pass."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Counterfactuals of many scans; resumable (a rerun skips finished subjects); a failed scan is
+    reported in summary.csv and skipped."""
+    import csv
+
+    from .cohort import read_manifest, subjects_in_folder
+    from .scans import ScanModel, run_batch
+
+    def go():
+        if (manifest is None) == (folder is None):
+            raise UserError("give either --manifest CSV or --folder DIR")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        model = ScanModel.load(checkpoint, device=device, num_steps=steps)
+        do_map = model.interventions(dict(_pairs(do, "--do")))
+        subjects = (read_manifest(manifest, model.graph, require_all=False) if manifest is not None
+                    else subjects_in_folder(folder))
+        summary = run_batch(model, subjects, do_map, out_dir, batch_size=batch_size, progress=not quiet)
+        with open(summary, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "done earlier", "failed")}
+        typer.echo(f"{counts['done']} done, {counts['done earlier']} done earlier, {counts['failed']} failed; "
+                   f"summary: {summary}")
+        for r in rows:
+            if r["status"] == "failed":
+                typer.echo(f"  failed {r['subject_id']}: {r['error']}", err=True)
 
     _run(go)
 

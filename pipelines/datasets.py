@@ -17,6 +17,8 @@ import torch
 from cdae_med.graph import CausalGraph, builtin_graph
 from synthetic_data.base import Samples
 
+from .mri import intensity_window, normalise_intensity
+
 __all__ = ["SyntheticDataset", "get_dataset", "DATASETS", "to_tensor", "to_uint8", "to_255", "preview"]
 
 DATASETS = ("pendulum", "morphomnist", "circuit", "brain")
@@ -33,13 +35,33 @@ class SyntheticDataset:
     options: tuple = ()  # generator-specific keyword arguments for sample/write, e.g. mnist_dir
 
     def sample(self, n: int, seed: int, size: int) -> Samples:
-        return self.generator.sample(n, seed=seed, size=size, **dict(self.options))
+        samples = self.generator.sample(n, seed=seed, size=size, **dict(self.options))
+        if self.spatial_dims == 3:
+            # Volumes are seen by the model as the MRI preprocessing leaves a scan: each in its own
+            # intensity window (pipelines.mri), so training matches inference on a NIfTI file.
+            windows = np.array([intensity_window(v) for v in samples.images], dtype=np.float64).reshape(-1, 2)
+            samples = Samples(_apply_windows(samples.images, windows), samples.labels,
+                              {**samples.noise, INTENSITY_WINDOW: windows})
+        return samples
 
     def write(self, out, n: int, size: int, seed: int):
         return self.generator.write_dataset(out, n=n, size=size, seed=seed, **dict(self.options))
 
     def counterfactual(self, samples: Samples, do: dict, size: int) -> Samples:
-        return self.generator.counterfactual(samples, do, size=size)
+        """The true counterfactual; volumes in the factual subject's intensity window (same scanner)."""
+        noise = dict(samples.noise)
+        windows = noise.pop(INTENSITY_WINDOW, None)
+        truth = self.generator.counterfactual(Samples(samples.images, samples.labels, noise), do, size=size)
+        if windows is not None:
+            truth = Samples(_apply_windows(truth.images, windows), truth.labels, truth.noise)
+        return truth
+
+
+INTENSITY_WINDOW = "intensity_window"
+
+
+def _apply_windows(images: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    return np.stack([normalise_intensity(v, tuple(w)) for v, w in zip(images, windows)]) if len(images) else images
 
 
 def get_dataset(name: str, mnist_dir: str | None = None) -> SyntheticDataset:

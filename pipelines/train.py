@@ -18,9 +18,13 @@ from tqdm.auto import tqdm
 
 from cdae_med.checkpoint import CheckpointError, load_training_state, save_checkpoint
 from cdae_med.diffusion import DDIM
+from cdae_med.graph import load_graph
+from synthetic_data.brain import FOV_MM
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
 
+from .cohort import load_cohort
 from .datasets import SyntheticDataset, get_dataset, to_tensor
+from .mri import Preprocessing
 from .evaluate_cf import counterfactual_errors
 from .figures import counterfactual_grid
 from .runtime import autocast, resolve_device
@@ -60,6 +64,9 @@ class TrainConfig:
     variant: str = "causaldiffae"  # causaldiffae, diffae or label_conditional (cdae_med.model)
     labelled_fraction: float = 1.0  # weak supervision: labels for this share of the training set
     model: dict[str, Any] = field(default_factory=dict)  # CausalDiffAEConfig overrides
+    data: str | None = None  # a cohort (manifest CSV or its folder) instead of the generator's samples
+    graph: str | None = None  # built-in graph name or YAML file; default: the data set's graph
+    spacing_mm: float | None = None  # volumes: the model grid's spacing; default: the brain cohort's FOV / size
 
 
 def ema_avg(decay: float):
@@ -109,8 +116,22 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
              "bf16 autocast" if device.type == "cuda" else "fp32", cfg.steps,
              f" or {cfg.minutes:g} minutes" if cfg.minutes else "")
 
+    if cfg.graph is not None:
+        graph = load_graph(cfg.graph)
+        if cfg.data is None and graph.names != ds.graph.names:
+            raise ValueError(f"--graph: the {ds.name} generator gives labels for {', '.join(ds.graph.names)}; "
+                             f"a graph over other variables needs --data with a manifest")
+        ds = replace(ds, graph=graph)
+    preprocessing = Preprocessing(spacing_mm=(cfg.spacing_mm or FOV_MM / size,) * 3,
+                                  spatial_size=(size,) * 3) if ds.spatial_dims == 3 else None
+
     t0 = time.perf_counter()
-    images, labels = ds.sample(cfg.n_train, seed=cfg.seed, size=size)
+    if cfg.data is not None:
+        if preprocessing is None:
+            raise ValueError(f"--data takes a cohort of NIfTI scans; {ds.name} is not a volume data set")
+        images, labels = load_cohort(cfg.data, ds.graph, preprocessing, progress=progress)
+    else:
+        images, labels = ds.sample(cfg.n_train, seed=cfg.seed, size=size)
     x_all = to_tensor(images)
     y_all = torch.as_tensor(ds.graph.normalise(labels), dtype=torch.float32)
     labelled_all = labelled_mask(len(y_all), cfg.labelled_fraction, cfg.seed)
@@ -143,6 +164,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
 
     image_meta = {"channels": ds.channels, "size": [size] * ds.spatial_dims, "spatial_dims": ds.spatial_dims,
                   "value_range": [0, 255] if images.dtype == np.uint8 else [0.0, 1.0], "model_range": [-1.0, 1.0]}
+    if preprocessing is not None:
+        image_meta["preprocessing"] = preprocessing.to_dict()
     train_meta = {**asdict(cfg), "size": size}
 
     def save(metrics: dict | None = None) -> None:
@@ -200,9 +223,16 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
 
     model.eval()
     ema.module.eval()
+    metrics: dict[str, Any] = {"steps": step, "train_minutes": elapsed / 60, "train_images_per_s": train_rate}
+    if cfg.data is not None:
+        # A cohort has no true counterfactuals to score against.
+        log.info("trained on the cohort %s: no ground truth, so no end-of-training counterfactual errors; "
+                 "run `cdae-med batch` on held-out scans", cfg.data)
+        save(metrics)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return out
     # Only the test subjects used below: generators give the same first k for any n.
     test = ds.sample(max(cfg.eval_n, cfg.grid_rows, 1), seed=test_seed(cfg.seed), size=size)
-    metrics: dict[str, Any] = {"steps": step, "train_minutes": elapsed / 60, "train_images_per_s": train_rate}
     variables = tuple(v.name for v in ds.graph.variables if not v.parents)
     if cfg.eval_n > 0:
         t1 = time.perf_counter()

@@ -1,0 +1,158 @@
+"""MRI preprocessing as MONAI dictionary transforms, and its inverse.
+
+A scan goes onto the model's grid by: load (checked, :func:`cdae_med.io.read_nifti`),
+channel-first, orient to RAS, resample to the model's spacing, optional N4 bias-field
+correction (SimpleITK), crop/pad to the model's grid; then its intensities are mapped to
+[0, 1] by a per-scan window (percentiles). The spatial steps are MONAI invertible
+transforms, so a change computed on the model's grid is carried back onto the input scan's
+own grid (same shape, same affine) by ``Compose.inverse``.
+
+The settings are a :class:`Preprocessing`, stored in the checkpoint (``image.preprocessing``)
+and replayed at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, MapTransform, Orientationd, ResizeWithPadOrCropd, Spacingd
+
+from cdae_med.io import Scan, read_nifti
+
+__all__ = ["Preprocessing", "LoadScand", "N4BiasFieldCorrectiond", "PreparedScan", "prepare", "restore_change",
+           "intensity_window", "normalise_intensity", "spatial_transforms"]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    spacing_mm: tuple[float, float, float]
+    spatial_size: tuple[int, int, int]
+    orientation: str = "RAS"
+    n4: bool = False
+    # The intensity window: these percentiles of the resampled scan map to 0 and 1. A per-scan
+    # window because scanners have no common intensity unit.
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Preprocessing":
+        return cls(spacing_mm=tuple(float(s) for s in data["spacing_mm"]),
+                   spatial_size=tuple(int(s) for s in data["spatial_size"]),
+                   orientation=str(data.get("orientation", "RAS")), n4=bool(data.get("n4", False)),
+                   percentiles=tuple(float(p) for p in data.get("percentiles", (0.5, 99.5))))
+
+
+class LoadScand(MapTransform):
+    """Path -> channel-first MetaTensor (1, X, Y, Z) with the file's affine, via the checked reader."""
+
+    def __init__(self, keys="image", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            scan = read_nifti(d[key])
+            d[f"{key}_scan"] = scan
+            d[key] = MetaTensor(torch.from_numpy(scan.data)[None], affine=torch.as_tensor(scan.affine))
+        return d
+
+
+class N4BiasFieldCorrectiond(MapTransform):
+    """N4 bias-field correction (SimpleITK) inside an Otsu head mask.
+
+    Not inverted: the counterfactual is carried back as a *change* added to the uncorrected
+    input (see :func:`restore_change`), which keeps the input's own bias field.
+    """
+
+    def __init__(self, keys="image", shrink: int = 2, iterations: int = 50, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.shrink, self.iterations = shrink, iterations
+
+    def __call__(self, data: Mapping) -> dict:
+        import SimpleITK as sitk
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            arr = x[0].detach().cpu().numpy().astype(np.float32)
+            image = sitk.GetImageFromArray(arr)
+            mask = sitk.OtsuThreshold(image, 0, 1, 200)
+            small = sitk.Shrink(image, [self.shrink] * 3)
+            small_mask = sitk.Shrink(mask, [self.shrink] * 3)
+            n4 = sitk.N4BiasFieldCorrectionImageFilter()
+            n4.SetMaximumNumberOfIterations([self.iterations] * 3)
+            n4.Execute(small, small_mask)
+            log_field = n4.GetLogBiasFieldAsImage(image)
+            corrected = arr / np.exp(sitk.GetArrayFromImage(log_field)).astype(np.float32)
+            out = x.clone()
+            out[0] = torch.from_numpy(corrected)
+            d[key] = out
+        return d
+
+
+def spatial_transforms(prep: Preprocessing, key: str = "image") -> Compose:
+    """The invertible spatial steps after loading (MONAI's Compose would wrap a loading error
+    in a RuntimeError, so :class:`LoadScand` runs before it)."""
+    steps = [
+        # The labels are NIfTI's world axes, given explicitly: MONAI is changing their default.
+        Orientationd(key, axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(key, pixdim=prep.spacing_mm, mode="bilinear", padding_mode="zeros"),
+    ]
+    if prep.n4:
+        steps.append(N4BiasFieldCorrectiond(key))
+    steps.append(ResizeWithPadOrCropd(key, spatial_size=prep.spatial_size, mode="constant"))
+    return Compose(steps)
+
+
+def intensity_window(x: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
+    lo, hi = np.percentile(np.asarray(x, dtype=np.float64), percentiles)
+    if not hi > lo:
+        raise ValueError("the scan has no intensity contrast (constant image)")
+    return float(lo), float(hi)
+
+
+def normalise_intensity(x: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    lo, hi = window
+    return np.clip((np.asarray(x, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+@dataclass
+class PreparedScan:
+    scan: Scan  # the input as read: its data and affine are what outputs are written against
+    image: np.ndarray  # float32 (1, *spatial_size) in [0, 1], RAS, the model's spacing
+    window: tuple[float, float]  # input intensities mapped to 0 and 1
+    transformed: MetaTensor = field(repr=False)  # carries MONAI's record of the spatial steps
+    transform: Compose = field(repr=False)
+
+
+def prepare(path, prep: Preprocessing) -> PreparedScan:
+    transform = spatial_transforms(prep)
+    d = transform(LoadScand("image")({"image": str(path)}))
+    x: MetaTensor = d["image"]
+    arr = x[0].numpy()
+    window = intensity_window(arr, prep.percentiles)
+    return PreparedScan(scan=d["image_scan"], image=normalise_intensity(arr, window)[None], window=window,
+                        transformed=x, transform=transform)
+
+
+def restore_change(prepared: PreparedScan, change: np.ndarray) -> np.ndarray:
+    """A change on the model's grid (normalised units, (1, *spatial) or (*spatial)) -> the same change
+    on the input scan's grid, in the input's intensity units, shape ``prepared.scan.data.shape``."""
+    change = np.asarray(change, dtype=np.float32).reshape(prepared.image.shape)
+    lo, hi = prepared.window
+    t = MetaTensor(torch.from_numpy(change * (hi - lo)), meta=dict(prepared.transformed.meta),
+                   applied_operations=list(prepared.transformed.applied_operations))
+    # Only the invertible spatial steps are undone; N4 has no inverse to apply.
+    restored = prepared.transform.inverse({"image": t})["image"]
+    out = np.asarray(restored[0].detach().cpu().numpy(), dtype=np.float32)
+    if out.shape != prepared.scan.data.shape:
+        raise RuntimeError(f"inverse preprocessing gave shape {out.shape}, the input has {prepared.scan.data.shape}")
+    if not np.allclose(np.asarray(restored.affine, dtype=np.float64), prepared.scan.affine, atol=1e-3):
+        raise RuntimeError("inverse preprocessing did not restore the input's affine")
+    return out
