@@ -71,8 +71,11 @@ def train(
     spacing_mm: Optional[float] = typer.Option(None, help="Volumes: voxel spacing of the model's grid in mm "
                                                           "[default: 192 mm / size]."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    register_as: Optional[str] = typer.Option(None, "--register-as", help="Register the finished model in the "
+                                              "registry (CDAE_HOME/models) under this name [default: the data set]."),
+    no_register: bool = typer.Option(False, "--no-register", help="Do not register the finished model."),
 ) -> None:
-    """Train a CausalDiffAE; writes a checkpoint, metrics.json and counterfactual_grid.png."""
+    """Train a CausalDiffAE; writes a checkpoint, metrics.json and counterfactual_grid.png, and registers it."""
     from .datasets import DATASETS
     from .train import TrainConfig, train as run_train
 
@@ -84,6 +87,10 @@ def train(
                 raise UserError(f"{name} must be at least 1, got {value}")
         if minutes < 0:
             raise UserError(f"--minutes must be >= 0, got {minutes}")
+        if register_as is not None:
+            from .registry import check_name
+
+            check_name(register_as)
         from cdae_med.model import VARIANTS
         if variant not in VARIANTS:
             raise UserError(f"unknown --variant {variant!r}; available: {', '.join(VARIANTS)}")
@@ -101,6 +108,11 @@ def train(
         path = run_train(cfg, progress=not quiet, resume=resume)
         metrics = json.loads((path / "metrics.json").read_text())
         typer.echo(f"checkpoint: {path}")
+        if not no_register:
+            from .registry import register
+
+            registered = register(path, name=register_as or dataset)
+            typer.echo(f"registered as {registered.ref} ({registered.path})")
         if (path / "counterfactual_grid.png").exists():
             typer.echo(f"counterfactual grid: {path / 'counterfactual_grid.png'}")
         ev = metrics.get("eval")
@@ -335,6 +347,101 @@ def evaluate(
         return result
 
     _run(go)
+
+
+# --- the service (issue 6): model registry, API keys, serve, worker ---------------------------
+models_app = typer.Typer(no_args_is_help=True, help="The model registry (CDAE_HOME/models).")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service.")
+app.add_typer(models_app, name="models")
+app.add_typer(keys_app, name="keys")
+
+
+@models_app.command("list")
+def models_list(all_versions: bool = typer.Option(False, "--all", help="Every version, not only the newest."),
+                as_json: bool = typer.Option(False, "--json", help="JSON instead of a table.")) -> None:
+    """Registered models: name, version, data set, variables."""
+    from .registry import default_home, list_models
+
+    models = list_models(all_versions=all_versions)
+    if as_json:
+        typer.echo(json.dumps([m.summary() for m in models], indent=2))
+        return
+    if not models:
+        typer.echo(f"no models registered in {default_home() / 'models'}")
+        return
+    for m in models:
+        names = ", ".join(v["name"] for v in m.summary()["variables"])
+        typer.echo(f"{m.name}:v{m.version}\t{m.dataset}\t{names}\t{m.path}")
+
+
+@models_app.command("register")
+def models_register(checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+                    name: Optional[str] = typer.Option(None, help="Name [default: the checkpoint's data set].")) -> None:
+    """Register a checkpoint directory as the newest version of NAME."""
+    from .registry import register
+
+    _run(lambda: typer.echo(register(checkpoint, name=name).ref))
+
+
+@keys_app.command("create")
+def keys_create(name: str = typer.Option(..., help="Who or what the key is for.")) -> None:
+    """Create an API key; it is printed once and only its hash is stored."""
+    import importlib
+
+    config, db = importlib.import_module("service.config"), importlib.import_module("service.db")
+    plain, key_id = db.Store(config.get_settings().database_url).create_key(name)
+    typer.echo(plain)
+    typer.echo(f"key {key_id} ({name}) created; send it as the X-API-Key header. It is not shown again.", err=True)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """API keys: id, name, first characters, revoked."""
+    import importlib
+
+    config, db = importlib.import_module("service.config"), importlib.import_module("service.db")
+    for k in db.Store(config.get_settings().database_url).list_keys():
+        typer.echo(f"{k['id']}\t{k['name']}\t{k['prefix']}...\t{'revoked' if k['revoked'] else 'active'}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: int = typer.Argument(..., help="The key's id (see `keys list`).")) -> None:
+    """Revoke an API key."""
+    import importlib
+
+    config, db = importlib.import_module("service.config"), importlib.import_module("service.db")
+    if not db.Store(config.get_settings().database_url).revoke_key(key_id):
+        _fail(f"no active key {key_id}")
+    typer.echo(f"key {key_id} revoked")
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+          port: int = typer.Option(8000, help="Port."),
+          no_worker: bool = typer.Option(False, "--no-worker", help="The API only; workers run elsewhere."),
+          queues: str = typer.Option("counterfactual,train", help="Queues of the embedded worker.")) -> None:
+    """The counterfactual service: API, a worker and, with no CDAE_BROKER_URL, an embedded Redis."""
+    import importlib
+
+    importlib.import_module("service.serve").serve(host=host, port=port, worker=not no_worker, queues=queues)
+
+
+@app.command()
+def worker(queues: str = typer.Option("counterfactual,train", help="Comma-separated: counterfactual, train."),
+           concurrency: int = typer.Option(1, help="Worker processes (one per GPU)."),
+           gpu: Optional[int] = typer.Option(None, help="Use only this GPU (sets CUDA_VISIBLE_DEVICES)."),
+           name: Optional[str] = typer.Option(None, help="Celery node name, e.g. gpu0@%h.")) -> None:
+    """A Celery worker of the service (needs CDAE_BROKER_URL, or `cdae-med serve` on this machine)."""
+    import importlib
+
+    bad = set(queues.split(",")) - {"counterfactual", "train"}
+    if bad:
+        _fail(f"unknown queue(s) {sorted(bad)}; queues: counterfactual, train")
+    try:
+        code = importlib.import_module("service.serve").run_worker(queues, concurrency, gpu, name)
+    except RuntimeError as err:
+        _fail(str(err))
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":

