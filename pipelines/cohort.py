@@ -117,7 +117,7 @@ def read_manifest(csv_path: str | Path, graph: CausalGraph, require_all: bool = 
             try:
                 values[name] = parse_value(graph[name], text)
             except GraphError as err:
-                errs.append(f"{col}: {err}")
+                errs.append(str(err) if col == name else f"{col}: {err}")
         if errs:
             problems.append(f"row {row_no}: " + "; ".join(errs))
         else:

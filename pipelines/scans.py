@@ -158,7 +158,7 @@ class ScanModel:
             "factual": factual,
             "counterfactual": counterfactual,
             "model": {"checkpoint": str(ck.path), "dataset": ck.dataset, "training_steps": ck.step,
-                      "graph": graph.names, "format_version": FORMAT_VERSION, "cdae_med_version": __version__},
+                      "graph": list(graph.names), "format_version": FORMAT_VERSION, "cdae_med_version": __version__},
             "settings": {"ddim_steps": self.num_steps, "depth": self.depth,
                          "preprocessing": self.preprocessing.to_dict(),
                          "output": "input + inverse-preprocessed (counterfactual - reconstruction)"},
