@@ -70,6 +70,8 @@ def train(
                                                    "[default: the data set's]."),
     spacing_mm: Optional[float] = typer.Option(None, help="Volumes: voxel spacing of the model's grid in mm "
                                                           "[default: 192 mm / size]."),
+    slicewise: bool = typer.Option(False, "--slicewise", help="Volumes: a 2D model of axial slices instead of a "
+                                                              "3D model (--n-train then counts slices)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
     register_as: Optional[str] = typer.Option(None, "--register-as", help="Register the finished model in the "
                                               "registry (CDAE_HOME/models) under this name [default: the data set]."),
@@ -104,7 +106,8 @@ def train(
                           mnist_dir=str(mnist_dir) if mnist_dir else None, variant=variant,
                           labelled_fraction=labelled_fraction,
                           model={} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob},
-                          data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm)
+                          data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm,
+                          slicewise=slicewise)
         path = run_train(cfg, progress=not quiet, resume=resume)
         metrics = json.loads((path / "metrics.json").read_text())
         typer.echo(f"checkpoint: {path}")

@@ -23,7 +23,7 @@ from monai.transforms import Compose, MapTransform, Orientationd, ResizeWithPadO
 
 from cdae_med.io import Scan, read_nifti
 
-__all__ = ["Preprocessing", "LoadScand", "N4BiasFieldCorrectiond", "PreparedScan", "prepare", "restore_change",
+__all__ = ["Preprocessing", "to_slices", "from_slices", "LoadScand", "N4BiasFieldCorrectiond", "PreparedScan", "prepare", "restore_change",
            "intensity_window", "normalise_intensity", "spatial_transforms"]
 
 
@@ -36,6 +36,8 @@ class Preprocessing:
     # The intensity window: these percentiles of the resampled scan map to 0 and 1. A per-scan
     # window because scanners have no common intensity unit.
     percentiles: tuple[float, float] = (0.5, 99.5)
+    # A 2D slice-wise model sees the grid as slices along this axis (2: axial, RAS); None: 3D.
+    slice_axis: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # as JSON has it
@@ -45,7 +47,8 @@ class Preprocessing:
         return cls(spacing_mm=tuple(float(s) for s in data["spacing_mm"]),
                    spatial_size=tuple(int(s) for s in data["spatial_size"]),
                    orientation=str(data.get("orientation", "RAS")), n4=bool(data.get("n4", False)),
-                   percentiles=tuple(float(p) for p in data.get("percentiles", (0.5, 99.5))))
+                   percentiles=tuple(float(p) for p in data.get("percentiles", (0.5, 99.5))),
+                   slice_axis=data.get("slice_axis"))
 
 
 class LoadScand(MapTransform):
@@ -159,3 +162,15 @@ def restore_change(prepared: PreparedScan, change: np.ndarray) -> np.ndarray:
     if not np.allclose(np.asarray(restored.affine, dtype=np.float64), prepared.scan.affine, atol=1e-3):
         raise RuntimeError("inverse preprocessing did not restore the input's affine")
     return out
+
+
+def to_slices(volumes: np.ndarray, axis: int = 2) -> np.ndarray:
+    """(N, X, Y, Z, C) volumes -> (N * Z, X, Y, C) slices along spatial ``axis`` (0-based), subject-major."""
+    moved = np.moveaxis(volumes, 1 + axis, 1)
+    return moved.reshape(-1, *moved.shape[2:])
+
+
+def from_slices(slices: np.ndarray, n: int, axis: int = 2) -> np.ndarray:
+    """Inverse of :func:`to_slices`."""
+    stacked = slices.reshape(n, -1, *slices.shape[1:])
+    return np.moveaxis(stacked, 1, 1 + axis)

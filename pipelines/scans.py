@@ -35,7 +35,7 @@ from cdae_med.graph import GraphError
 from cdae_med.io import NiftiError, write_nifti
 
 from .cohort import Subject, parse_value
-from .mri import Preprocessing, PreparedScan, prepare, restore_change
+from .mri import Preprocessing, PreparedScan, from_slices, prepare, restore_change, to_slices
 from .runtime import autocast, resolve_device
 
 __all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "run_batch", "orthogonal_preview"]
@@ -103,8 +103,14 @@ class ScanModel:
     def _infer(self, prepared: list[PreparedScan], do: dict[str, float], covariates: list[dict[str, float]],
                progress: Callable[[float], None] | None = None) -> list[_Result]:
         graph, b = self.graph, len(prepared)
-        x0 = torch.from_numpy(np.stack([p.image for p in prepared])).to(self.device) * 2.0 - 1.0
-        observed = {name: torch.tensor([c.get(name, float("nan")) for c in covariates], dtype=torch.float32)
+        volumes = np.stack([p.image for p in prepared])  # (B, 1, X, Y, Z)
+        axis = self.preprocessing.slice_axis
+        # A slice-wise model sees each scan as a batch of slices, every slice with the scan's values.
+        per = volumes.shape[2 + axis] if axis is not None else 1
+        x = volumes if axis is None else np.moveaxis(to_slices(np.moveaxis(volumes, 1, -1), axis), -1, 1)
+        x0 = torch.from_numpy(np.ascontiguousarray(x)).to(self.device) * 2.0 - 1.0
+        observed = {name: torch.tensor([c.get(name, float("nan")) for c in covariates],
+                                       dtype=torch.float32).repeat_interleave(per)
                     for name in graph.names if any(name in c for c in covariates)}
         total, done = 2 * self.num_steps + 1, 0
 
@@ -127,6 +133,13 @@ class ScanModel:
         change = ((cf - recon) / 2.0).cpu().numpy()  # model range [-1, 1] -> the [0, 1] window units
         factual = graph.denormalise(self.model.latent_to_label(ab.z)).cpu().numpy()
         values = graph.denormalise(self.model.latent_to_label(z_cf)).cpu().numpy()
+        if axis is not None:
+            change = np.moveaxis(from_slices(np.moveaxis(change, 1, -1), b, axis), -1, 1)
+            # A scan's values: the slices' estimates weighted by how much head each slice shows.
+            weight = (x.reshape(b, per, -1) > 0.1).mean(-1) + 1e-6
+            weight = weight / weight.sum(1, keepdims=True)
+            factual = np.einsum("bs,bsn->bn", weight, factual.reshape(b, per, -1))
+            values = np.einsum("bs,bsn->bn", weight, values.reshape(b, per, -1))
         results = []
         for i, p in enumerate(prepared):
             diff = restore_change(p, change[i])
@@ -160,6 +173,7 @@ class ScanModel:
             "model": {"checkpoint": str(ck.path), "dataset": ck.dataset, "training_steps": ck.step,
                       "graph": list(graph.names), "format_version": FORMAT_VERSION, "cdae_med_version": __version__},
             "settings": {"ddim_steps": self.num_steps, "depth": self.depth,
+                         "model_kind": "3D" if self.preprocessing.slice_axis is None else "2D slice-wise",
                          "preprocessing": self.preprocessing.to_dict(),
                          "output": "input + inverse-preprocessed (counterfactual - reconstruction)"},
             "files": list(OUTPUT_FILES),

@@ -24,7 +24,7 @@ from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
 
 from .cohort import load_cohort
 from .datasets import SyntheticDataset, get_dataset, to_tensor
-from .mri import Preprocessing
+from .mri import Preprocessing, to_slices
 from .evaluate_cf import counterfactual_errors
 from .figures import counterfactual_grid
 from .runtime import autocast, resolve_device
@@ -32,6 +32,7 @@ from .runtime import autocast, resolve_device
 log = logging.getLogger("cdae_med")
 
 TEST_SET_SIZE = 1000
+SLICE_AXIS = 2  # slice-wise volume models see axial slices (the grid is RAS)
 
 
 def test_seed(seed: int) -> int:
@@ -66,6 +67,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # CausalDiffAEConfig overrides
     data: str | None = None  # a cohort (manifest CSV or its folder) instead of the generator's samples
     graph: str | None = None  # built-in graph name or YAML file; default: the data set's graph
+    slicewise: bool = False  # volumes: a 2D model of axial slices instead of a 3D model
     spacing_mm: float | None = None  # volumes: the model grid's spacing; default: the brain cohort's FOV / size
 
 
@@ -131,7 +133,15 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
             raise ValueError(f"--data takes a cohort of NIfTI scans; {ds.name} is not a volume data set")
         images, labels = load_cohort(cfg.data, ds.graph, preprocessing, progress=progress)
     else:
-        images, labels = ds.sample(cfg.n_train, seed=cfg.seed, size=size)
+        # Slice-wise: n_train counts slices, so the number of subjects is n_train / slices per subject.
+        n = math.ceil(cfg.n_train / size) if cfg.slicewise else cfg.n_train
+        images, labels = ds.sample(n, seed=cfg.seed, size=size)
+    if cfg.slicewise:
+        if preprocessing is None:
+            raise ValueError(f"--slicewise applies to volume data sets (brain), not {ds.name}")
+        images, labels = to_slices(images, SLICE_AXIS), np.repeat(labels, size, axis=0)
+        preprocessing = replace(preprocessing, slice_axis=SLICE_AXIS)
+        ds = replace(ds, spatial_dims=2)
     x_all = to_tensor(images)
     y_all = torch.as_tensor(ds.graph.normalise(labels), dtype=torch.float32)
     labelled_all = labelled_mask(len(y_all), cfg.labelled_fraction, cfg.seed)
@@ -224,10 +234,11 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     model.eval()
     ema.module.eval()
     metrics: dict[str, Any] = {"steps": step, "train_minutes": elapsed / 60, "train_images_per_s": train_rate}
-    if cfg.data is not None:
-        # A cohort has no true counterfactuals to score against.
-        log.info("trained on the cohort %s: no ground truth, so no end-of-training counterfactual errors; "
-                 "run `cdae-med batch` on held-out scans", cfg.data)
+    if cfg.data is not None or cfg.slicewise:
+        # A cohort has no true counterfactuals to score against; slice-wise models are scored on
+        # whole scans (benchmarks/mri.py).
+        log.info("no end-of-training counterfactual errors for %s; run `cdae-med batch` on held-out scans",
+                 "a cohort" if cfg.data is not None else "a slice-wise model")
         save(metrics)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return out

@@ -342,3 +342,25 @@ def test_cli_counterfactual_batch_and_cohort_training(tmp_path, cohort, brain_ch
         shutil.copy(f, tmp_path)
     res = runner.invoke(app, ["train", "--dataset", "brain", "--data", str(bad), "--steps", "1", "--quiet"])
     assert res.exit_code == 2 and "row 3: brain_volume_ml is empty" in res.output
+
+
+def test_slicewise_model_runs_a_scan_as_a_batch_of_slices(tmp_path, cohort):
+    from pipelines.mri import from_slices, to_slices
+
+    vols = np.random.default_rng(2).random((2, 4, 5, 6, 1))
+    assert to_slices(vols).shape == (12, 4, 5, 1)
+    assert np.array_equal(from_slices(to_slices(vols), 2), vols)
+    assert np.array_equal(to_slices(vols)[7], vols[1, :, :, 1])
+    cfg = TrainConfig(dataset="brain", out=str(tmp_path / "ck"), steps=3, minutes=None, size=SIZE, batch_size=8,
+                      n_train=2 * SIZE, slicewise=True, device="cpu", eval_n=0, grid_rows=1, model=TINY_MODEL)
+    ckpt = train(cfg, progress=False)
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    assert meta["image"]["spatial_dims"] == 2 and meta["image"]["preprocessing"]["slice_axis"] == 2
+    model = ScanModel.load(ckpt, device="cpu", num_steps=3)
+    path = cohort / "sub-00000.nii.gz"
+    report = model.run(path, {"age": 60}, tmp_path / "null", covariates={"age": 60})
+    assert report["settings"]["model_kind"] == "2D slice-wise"
+    assert np.abs(nib.load(tmp_path / "null" / "difference.nii.gz").get_fdata()).max() < 1e-5
+    report = model.run(path, {"age": 88}, tmp_path / "old")
+    assert nib.load(tmp_path / "old" / "counterfactual.nii.gz").shape == (SIZE,) * 3
+    assert report["counterfactual"]["age"]["value"] == 88.0
