@@ -116,7 +116,7 @@ def sweep_figure(result: dict, title: str = "") -> Image.Image:
     om = [r["omega"] for r in rows]
     eff = line_chart({"on the intervened var.": (om, [r["effectiveness_intervened"] for r in rows]),
                       "all cells": (om, [r["effectiveness_all"] for r in rows])},
-                     f"effectiveness MAE {title}", "omega", "normalised")
+                     f"effectiveness MAE ({title})", "omega", "normalised")
     comp = line_chart({"k = 1": (om, [r["composition_k1"] for r in rows]),
                        "k = 10": (om, [r["composition_k10"] for r in rows])},
                       "composition", "omega", "0-255")
