@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -70,6 +71,8 @@ def train(
                                                    "[default: the data set's]."),
     spacing_mm: Optional[float] = typer.Option(None, help="Volumes: voxel spacing of the model's grid in mm "
                                                           "[default: 192 mm / size]."),
+    distributed: bool = typer.Option(False, "--distributed", help="Data-parallel over the processes torchrun "
+                                                                  "starts (one per GPU; gloo on CPUs)."),
     slicewise: bool = typer.Option(False, "--slicewise", help="Volumes: a 2D model of axial slices instead of a "
                                                               "3D model (--n-train then counts slices)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -107,8 +110,10 @@ def train(
                           labelled_fraction=labelled_fraction,
                           model={} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob},
                           data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm,
-                          slicewise=slicewise)
+                          slicewise=slicewise, distributed=distributed)
         path = run_train(cfg, progress=not quiet, resume=resume)
+        if distributed and os.environ.get("RANK", "0") != "0":
+            return  # rank 0 reports
         metrics = json.loads((path / "metrics.json").read_text())
         typer.echo(f"checkpoint: {path}")
         if not no_register:

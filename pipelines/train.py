@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
@@ -24,6 +26,7 @@ from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
 
 from .cohort import load_cohort
 from .datasets import SyntheticDataset, get_dataset, to_tensor
+from .distributed import Ranks, any_rank, check_in_sync, init_distributed, shutdown
 from .mri import Preprocessing, to_slices
 from .evaluate_cf import counterfactual_errors
 from .figures import counterfactual_grid
@@ -67,6 +70,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # CausalDiffAEConfig overrides
     data: str | None = None  # a cohort (manifest CSV or its folder) instead of the generator's samples
     graph: str | None = None  # built-in graph name or YAML file; default: the data set's graph
+    distributed: bool = False  # one process per GPU under torchrun (DistributedDataParallel)
     slicewise: bool = False  # volumes: a 2D model of axial slices instead of a 3D model
     spacing_mm: float | None = None  # volumes: the model grid's spacing; default: the brain cohort's FOV / size
 
@@ -104,6 +108,17 @@ def build_model(cfg: TrainConfig, ds: SyntheticDataset, size: int) -> CausalDiff
     return CausalDiffAE(ds.graph, mcfg)
 
 
+class TrainingObjective(nn.Module):
+    """The loss as a module's forward: what DistributedDataParallel wraps and synchronises."""
+
+    def __init__(self, model: CausalDiffAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0, y, ddim, gamma, labelled=None):
+        return self.model.loss(x0, y, ddim, gamma, labelled=labelled)
+
+
 def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path:
     ds = get_dataset(cfg.dataset, mnist_dir=cfg.mnist_dir)
     size = cfg.size or ds.default_size
@@ -111,7 +126,13 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
         cfg = replace(cfg, eval_n=min(cfg.eval_n, VOLUME_EVAL_CAP["eval_n"]),
                       grid_rows=min(cfg.grid_rows, VOLUME_EVAL_CAP["grid_rows"]))
         log.info("volumes: end-of-training evaluation on %d subjects (about 50 s each on a CPU)", cfg.eval_n)
-    device = resolve_device(cfg.device)
+    if cfg.distributed:
+        ranks, device = init_distributed(cfg.device)
+        progress = progress and ranks.main
+        if not ranks.main:
+            log.setLevel(logging.WARNING)
+    else:
+        ranks, device = Ranks(), resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     log.info("device %s, precision %s; training for up to %s steps%s", device,
@@ -152,6 +173,13 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
              time.perf_counter() - t0)
 
     model = build_model(cfg, ds, size).to(device)
+    if ranks.enabled:
+        # Same initial weights on every rank (DDP also broadcasts rank 0's), different diffusion noise.
+        torch.manual_seed(cfg.seed + 7919 * ranks.rank)
+        objective = DistributedDataParallel(TrainingObjective(model), find_unused_parameters=True,
+                                            device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        objective = TrainingObjective(model)
     ema = AveragedModel(model, avg_fn=ema_avg(cfg.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)
@@ -196,17 +224,22 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     run_start = time.perf_counter() - elapsed
     images_seen_this_run, this_run_start = 0, time.perf_counter()
     model.train()
-    while step < cfg.steps and elapsed < budget_s:
+    while True:
+        stop = step >= cfg.steps or elapsed >= budget_s
+        if ranks.enabled:  # a time budget runs out at different moments on different ranks
+            stop = any_rank(stop, device)
+        if stop:
+            break
         # The batch order is a function of the step alone, so a resumed run sees the same data.
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step // max(1, n // cfg.batch_size))
         perm = torch.randperm(n, generator=g)
         offset = (step % max(1, n // cfg.batch_size)) * cfg.batch_size
-        idx = perm[offset:offset + cfg.batch_size]
+        idx = perm[offset:offset + cfg.batch_size][ranks.rank::ranks.world]  # this rank's share
         x0, y = x_all[idx].to(device, non_blocking=True), y_all[idx].to(device, non_blocking=True)
         gamma = cfg.gamma * min(1.0, (step + 1) / max(1, cfg.gamma_warmup))
         with autocast(device):
-            losses = model.loss(x0, y, ddim, gamma,
-                                labelled=None if cfg.labelled_fraction >= 1.0 else labelled_all[idx].to(device))
+            losses = objective(x0, y, ddim, gamma,
+                               labelled=None if cfg.labelled_fraction >= 1.0 else labelled_all[idx].to(device))
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -223,13 +256,19 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
                             kl_z=f"{losses['kl_z'].item():.3f}", img_s=f"{rate:.1f}", refresh=False)
             bar.n = min(bar.total, round(elapsed) if by_time else step)
             bar.refresh()
-        if time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
+        if ranks.main and time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
             save()
             last_save = time.perf_counter()
     bar.close()
     train_rate = images_seen_this_run / max(1e-9, time.perf_counter() - this_run_start)
     stopped = "step limit" if step >= cfg.steps else f"time budget of {cfg.minutes} min"
-    log.info("trained %d steps (%s), %.1f images/s", step, stopped, train_rate)
+    log.info("trained %d steps (%s), %.1f images/s", step, stopped, train_rate * ranks.world)
+    if ranks.enabled:
+        checksum = check_in_sync(model, device)
+        log.info("ranks in sync after %d steps: weight checksum %.6f on all %d ranks", step, checksum, ranks.world)
+        if not ranks.main:
+            shutdown()
+            return out
 
     model.eval()
     ema.module.eval()
@@ -241,6 +280,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
                  "a cohort" if cfg.data is not None else "a slice-wise model")
         save(metrics)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        shutdown()
         return out
     # Only the test subjects used below: generators give the same first k for any n.
     test = ds.sample(max(cfg.eval_n, cfg.grid_rows, 1), seed=test_seed(cfg.seed), size=size)
@@ -256,4 +296,5 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
                                guidance=cfg.eval_guidance, seed=cfg.seed)
     grid.save(out / "counterfactual_grid.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    shutdown()
     return out
