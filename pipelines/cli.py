@@ -71,6 +71,7 @@ def train(
                                                    "[default: the data set's]."),
     spacing_mm: Optional[float] = typer.Option(None, help="Volumes: voxel spacing of the model's grid in mm "
                                                           "[default: 192 mm / size]."),
+    compile: bool = typer.Option(False, "--compile", help="GPU: torch.compile the training step (slow to start)."),
     distributed: bool = typer.Option(False, "--distributed", help="Data-parallel over the processes torchrun "
                                                                   "starts (one per GPU; gloo on CPUs)."),
     slicewise: bool = typer.Option(False, "--slicewise", help="Volumes: a 2D model of axial slices instead of a "
@@ -110,7 +111,7 @@ def train(
                           labelled_fraction=labelled_fraction,
                           model={} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob},
                           data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm,
-                          slicewise=slicewise, distributed=distributed)
+                          slicewise=slicewise, distributed=distributed, compile=compile)
         path = run_train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":
             return  # rank 0 reports
@@ -353,6 +354,34 @@ def evaluate(
         typer.echo((dest / "evaluation.md").read_text())
         typer.echo(f"wrote {dest}/evaluation.json, evaluation.md, counterfactual_grid.png, sweep.png", err=True)
         return result
+
+    _run(go)
+
+
+@app.command("guidance-sweep")
+def guidance_sweep_command(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory written by `cdae-med train`."),
+    out: Optional[Path] = typer.Option(None, help="Output directory [default: CHECKPOINT/guidance_sweep]."),
+    omega: List[float] = typer.Option([0.0, 1.0, 2.0, 3.0, 5.0], "--omega", help="Guidance weight; repeatable."),
+    reference: str = typer.Option("null", help="null (the paper's classifier-free guidance) or factual (ours)."),
+    n: int = typer.Option(32, help="Test images per intervention."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Effectiveness and composition across the guidance weight omega: JSON and a PNG figure."""
+    from .guidance_sweep import guidance_sweep
+
+    def go():
+        if n < 1:
+            raise UserError(f"--n must be at least 1, got {n}")
+        if reference not in ("null", "factual"):
+            raise UserError(f"--reference must be null or factual, got {reference!r}")
+        dest = Path(out or Path(checkpoint) / "guidance_sweep")
+        res = guidance_sweep(checkpoint, dest, omegas=omega, reference=reference, n=n, num_steps=steps,
+                             device=device, progress=not quiet)
+        typer.echo(json.dumps(res["rows"], indent=2))
+        typer.echo(f"wrote {dest}/guidance_sweep.json, guidance_sweep.png", err=True)
 
     _run(go)
 

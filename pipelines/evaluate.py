@@ -55,6 +55,8 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
     if reference not in ("factual", "null"):
         raise ValueError(f"reference must be 'factual' or 'null', got {reference!r}")
     t_start = time.perf_counter()
+    # composition and reversibility use the first of the n test images (--n 4 with the default 16 failed)
+    n_composition = min(n_composition, n)
     ckpt = load_checkpoint(checkpoint)
     ds = get_dataset(ckpt.dataset)
     dev = resolve_device(device)
@@ -71,7 +73,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
     result: dict = {"checkpoint": str(checkpoint), "dataset": ds.name, "variant": ckpt.variant,
                     "labelled_fraction": ckpt.training.get("labelled_fraction", 1.0), "step": ckpt.step, "n": n,
                     "num_steps": num_steps, "depth": depth, "guidance": guidance, "reference": reference,
-                    "procedure": procedure}
+                    "procedure": procedure, "n_composition": n_composition}
     gen = torch.Generator().manual_seed(seed)  # fresh noise of the original procedure
 
     # DCI on the posterior-mean causal latents

@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cdae_med.checkpoint import read_meta
+
 from .evaluate import evaluate
 
 __all__ = ["guidance_sweep", "summarise", "line_chart", "sweep_figure"]
@@ -52,6 +54,7 @@ def summarise(result: dict) -> dict:
 def guidance_sweep(checkpoint: str | Path, out: str | Path, omegas: Sequence[float] = (0.0, 1.0, 2.0, 3.0, 5.0),
                    reference: str = "null", n: int = 32, num_steps: int = 50, n_composition: int = 8,
                    device: str = "auto", predictor_n_train: int = 8000, progress: bool = True) -> dict:
+    read_meta(checkpoint)  # a clear CheckpointError before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

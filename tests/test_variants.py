@@ -271,3 +271,31 @@ def test_cli_train_switches(tmp_path, monkeypatch):
     run("--variant", "label_conditional", "--labelled-fraction", 0.2, "--cond-drop-prob", 0.5)
     cfg = seen["cfg"]  # what the command does after training is not this test's business
     assert (cfg.variant, cfg.labelled_fraction, cfg.model) == ("label_conditional", 0.2, {"cond_drop_prob": 0.5})
+
+
+def test_cli_guidance_sweep(trained_path, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    monkeypatch.setenv("CDAE_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    r = runner.invoke(app, ["guidance-sweep", "--checkpoint", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "no checkpoint directory" in r.output
+    r = runner.invoke(app, ["guidance-sweep", "--checkpoint", str(trained_path), "--reference", "sideways"])
+    assert r.exit_code == 2 and "--reference must be null or factual" in r.output
+    out = tmp_path / "sweep"
+    r = runner.invoke(app, ["guidance-sweep", "--checkpoint", str(trained_path), "--out", str(out), "--omega", "0",
+                            "--omega", "2", "--n", "2", "--steps", "3", "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((out / "guidance_sweep.json").read_text())["rows"]
+    assert [row["omega"] for row in rows] == [0.0, 2.0] and (out / "guidance_sweep.png").is_file()
+
+
+def test_evaluate_with_fewer_images_than_the_composition_set(trained_path, tmp_path, monkeypatch):
+    from pipelines.evaluate import evaluate
+
+    monkeypatch.setenv("CDAE_HOME", str(tmp_path / "home"))
+    res = evaluate(trained_path, tmp_path / "ev", n=2, num_steps=3, n_dci=0, n_composition=16, device="cpu",
+                   predictor_n_train=128, progress=False, figures=False)
+    assert res["n_composition"] == 2 and res["dci"] is None and set(res["composition"]) == {"k=1", "k=10"}
