@@ -1,7 +1,7 @@
 """The paper's DCI and effectiveness tables, reproduced on our data sets beside its published numbers.
 
     python benchmarks/paper_tables.py --smoke                  # minutes: plumbing check, tiny models
-    python benchmarks/paper_tables.py [--minutes 20]           # the CPU budget: about 4-5 h on 2 cores
+    python benchmarks/paper_tables.py [--minutes 20]           # the CPU budget: about 5 h on 2 cores (estimate)
     python benchmarks/paper_tables.py --minutes 60 --device cuda --eval-n 256   # a GPU budget
 
 For each data set (Pendulum, Morpho-MNIST) it trains, with the same code and one switch each:
