@@ -94,6 +94,7 @@ class TrainRequest(BaseModel):
     seed: int = Field(0, ge=0)
     eval_n: int = Field(32, ge=0, le=10_000)
     grid_rows: int = Field(6, ge=1, le=64)
+    eval_steps: int = Field(50, ge=1, le=1000, description="DDIM steps of the end-of-training evaluation")
     model: dict[str, Any] | None = Field(None, description="CausalDiffAEConfig overrides, e.g. latent_dim")
 
 
@@ -102,12 +103,10 @@ class Problem(BaseModel):
 
 
 # -- the upload size limit, enforced while the body is read ----------------------------------
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes is answered 413 without reading the rest."""
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413. With a Content-Length
+    the answer comes before reading; otherwise reading stops at the limit (the app sees the client
+    disconnect) and whatever the app answers is replaced by the 413."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -117,31 +116,36 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        message = f"request body larger than the limit of {self.limit:,} bytes (CDAE_MAX_UPLOAD_MB)"
+        too_large = JSONResponse({"detail": f"request body larger than the limit of {self.limit:,} bytes "
+                                            "(CDAE_MAX_UPLOAD_MB)"}, status_code=413)
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
-        seen, started = 0, False
+            return await too_large(scope, receive, send)
+        seen, over, answered = 0, False, False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
+                if seen > self.limit:  # the app sees the client go: it never runs on a cut-off body
+                    over = True
+                    return {"type": "http.disconnect"}
             return msg
 
-        async def tracking_send(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
+        async def guarded_send(msg):
+            nonlocal answered
+            if over:
+                if not answered:
+                    answered = True
+                    await too_large(scope, receive, send)
+                return
             await send(msg)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
+        await self.app(scope, limited_receive, guarded_send)
+        if over and not answered:
+            await too_large(scope, receive, send)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def _job_out(job: JobView, base: str = "") -> JobOut:
 def create_app(settings: Settings | None = None, sweep: bool = True) -> FastAPI:
     settings = settings or get_settings()
     from .sweep import Sweeper
-    from .worker import make_celery, publish
+    from .worker import declare_queues, make_celery, publish
 
     store = Store(settings.database_url)
     celery = make_celery(settings)
@@ -249,7 +253,7 @@ def create_app(settings: Settings | None = None, sweep: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        sweeper = Sweeper(store, settings, send).start() if sweep else None
+        sweeper = Sweeper(store, settings, send, lambda: declare_queues(celery)).start() if sweep else None
         yield
         if sweeper is not None:
             sweeper.stop()
@@ -258,6 +262,7 @@ def create_app(settings: Settings | None = None, sweep: bool = True) -> FastAPI:
                   description="Counterfactual brain MRI with Causal Diffusion Autoencoders. "
                               "Authenticate with the X-API-Key header.", lifespan=lifespan)
     app.state.settings, app.state.store, app.state.celery, app.state.send = settings, store, celery, send
+    app.state.declare = lambda: declare_queues(celery)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
 
     @app.exception_handler(RequestValidationError)

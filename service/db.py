@@ -252,6 +252,10 @@ class Store:
             rows = s.scalars(select(Job).where(Job.status == RUNNING, Job.heartbeat_at < cutoff))
             return [JobView.of(j) for j in rows]
 
+    def running(self) -> list[JobView]:
+        with self.session() as s:
+            return [JobView.of(j) for j in s.scalars(select(Job).where(Job.status == RUNNING))]
+
     def waiting(self, older_than_s: float) -> list[JobView]:
         cutoff = time.time() - older_than_s
         with self.session() as s:

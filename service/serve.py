@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from .config import Settings, get_settings
@@ -90,6 +91,20 @@ def serve(host: str = "127.0.0.1", port: int = 8000, worker: bool = True, queues
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     redis_server = start_embedded_redis(settings) if settings.broker_embedded else None
+    stop = threading.Event()
+    if settings.broker_embedded:
+        def watch():  # the embedded Redis is restarted if it dies; its append-only file brings the queues back
+            nonlocal redis_server
+            sock = Path(settings.broker_url[len("redis+socket://"):])
+            while not stop.wait(2.0):
+                if not _answers(sock):
+                    log.warning("embedded Redis is not answering; restarting it")
+                    try:
+                        redis_server = start_embedded_redis(settings) or redis_server
+                    except Exception:
+                        log.exception("could not restart the embedded Redis")
+
+        threading.Thread(target=watch, name="redis-watch", daemon=True).start()
     proc = None
     if worker:
         proc = subprocess.Popen(worker_command(queues, name=f"embedded-{os.getpid()}@%h"), env=dict(os.environ))
@@ -100,6 +115,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, worker: bool = True, queues
     try:
         uvicorn.run("service.api:create_app", factory=True, host=host, port=port, log_level=log_level)
     finally:
+        stop.set()
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # warm shutdown: the running task finishes or is requeued
             try:

@@ -79,16 +79,31 @@ def _local_dead(job: JobView) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    try:  # a killed process whose parent died too may linger as a zombie nobody reaps
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
-def sweep(store: Store, settings: Settings, send, held: set[str] | None | str = "read") -> dict[str, Any]:
-    """One pass. ``send(job)`` publishes a job's message. Returns what was done."""
+def sweep(store: Store, settings: Settings, send, held: set[str] | None | str = "read",
+          before_send=None) -> dict[str, Any]:
+    """One pass. ``send(job)`` publishes a job's message; ``before_send()`` runs once before the
+    first (the API re-declares the queues there). Returns what was done."""
     if held == "read":
         held = broker_held_ids(settings)
+    prepared = False
+    _send = send
+
+    def send(job):
+        nonlocal prepared
+        if not prepared and before_send is not None:
+            before_send()
+        prepared = True
+        _send(job)
     done: dict[str, Any] = {"requeued_running": [], "requeued_queued": [], "failed": []}
     running = {j.id: j for j in store.lost_running(settings.stale_s)}
-    for j in store.lost_running(-1e12):  # every running job: a dead local worker needs no waiting
+    for j in store.running():  # a dead worker process on this host needs no waiting
         if j.id not in running and _local_dead(j):
             running[j.id] = j
     for job in running.values():
@@ -115,8 +130,8 @@ def sweep(store: Store, settings: Settings, send, held: set[str] | None | str = 
 class Sweeper:
     """Runs :func:`sweep` every ``settings.sweep_s`` seconds in a daemon thread."""
 
-    def __init__(self, store: Store, settings: Settings, send):
-        self.store, self.settings, self.send = store, settings, send
+    def __init__(self, store: Store, settings: Settings, send, before_send=None):
+        self.store, self.settings, self.send, self.before_send = store, settings, send, before_send
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cdae-sweep", daemon=True)
 
@@ -133,6 +148,6 @@ class Sweeper:
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.sweep_s):
             try:
-                sweep(self.store, self.settings, self.send)
+                sweep(self.store, self.settings, self.send, before_send=self.before_send)
             except Exception:
                 log.exception("sweep failed; retrying in %.0f s", self.settings.sweep_s)

@@ -30,8 +30,9 @@ from kombu import Exchange, Queue
 
 from .config import Settings, get_settings
 from .db import FAILED, SUCCEEDED, JobView, Store
+from .sweep import _local_dead
 
-__all__ = ["make_celery", "app", "TASKS", "QUEUES", "publish", "worker_id", "COUNTERFACTUAL_FILES", "TRAIN_FILES"]
+__all__ = ["make_celery", "app", "TASKS", "QUEUES", "publish", "declare_queues", "worker_id", "COUNTERFACTUAL_FILES", "TRAIN_FILES"]
 
 log = logging.getLogger("cdae_med.service")
 
@@ -78,6 +79,15 @@ def publish(celery: Celery, store: Store, job: JobView) -> None:
     store.mark_published(job.id)
 
 
+def declare_queues(celery: Celery) -> None:
+    """(Re)declare the queues and their bindings. A Redis that restarted empty has lost the
+    bindings too, and a producer that declared them once before would publish into nothing."""
+    with celery.connection_for_write() as conn:
+        channel = conn.default_channel
+        for q in celery.conf.task_queues:
+            q.bind(channel).declare()
+
+
 def worker_id() -> str:
     """host:pid of this process; the sweep on the same host can tell a dead pid at once."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -107,8 +117,13 @@ def load_scan_model(path: Path):
         return _models[key]
     from pipelines.scans import ScanModel
 
+    threads = os.environ.get("CDAE_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     t0 = time.perf_counter()
-    model = ScanModel.load(key, device=os.environ.get("CDAE_DEVICE", "auto"))
+    model = ScanModel.load(key, device=os.environ.get("CDAE_DEVICE", "auto"), num_steps=settings.ddim_steps)
     log.info("loaded %s on %s in %.1f s", key, model.device, time.perf_counter() - t0)
     _models[key] = model
     while len(_models) > _MODEL_CACHE:
@@ -198,7 +213,8 @@ def _train(job: JobView, lease: _Lease) -> tuple[list[str], dict[str, Any]]:
     cfg = TrainConfig(dataset=p["dataset"], out=str(run_dir), steps=p["steps"], minutes=p.get("minutes"),
                       size=p.get("size"), batch_size=p["batch_size"], lr=p["lr"], n_train=p["n_train"],
                       seed=p["seed"], device=os.environ.get("CDAE_DEVICE", "auto"), eval_n=p["eval_n"],
-                      grid_rows=p["grid_rows"], model=p.get("model") or {}, data=data)
+                      grid_rows=p["grid_rows"], eval_steps=p.get("eval_steps", 50), model=p.get("model") or {},
+                      data=data)
     # train() reports no progress; with a time budget the elapsed share of it is the estimate.
     stop = threading.Event()
     if cfg.minutes:
@@ -236,6 +252,13 @@ def run_job(job_id: str, work: Callable[[JobView, _Lease], tuple[list[str], dict
     store = _store()
     me = worker_id()
     job = store.claim(job_id, me, settings.stale_s, settings.max_attempts)
+    if job is None:
+        current = store.get_job(job_id)
+        # Redelivered because the pool process running it was killed: its lease names a dead pid on
+        # this host, so it can be taken over now instead of after stale_s.
+        if (current is not None and current.status == "running" and current.attempts < settings.max_attempts
+                and _local_dead(current) and store.release(current)):
+            job = store.claim(job_id, me, settings.stale_s, settings.max_attempts)
     if job is None:
         current = store.get_job(job_id)
         state = "missing" if current is None else current.status

