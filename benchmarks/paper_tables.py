@@ -143,7 +143,11 @@ def markdown(results: dict) -> str:
              f"{'tiny (tests TINY_MODEL)' if b['model'] else 'default'}; evaluation on {b['eval_n']} test images per "
              f"intervention, {b['ddim_steps']} DDIM steps, DCI on {b['n_dci']} images, composition/reversibility on "
              f"{b['n_composition']}. Paper: CausalDiffAE row of Komanduri et al. 2024 (FACTS.md), trained for "
-             "14k-35k steps at batch 32 x 5 with a 36-110 M parameter network.", ""]
+             "14k-35k steps at batch 32 x 5 with a 36-110 M parameter network.", "",
+             "Reading the baselines: DiffAE's latent blocks have no assigned meaning, so its effectiveness "
+             "shows what writing a label value into an unsupervised latent does; the label-conditional model and "
+             "the original procedure do not recompute descendants, so their do(parent) rows measure what that costs.",
+             ""]
     for ds, data in results["datasets"].items():
         paper = PAPER[ds]
         rows = data["rows"]
