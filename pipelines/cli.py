@@ -71,6 +71,7 @@ def train(
                                                    "[default: the data set's]."),
     spacing_mm: Optional[float] = typer.Option(None, help="Volumes: voxel spacing of the model's grid in mm "
                                                           "[default: 192 mm / size]."),
+    compile: bool = typer.Option(False, "--compile", help="GPU: torch.compile the training step (slow to start)."),
     distributed: bool = typer.Option(False, "--distributed", help="Data-parallel over the processes torchrun "
                                                                   "starts (one per GPU; gloo on CPUs)."),
     slicewise: bool = typer.Option(False, "--slicewise", help="Volumes: a 2D model of axial slices instead of a "
@@ -110,7 +111,7 @@ def train(
                           labelled_fraction=labelled_fraction,
                           model={} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob},
                           data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm,
-                          slicewise=slicewise, distributed=distributed)
+                          slicewise=slicewise, distributed=distributed, compile=compile)
         path = run_train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":
             return  # rank 0 reports

@@ -26,3 +26,24 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def optimise_for_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """GPU-only: channels-last memory for 2D convolutions (tensor cores read NHWC without a
+    transpose); logged. On a CPU the model is returned as it is."""
+    if device.type == "cuda" and getattr(getattr(model, "config", None), "spatial_dims", 2) == 2:
+        model = model.to(memory_format=torch.channels_last)
+        log.info("channels-last memory format")
+    return model
+
+
+def maybe_compile(fn, device: torch.device, compile: bool):
+    """``torch.compile`` on a GPU when asked (minutes of compilation, so off by default). The
+    caller compiles a wrapper, never the model itself, so checkpoint keys stay the same."""
+    if not compile:
+        return fn
+    if device.type != "cuda":
+        log.info("--compile is ignored on the CPU")
+        return fn
+    log.info("compiling with torch.compile")
+    return torch.compile(fn)

@@ -36,7 +36,7 @@ from cdae_med.io import NiftiError, write_nifti
 
 from .cohort import Subject, parse_value
 from .mri import Preprocessing, PreparedScan, from_slices, prepare, restore_change, to_slices
-from .runtime import autocast, resolve_device
+from .runtime import autocast, optimise_for_device, resolve_device
 
 __all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "run_batch", "orthogonal_preview"]
 
@@ -63,7 +63,8 @@ class ScanModel:
 
     def __init__(self, checkpoint, device: torch.device, num_steps: int = 50, depth: float = 1.0):
         self.checkpoint = checkpoint
-        self.model = checkpoint.model.to(device).eval()
+        self.model = optimise_for_device(checkpoint.model.to(device).eval(), device)
+        log.info("scan model on %s, %s", device, "bf16 autocast" if device.type == "cuda" else "fp32")
         self.graph = self.model.graph
         self.device = device
         self.num_steps, self.depth = num_steps, depth

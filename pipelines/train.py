@@ -30,7 +30,7 @@ from .distributed import Ranks, any_rank, check_in_sync, init_distributed, shutd
 from .mri import Preprocessing, to_slices
 from .evaluate_cf import counterfactual_errors
 from .figures import counterfactual_grid
-from .runtime import autocast, resolve_device
+from .runtime import autocast, maybe_compile, optimise_for_device, resolve_device
 
 log = logging.getLogger("cdae_med")
 
@@ -70,6 +70,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # CausalDiffAEConfig overrides
     data: str | None = None  # a cohort (manifest CSV or its folder) instead of the generator's samples
     graph: str | None = None  # built-in graph name or YAML file; default: the data set's graph
+    compile: bool = False  # torch.compile the training step on a GPU
     distributed: bool = False  # one process per GPU under torchrun (DistributedDataParallel)
     slicewise: bool = False  # volumes: a 2D model of axial slices instead of a 3D model
     spacing_mm: float | None = None  # volumes: the model grid's spacing; default: the brain cohort's FOV / size
@@ -172,7 +173,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     log.info("generated %d %s training images at %d px in %.1f s", len(images), ds.name, size,
              time.perf_counter() - t0)
 
-    model = build_model(cfg, ds, size).to(device)
+    model = optimise_for_device(build_model(cfg, ds, size).to(device), device)
     if ranks.enabled:
         # Same initial weights on every rank (DDP also broadcasts rank 0's), different diffusion noise.
         torch.manual_seed(cfg.seed + 7919 * ranks.rank)
@@ -180,6 +181,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
                                             device_ids=[device.index] if device.type == "cuda" else None)
     else:
         objective = TrainingObjective(model)
+    objective = maybe_compile(objective, device, cfg.compile)
     ema = AveragedModel(model, avg_fn=ema_avg(cfg.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)
