@@ -412,4 +412,7 @@ def create_app(settings: Settings | None = None, sweep: bool = True) -> FastAPI:
         return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
                             status_code=200 if ok else 503)
 
+    from .web import add_web  # the page at / and the slice PNGs it shows, under the same key rules
+
+    add_web(app, settings, store, api_key)
     return app

