@@ -121,7 +121,7 @@ def register(checkpoint_dir: str | Path, name: str | None = None, *, home: str |
         raise RegistryError(f"{src}: not a checkpoint directory (checkpoint.json: {type(err).__name__})") from None
     if not (src / "weights.pt").is_file():
         raise RegistryError(f"{src}: no weights.pt")
-    name = check_name(name or str(meta.get("dataset") or "model"))
+    name = check_name(name if name is not None else str(meta.get("dataset") or "model"))
     base = models_dir(home)
     if source is not None:
         for v in _versions(base, name):
