@@ -197,15 +197,16 @@ def _sniff_nifti(head: bytes) -> str | None:
     return None
 
 
-def _save_upload(upload: UploadFile, job_dir: Path, limit: int) -> Path:
-    """Copy the upload into the job folder under a name chosen from its content."""
+def _save_upload(upload: UploadFile, job_dir: Path, limit: int, stem: str = "input", field: str = "file") -> Path:
+    """Copy the upload into the job folder as STEM.nii[.gz], the suffix chosen from its content."""
     src = upload.file
     src.seek(0)
     head = src.read(1024)
     name = _sniff_nifti(head)
     if name is None:
-        raise _unprocessable("file: not a NIfTI file (expected a .nii or .nii.gz volume; "
+        raise _unprocessable(f"{field}: not a NIfTI file (expected a .nii or .nii.gz volume; "
                              "the content is neither gzip nor a NIfTI-1/2 header)")
+    name = name.replace("input", stem, 1)
     job_dir.mkdir(parents=True, exist_ok=True)
     dest = job_dir / name
     total = len(head)
@@ -219,14 +220,72 @@ def _save_upload(upload: UploadFile, job_dir: Path, limit: int) -> Path:
     return dest
 
 
-def _check_scan(path: Path, max_voxels: int) -> None:
+def _check_scan(path: Path, max_voxels: int, field: str = "file") -> None:
     from cdae_med.io import NiftiError, read_nifti
 
     try:
         read_nifti(path, max_voxels=max_voxels)
     except NiftiError as err:
         msg = str(err).replace(f"{path.name}: ", "", 1)
-        raise _unprocessable(f"file: {msg}") from None
+        raise _unprocessable(f"{field}: {msg}") from None
+
+
+def _save_cohort(manifest: UploadFile, files: list[UploadFile], job_dir: Path, settings: Settings) -> str:
+    """A manifest and the scans its rows name, stored as cohort/manifest.csv and cohort/scans/NNNNN.nii[.gz].
+    The clients' file names only match rows to uploads; the stored paths are ours."""
+    import csv
+    import io
+    from pathlib import PureWindowsPath
+
+    from cdae_med.graph import builtin_graph
+    from pipelines.cohort import ManifestError, read_manifest
+
+    raw = manifest.file.read(8 * 1024 * 1024 + 1)
+    if len(raw) > 8 * 1024 * 1024:
+        raise HTTPException(413, "manifest: larger than 8 MiB")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise _unprocessable("manifest: not UTF-8 text (expected a CSV)") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    reader.fieldnames = header
+    if "path" not in header:
+        raise _unprocessable(f"manifest: no 'path' column (columns: {', '.join(header) or 'none'})")
+    rows = list(reader)
+    if not rows:
+        raise _unprocessable("manifest: no rows")
+    uploads: dict[str, UploadFile] = {}
+    for up in files:
+        base = PureWindowsPath(up.filename or "").name  # also strips any '/' or '\\' directories
+        if not base:
+            raise _unprocessable("files: an upload has no file name; names match the manifest's paths")
+        if base in uploads:
+            raise _unprocessable(f"files: two uploads are named {base!r}")
+        uploads[base] = up
+    cohort = job_dir / "cohort"
+    used: dict[str, str] = {}
+    for row_no, row in enumerate(rows, start=2):
+        base = PureWindowsPath((row.get("path") or "").strip()).name
+        if base not in uploads:
+            raise _unprocessable(f"manifest row {row_no}: {row.get('path')!r} is not among the uploaded files "
+                                 f"({', '.join(sorted(uploads)) or 'none'})")
+        if base not in used:
+            field = f"files[{base}]"
+            dest = _save_upload(uploads[base], cohort / "scans", settings.max_upload_bytes,
+                                stem=f"{len(used):05d}", field=field)
+            _check_scan(dest, settings.max_voxels, field=field)
+            used[base] = f"scans/{dest.name}"
+        row["path"] = used[base]
+    with open(cohort / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        read_manifest(cohort / "manifest.csv", builtin_graph("brain"))
+    except ManifestError as err:
+        raise _unprocessable(f"manifest: {str(err).replace(str(cohort / 'manifest.csv') + ': ', '')}") from None
+    return "cohort/manifest.csv"
 
 
 def _job_out(job: JobView, base: str = "") -> JobOut:
@@ -337,6 +396,11 @@ def create_app(settings: Settings | None = None, sweep: bool = True) -> FastAPI:
     @app.post("/v1/training-jobs", status_code=202, response_model=Accepted, responses=errors,
               summary="Submit a training job; the model is registered when it finishes")
     def submit_training(key_id: Key, req: TrainRequest):
+        check_train_request(req)
+        job = store.create_job("train", key_id, params=req.model_dump())
+        return accept(job)
+
+    def check_train_request(req: TrainRequest) -> None:
         from pipelines.registry import RegistryError, check_name
 
         if req.name is not None:
@@ -353,7 +417,39 @@ def create_app(settings: Settings | None = None, sweep: bool = True) -> FastAPI:
             unknown = sorted(set(req.model) - known)
             if unknown:
                 raise _unprocessable(f"model: unknown settings {unknown}; known: {sorted(known)}")
-        job = store.create_job("train", key_id, params=req.model_dump())
+
+    @app.post("/v1/training-jobs/cohort", status_code=202, response_model=Accepted, responses=errors,
+              summary="Submit a training job on uploaded scans: a manifest CSV and the NIfTI files it names")
+    def submit_training_cohort(
+        key_id: Key,
+        manifest: Annotated[UploadFile, File(description="CSV: subject_id, path, one column per graph variable")],
+        files: Annotated[list[UploadFile], File(description="the scans; each matched to a row by its file name")],
+        params: Annotated[str, Form(description="training parameters as JSON, as for /v1/training-jobs")] = "{}",
+    ):
+        from pydantic import ValidationError
+
+        try:
+            values = json.loads(params or "{}")
+        except ValueError as err:
+            raise _unprocessable(f"params: not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise _unprocessable("params: must be a JSON object of training parameters")
+        try:
+            req = TrainRequest(**values)
+        except ValidationError as err:
+            raise _unprocessable("params: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                        for e in err.errors())) from None
+        if req.dataset != "brain":
+            raise _unprocessable("params: a cohort of scans trains a brain model (dataset 'brain')")
+        check_train_request(req)
+        job_id = uuid.uuid4().hex
+        job_dir = settings.job_dir(job_id)
+        try:
+            data = _save_cohort(manifest, files, job_dir, settings)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        job = store.create_job("train", key_id, job_id=job_id, params={**req.model_dump(), "data": data})
         return accept(job)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=errors, summary="A job's status")

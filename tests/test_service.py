@@ -327,6 +327,41 @@ def test_training_job_registers_a_model(svc, worker):
     assert wait_done(svc, r.json()["id"])["status"] == "succeeded"
 
 
+def test_training_on_an_uploaded_cohort(svc, worker, tmp_path):
+    import csv
+
+    from synthetic_data.brain import write_dataset
+
+    write_dataset(tmp_path, n=4, size=16, seed=1, progress=False)
+    c = svc["client"]
+    params = json.dumps({"name": "cohort-model", "steps": 2, "minutes": None, "size": 16, "batch_size": 2,
+                         "eval_n": 0, "grid_rows": 1, "eval_steps": 2, "model": {
+                             "latent_dim": 4, "encoder_channels": [16, 32], "unet_channels": [32, 32, 32],
+                             "unet_attention": [False, False, True], "mechanism_hidden": 16}})
+    scans = sorted(tmp_path.glob("sub-*.nii.gz"))
+
+    def post(manifest: bytes, names):
+        return c.post("/v1/training-jobs/cohort", headers=svc["a"], data={"params": params},
+                      files=[("manifest", ("manifest.csv", manifest))]
+                      + [("files", (n, (tmp_path / n).read_bytes())) for n in names])
+
+    manifest = (tmp_path / "manifest.csv").read_bytes()
+    r = post(manifest, [p.name for p in scans[:3]])  # one scan missing
+    assert r.status_code == 422 and "sub-00003.nii.gz' is not among the uploaded files" in r.json()["detail"]
+    rows = list(csv.reader(open(tmp_path / "manifest.csv")))
+    rows[2][2] = "old"
+    out = tmp_path / "bad.csv"
+    csv.writer(open(out, "w", newline="")).writerows(rows)
+    r = post(out.read_bytes(), [p.name for p in scans])
+    assert r.status_code == 422 and "row 3" in r.json()["detail"], r.json()
+    r = post(manifest, [p.name for p in scans])
+    assert r.status_code == 202, r.text
+    job = wait_done(svc, r.json()["id"], timeout=180)
+    assert job["status"] == "succeeded", job
+    assert job["model"] == "cohort-model:v1"
+    assert "data" not in job["params"]
+
+
 # -- faults ----------------------------------------------------------------------------------
 def test_pool_process_killed_job_is_requeued_and_finishes(svc, worker):
     """kill -9 the process running the task: Celery requeues the message (reject on worker lost)
