@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from sqlalchemy import (JSON, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select,
@@ -105,6 +106,11 @@ _engines_lock = threading.Lock()
 
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)  # a fresh CDAE_HOME
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
