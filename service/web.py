@@ -11,9 +11,9 @@ rendered here from the job's volumes.
 
 ``volume`` is ``input`` (the uploaded scan as the API stored it), ``counterfactual`` or
 ``difference``; ``plane`` is ``axial``, ``coronal`` or ``sagittal``. Slices are shown in RAS
-whatever the file's voxel order (nibabel.orientations), with the patient's left on the
-image's right (radiological convention is not applied: R is on the right, as in the PNG
-preview), and pixels resampled to square millimetres. ``window``/``level`` apply to the input and
+whatever the file's voxel order (nibabel.orientations), in the neurological convention of the
+job's preview.png (the patient's right on the image's right; anterior, superior up), resampled
+(nearest voxel) to square millimetres. ``window``/``level`` apply to the input and
 the counterfactual (grey, in the scan's own intensity units); the difference is a diverging map
 (red: brighter in the counterfactual, blue: darker) over ``level +- window/2`` with level 0 by default.
 The same ownership rule as every job route: another key's job is a 404.
@@ -42,6 +42,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 VOLUMES = ("input", "counterfactual", "difference")
 PLANES = ("axial", "coronal", "sagittal")
 MAX_PX = 1024
+DIFF_FLOOR = 0.005
 
 
 class Limits(BaseModel):
@@ -142,6 +143,13 @@ def _defaults(ras: np.ndarray) -> tuple[float, float, float, float]:
     return hi - lo, (hi + lo) / 2.0, float(ras.min()), float(ras.max())
 
 
+def _difference_window(diff: np.ndarray, input_window: float) -> float:
+    """Full width of the difference map's default window: +- the 99.9th percentile of |change|,
+    but never under +-0.5 % of the input's window, so float noise of a model that changes
+    nothing is not blown up into colour."""
+    return 2.0 * max(float(np.percentile(np.abs(diff), 99.9)), DIFF_FLOOR * input_window)
+
+
 def add_web(app: FastAPI, settings: Settings, store: Store, api_key: Callable[..., int]) -> None:
     """The page at ``/`` and ``/static``, and the slice endpoints under the same auth as the API."""
     volumes = _Volumes()
@@ -190,7 +198,7 @@ def add_web(app: FastAPI, settings: Settings, store: Store, api_key: Callable[..
         diff_window = 1.0
         if "difference" in have:
             d, _ = volumes.get(volume_path(job_id, key_id, "difference"))
-            diff_window = 2.0 * max(float(np.percentile(np.abs(d), 99.9)), 1e-6 * window)
+            diff_window = _difference_window(d, window)
         return SliceInfo(volumes=have, planes={p: planes[p] for p in PLANES}, shape_ras=list(ras.shape),
                          spacing_ras_mm=[round(float(s), 4) for s in spacing], window=window, level=level,
                          intensity_range=[vmin, vmax], difference_window=diff_window)
@@ -212,7 +220,7 @@ def add_web(app: FastAPI, settings: Settings, store: Store, api_key: Callable[..
         s, row, col = _plane(ras, spacing, plane, index)
         if volume == "difference":
             if window is None:
-                window = 2.0 * max(float(np.percentile(np.abs(ras), 99.9)), 1e-6)
+                window = _difference_window(ras, _defaults(volumes.get(volume_path(job_id, key_id, "input"))[0])[0])
             pixels = _signed(s, window, 0.0 if level is None else level)
         else:
             if window is None or level is None:

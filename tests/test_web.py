@@ -7,6 +7,7 @@ Set CDAE_WEB_SCREENSHOT=PATH to save the result view there (docs/web_result.png 
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import re
@@ -261,6 +262,25 @@ def _finished_job(site) -> str:
     return job_id
 
 
+def _check_input_slices(c, key, job_id, ras) -> None:
+    """The input's middle slices are the scan's own slices in RAS (neurological: right on the right,
+    anterior/superior up), windowed as asked."""
+    import numpy as np
+    from PIL import Image
+
+    lo, hi = float(ras.min()), float(ras.max())
+    x, y, z = (n // 2 for n in ras.shape)
+    for plane, index, cut in (("axial", z, ras[:, :, z]), ("coronal", y, ras[:, y, :]), ("sagittal", x, ras[x, :, :])):
+        r = c.get(f"/v1/jobs/{job_id}/slices/input/{plane}/{index}.png", headers=key,
+                  params={"window": hi - lo, "level": (hi + lo) / 2})
+        assert r.status_code == 200, r.text
+        img = np.asarray(Image.open(io.BytesIO(r.content))).astype(np.float64)
+        expect = np.clip((np.rot90(cut).astype(np.float64) - lo) / (hi - lo), 0, 1) * 255
+        rows = ((np.arange(expect.shape[0]) + 0.5) * img.shape[0] / expect.shape[0]).astype(int)
+        cols = ((np.arange(expect.shape[1]) + 0.5) * img.shape[1] / expect.shape[1]).astype(int)
+        np.testing.assert_allclose(img[np.ix_(rows, cols)], expect, atol=1.01, err_msg=plane)
+
+
 def test_slice_endpoint(site):
     import nibabel as nib
     import numpy as np
@@ -284,16 +304,27 @@ def test_slice_endpoint(site):
             img = Image.open(io.BytesIO(r.content))
             assert img.size == (info["planes"][plane]["width_px"], info["planes"][plane]["height_px"])
             assert img.mode == ("RGB" if volume == "difference" else "L")
-    # the input's axial slice is the scan's own slice in RAS, windowed as asked
-    z = ras.shape[2] // 2
-    lo, hi = float(ras.min()), float(ras.max())
-    r = c.get(f"/v1/jobs/{job_id}/slices/input/axial/{z}.png", headers=key,
-              params={"window": hi - lo, "level": (hi + lo) / 2})
-    img = np.asarray(Image.open(io.BytesIO(r.content)))
-    expect = np.rot90(ras[:, :, z]).astype(np.float64)
-    expect = np.clip((expect - lo) / (hi - lo), 0, 1) * 255
-    small = img[:: img.shape[0] // expect.shape[0], :: img.shape[1] // expect.shape[1]][: expect.shape[0], : expect.shape[1]]
-    np.testing.assert_allclose(small, expect, atol=1.01)
+    _check_input_slices(c, key, job_id, ras)
+    # a scan stored in another voxel order (P, S, L) with 2 mm voxels along x: the same RAS slices,
+    # the pixels stretched to square millimetres
+    src_ras = nib.as_closest_canonical(src)
+    affine = src_ras.affine.copy()
+    affine[:3, 0] *= 2.0
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(("P", "S", "L")))
+    odd = nib.Nifti1Image(np.asanyarray(src_ras.dataobj).astype(np.float32), affine).as_reoriented(ornt)
+    assert nib.aff2axcodes(odd.affine) == ("P", "S", "L")
+    r = c.post("/v1/counterfactuals", headers=key, files={"file": ("odd.nii.gz", gzip.compress(odd.to_bytes()))},
+               data={"interventions": '{"age": 50}'})
+    assert r.status_code == 202, r.text
+    odd_id = r.json()["id"]
+    info = c.get(f"/v1/jobs/{odd_id}/slices", headers=key).json()  # the input is there before the job ends
+    spacing = np.linalg.norm(src_ras.affine[:3, :3], axis=0) * [2, 1, 1]
+    np.testing.assert_allclose(info["spacing_ras_mm"], spacing, rtol=1e-4)
+    assert info["shape_ras"] == list(src_ras.shape)
+    ax = info["planes"]["axial"]
+    assert ax["width_px"] / ax["height_px"] == pytest.approx(spacing[0] * src_ras.shape[0] / (spacing[1] * src_ras.shape[1]), rel=0.02)
+    _check_input_slices(c, key, odd_id, np.asanyarray(src_ras.dataobj))
     # the same rules as every job route
     assert c.get(f"/v1/jobs/{job_id}/slices/input/axial/0.png").status_code == 401
     for path in (f"/v1/jobs/{job_id}/slices/input/axial/0.png", f"/v1/jobs/{job_id}/slices"):

@@ -305,7 +305,7 @@ function buildViewer(info) {
     });
     viewer.append(el("div", { class: "plane" }, plane, scrub, out));
     for (const volume of VOLUMES) {
-      const fig = el("figure", { class: info.volumes.includes(volume) ? "" : "missing" });
+      const fig = el("figure", { class: `${volume}${info.volumes.includes(volume) ? "" : " missing"}` });
       if (info.volumes.includes(volume)) {
         fig.append(el("img", { class: "slice", alt: `${volume}, ${plane} slice`, "data-volume": volume,
           "data-plane": plane, width: info.planes[plane].width_px, height: info.planes[plane].height_px }));
@@ -321,8 +321,8 @@ function setupWindowing(info) {
   const w = $("#window"), l = $("#level"), d = $("#dwindow");
   Object.assign(w, { min: span / 200, max: span * 2, step: span / 400 });
   Object.assign(l, { min: vmin - span / 2, max: vmax + span / 2, step: span / 400 });
-  Object.assign(d, { min: info.difference_window / 20, max: info.difference_window * 5,
-    step: info.difference_window / 100 });
+  Object.assign(d, { min: info.difference_window / 50, max: info.difference_window * 5,
+    step: info.difference_window / 200 });
   const reset = () => {
     w.value = info.window;
     l.value = info.level;
