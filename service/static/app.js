@@ -143,7 +143,8 @@ function variableRow(v) {
     const [lo, hi] = bounds(v);
     const step = lo !== null && hi !== null ? niceStep(lo, hi) : "any";
     const mid = lo !== null && hi !== null ? Math.round((lo + hi) / 2 / step) * step : lo ?? hi ?? 0;
-    const number = el("input", { type: "number", class: "value", id: `value-${v.name}`, step,
+    // any value may be typed (the slider moves in round steps); the service checks the range
+    const number = el("input", { type: "number", class: "value", id: `value-${v.name}`, step: "any",
       min: lo ?? undefined, max: hi ?? undefined, value: String(mid), "aria-label": `${v.name} value` });
     if (lo !== null && hi !== null) {
       const slider = el("input", { type: "range", min: lo, max: hi, step, value: String(mid),
