@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import replace
 
 import nibabel as nib
@@ -19,14 +20,16 @@ import pytest
 
 from tests.service_support import PgDatabase, Worker, postgres_or_skip, system_redis_url, wait_for
 
+with warnings.catch_warnings():  # starlette's TestClient warns that it will move from httpx to httpx2
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 TIMING: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory, tiny_brain_checkpoint):
-    from fastapi.testclient import TestClient
-
     from pipelines.registry import register
     from service.api import create_app
     from service.config import get_settings
@@ -202,8 +205,6 @@ def test_bad_inputs_are_422_with_a_reason(svc, case, data, content, message):
 
 
 def test_upload_limit_is_413(svc):
-    from fastapi.testclient import TestClient
-
     from service.api import create_app
 
     small = create_app(replace(svc["settings"], max_upload_bytes=4096), sweep=False)
@@ -267,6 +268,8 @@ def test_counterfactual_end_to_end(svc, worker):
     report = c.get(f"/v1/jobs/{job['id']}/files/report.json", headers=svc["a"]).json()
     assert report["interventions"] == {"age": 85.0}
     assert report["factual"]["sex"]["source"] == "given"
+    # the task's own state in the result backend (progress went there while it ran)
+    assert svc["app"].state.celery.AsyncResult(job["id"]).state == "SUCCESS"
     # the upload's name was never a path
     job_dir = svc["settings"].job_dir(job["id"])
     assert sorted(p.name for p in job_dir.iterdir()) == ["input.nii.gz", "out"]

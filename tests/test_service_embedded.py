@@ -146,6 +146,15 @@ def test_embedded_redis_killed_with_jobs_in_flight(served, scan_bytes):
     print(f"\nafter the broker was killed: 3 jobs finished in {time.perf_counter() - t0:.1f} s")
 
 
+def test_worker_without_a_broker_says_so(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDAE_")}
+    env["CDAE_HOME"] = str(tmp_path / "empty-home")
+    r = _cli(env, "worker", "--queues", "counterfactual")
+    assert r.returncode == 2 and "no CDAE_BROKER_URL" in r.stderr, r
+    r = _cli(env, "worker", "--queues", "gpu")
+    assert r.returncode == 2 and "unknown queue" in r.stderr, r
+
+
 def test_serve_stops_cleanly(served):
     proc = served["proc"]
     proc.send_signal(signal.SIGTERM)
