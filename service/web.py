@@ -68,11 +68,12 @@ class SliceInfo(BaseModel):
 
 
 class _Volumes:
-    """A few volumes kept in RAS order between slice requests (a scrubber asks for many slices)."""
+    """Volumes kept in RAS order between slice requests (a scrubber asks for many slices), up to a
+    memory budget."""
 
-    def __init__(self, size: int = 6):
+    def __init__(self, budget_bytes: int = 768 * 1024 * 1024):
         self._items: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._size, self._lock = size, threading.Lock()
+        self._budget, self._lock = budget_bytes, threading.Lock()
 
     def get(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         import nibabel as nib
@@ -95,8 +96,8 @@ class _Volumes:
             spacing_ras[int(ras_axis)] = zooms[file_axis]
         with self._lock:
             self._items[key] = (ras, spacing_ras)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+            while len(self._items) > 1 and sum(v.nbytes for v, _ in self._items.values()) > self._budget:
+                self._items.popitem(last=False)  # the oldest go first; the newest always stays
         return ras, spacing_ras
 
 

@@ -300,9 +300,11 @@ function buildViewer(info) {
     const scrub = el("input", { type: "range", min: 0, max: n - 1, step: 1, value: mid, class: "scrubber",
       id: `scrub-${plane}`, "aria-label": `${plane} slice` });
     const out = el("output", { text: `slice ${mid + 1} / ${n}` });
+    let timer = null;
     scrub.addEventListener("input", () => {
       out.textContent = `slice ${Number(scrub.value) + 1} / ${n}`;
-      renderPlane(plane);
+      clearTimeout(timer); // a fast drag asks only for the slices it rests on
+      timer = setTimeout(() => renderPlane(plane), 30);
     });
     viewer.append(el("div", { class: "plane" }, plane, scrub, out));
     for (const volume of VOLUMES) {
