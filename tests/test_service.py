@@ -133,6 +133,14 @@ def test_keys_are_stored_hashed(svc):
     assert svc["store"].authenticate(plain + "x") is None
 
 
+def test_revoked_key_is_401(svc):
+    plain, key_id = svc["store"].create_key("leaver")
+    assert svc["client"].get("/v1/jobs", headers={"X-API-Key": plain}).status_code == 200
+    assert svc["store"].revoke_key(key_id)
+    r = svc["client"].get("/v1/jobs", headers={"X-API-Key": plain})
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+
+
 def test_auth(svc):
     c = svc["client"]
     for path in ("/v1/models", "/v1/jobs/abc", "/v1/jobs"):
