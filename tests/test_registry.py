@@ -81,3 +81,28 @@ def test_default_home_is_cdae_home(tmp_path, monkeypatch):
     assert default_home() == tmp_path / "h"
     ck = fake_checkpoint(tmp_path / "ck")
     assert register(ck).path == tmp_path / "h" / "models" / "brain" / "v1"
+
+
+def test_cli_train_registers_and_models_list_shows_it(tmp_path, monkeypatch):
+    import torch
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from synthetic_data.brain import write_dataset
+
+    monkeypatch.setenv("CDAE_HOME", str(tmp_path / "home"))
+    write_dataset(tmp_path / "cohort", n=2, size=16, seed=0, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = CliRunner().invoke(app, ["train", "--dataset", "brain", "--data", str(tmp_path / "cohort"), "--size", "16",
+                                       "--steps", "1", "--batch-size", "2", "--eval-n", "0", "--out",
+                                       str(tmp_path / "ck"), "--quiet", "--device", "cpu", "--register-as", "mri"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    assert "registered as mri:v1" in res.output
+    listed = CliRunner().invoke(app, ["models", "list"])
+    assert listed.exit_code == 0 and listed.output.startswith("mri:v1\tbrain\tage, sex, brain_volume, ventricle_volume")
+    bad = CliRunner().invoke(app, ["train", "--dataset", "brain", "--register-as", "../x", "--out", str(tmp_path / "n")])
+    assert bad.exit_code == 2 and "model name" in bad.output
