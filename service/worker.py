@@ -39,7 +39,8 @@ log = logging.getLogger("cdae_med.service")
 QUEUES = ("counterfactual", "train")
 TASKS = {"counterfactual": "cdae.counterfactual", "train": "cdae.train"}
 COUNTERFACTUAL_FILES = ("counterfactual.nii.gz", "difference.nii.gz", "preview.png", "report.json")
-TRAIN_FILES = ("metrics.json", "counterfactual_grid.png", "checkpoint.json")
+# checkpoint.json is not offered: its training config holds server paths; the model is in the registry.
+TRAIN_FILES = ("metrics.json", "counterfactual_grid.png")
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -73,8 +74,10 @@ def make_celery(settings: Settings) -> Celery:
 
 def publish(celery: Celery, store: Store, job: JobView) -> None:
     """Send the job's message (the task id is the job id); record that it was sent."""
+    # ignore_result: the database is the record, and a producer that waits on the result store's
+    # connection would hold a submission for 20 s while Redis is down (measured).
     celery.send_task(TASKS[job.kind], args=[job.id], task_id=job.id, queue=job.kind, routing_key=job.kind,
-                     retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
+                     ignore_result=True, retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
                                                "interval_max": 1.0})
     store.mark_published(job.id)
 
@@ -194,8 +197,11 @@ def _counterfactual(job: JobView, lease: _Lease) -> tuple[list[str], dict[str, A
         model = load_scan_model(registered.path)
         tmp = job_dir / f".out-{job.attempts}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.run(job_dir / job.params["input"], do=job.params["interventions"], out_dir=tmp,
-                  covariates=job.params.get("covariates") or None, progress=lease.report)
+        report = model.run(job_dir / job.params["input"], do=job.params["interventions"], out_dir=tmp,
+                           covariates=job.params.get("covariates") or None, progress=lease.report)
+        # The client gets the registered name, not where this server keeps the checkpoint.
+        report.setdefault("model", {})["checkpoint"] = registered.ref
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         _install(tmp, out)
     report = json.loads((out / "report.json").read_text())
     return [f for f in COUNTERFACTUAL_FILES if (out / f).is_file()], {"report": report}

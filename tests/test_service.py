@@ -276,8 +276,11 @@ def test_counterfactual_end_to_end(svc, worker):
     report = c.get(f"/v1/jobs/{job['id']}/files/report.json", headers=svc["a"]).json()
     assert report["interventions"] == {"age": 85.0}
     assert report["factual"]["sex"]["source"] == "given"
-    # the task's own state in the result backend (progress went there while it ran)
-    assert svc["app"].state.celery.AsyncResult(job["id"]).state == "SUCCESS"
+    assert report["model"]["checkpoint"] == "brain:v1"  # no server path
+    assert str(svc["settings"].home) not in json.dumps(report)
+    # progress also went to the task's state in the result backend while it ran
+    state = svc["app"].state.celery.AsyncResult(job["id"])
+    assert state.state == "PROGRESS" and state.info["progress"] == 1.0
     # the upload's name was never a path
     job_dir = svc["settings"].job_dir(job["id"])
     assert sorted(p.name for p in job_dir.iterdir()) == ["input.nii.gz", "out"]
@@ -331,7 +334,7 @@ def test_training_job_registers_a_model(svc, worker):
     job = wait_done(svc, r.json()["id"], timeout=180)
     assert job["status"] == "succeeded", job
     assert job["kind"] == "train" and job["model"] == "svc-trained:v1"
-    assert {f["name"] for f in job["files"]} >= {"metrics.json", "checkpoint.json"}
+    assert {f["name"] for f in job["files"]} >= {"metrics.json"}
     assert "svc-trained" in [m["name"] for m in c.get("/v1/models", headers=svc["a"]).json()]
     # the freshly registered model serves counterfactuals
     r = submit(svc, data={"interventions": '{"age": 50}', "model": "svc-trained"})
@@ -371,6 +374,24 @@ def test_training_on_an_uploaded_cohort(svc, worker, tmp_path):
     assert job["status"] == "succeeded", job
     assert job["model"] == "cohort-model:v1"
     assert "data" not in job["params"]
+
+
+def test_accepted_while_the_broker_is_down_then_queued_by_the_sweep(svc, worker):
+    from service.api import create_app
+    from service.sweep import sweep
+
+    down = replace(svc["settings"], broker_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(down, sweep=False)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("error")
+        r = c.post("/v1/counterfactuals", headers=svc["a"], files={"file": ("s.nii.gz", scan(svc))},
+                   data={"interventions": '{"age": 66}', "model": "brain"})
+        assert r.status_code == 202, r.text  # the database has it: accepted
+    job_id = r.json()["id"]
+    assert svc["store"].get_job(job_id).published == 0
+    sweep(svc["store"], replace(svc["settings"], stale_s=0.0), svc["app"].state.send,
+          before_send=svc["app"].state.declare)
+    assert wait_done(svc, job_id)["status"] == "succeeded"
 
 
 # -- faults ----------------------------------------------------------------------------------
