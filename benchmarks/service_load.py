@@ -179,6 +179,13 @@ def main() -> None:
             from service.serve import stop_embedded_redis
 
             stop_embedded_redis(embedded)
+        else:  # this run's keys on the shared Redis
+            import redis
+
+            client = redis.Redis.from_url(broker)
+            for k in client.scan_iter(f"{env['CDAE_BROKER_PREFIX']}*"):
+                client.delete(k)
+            client.close()
         api_log.close()
         shutil.rmtree(work, ignore_errors=True)
     out = {

@@ -75,6 +75,13 @@ def svc(tmp_path_factory, tiny_brain_checkpoint):
                "app": app}
     if embedded is not None:
         embedded._cleanup()
+    else:  # this run's keys on the shared Redis
+        from service.sweep import _redis_client
+
+        client = _redis_client(settings.broker_url)
+        for key in client.scan_iter(f"{settings.broker_prefix}*"):
+            client.delete(key)
+        client.close()
     if pg is not None:
         pg.drop()
 
