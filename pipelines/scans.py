@@ -155,14 +155,20 @@ class ScanModel:
                 seconds: float) -> dict:
         graph = self.graph
         changed = {d for v in do for d in graph.descendants(v)}
-        factual = {n: {"value": given.get(n, r.factual[n]), "unit": graph[n].unit,
-                       "source": "given" if n in given else "estimated from the image"} for n in graph.names}
+        factual = {}
+        for n in graph.names:
+            entry = {"value": given.get(n, r.factual[n]), "unit": graph[n].unit,
+                     "source": "given" if n in given else "estimated from the image"}
+            if graph[n].binary and n not in given:
+                # A binary estimate is reported as its nearest level, with the model's raw value beside it.
+                entry["value"], entry["raw_estimate"] = float(round(min(1.0, max(0.0, r.factual[n])))), r.factual[n]
+            factual[n] = entry
         counterfactual = {}
         for n in graph.order:
             role = "intervened" if n in do else "descendant" if n in changed else "unchanged"
-            value = do[n] if n in do else r.values[n]
+            value = do[n] if n in do else factual[n]["value"] if role == "unchanged" else r.values[n]
             if graph[n].binary:
-                value = float(round(value))
+                value = float(round(min(1.0, max(0.0, value))))
             counterfactual[n] = {"value": value, "unit": graph[n].unit, "role": role}
         ck = self.checkpoint
         return {
