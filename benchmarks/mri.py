@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ap.add_argument("--work", type=Path, default=ROOT / "work" / "mri")
     ap.add_argument("--kinds", default="2d,3d")
+    ap.add_argument("--reuse", action="store_true", help="evaluate models trained by an earlier run")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -139,8 +140,12 @@ def main() -> None:
                           slicewise=kind == "2d", batch_size=32 if kind == "2d" else 4,
                           n_train=10_000 if kind == "2d" else 2_000)
         t0 = time.perf_counter()
-        ckpt = train(cfg, progress=False)
-        print(f"{kind}: trained in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+        if args.reuse and (Path(cfg.out) / "checkpoint.json").is_file():
+            ckpt = Path(cfg.out)
+            print(f"{kind}: reusing the model trained earlier in {ckpt}", flush=True)
+        else:
+            ckpt = train(cfg, progress=False)
+            print(f"{kind}: trained in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
         res = evaluate_model(ckpt, kind, args.work, samples, targets, truth, reg,
                              batch_size=4, num_steps=args.steps)
         print(json.dumps(res, indent=2), flush=True)

@@ -143,7 +143,10 @@ class ScanModel:
             values = np.einsum("bs,bsn->bn", weight, values.reshape(b, per, -1))
         results = []
         for i, p in enumerate(prepared):
-            diff = restore_change(p, change[i])
+            # The intervention changes the head, not the air around it: decoding noise there would
+            # otherwise add intensity to every background voxel (measured: up to 7.6/255 on average
+            # outside the head, and a brain-volume reading hundreds of ml off).
+            diff = restore_change(p, change[i] * head_mask(p.image[0]))
             results.append(_Result(counterfactual=p.scan.data + diff, difference=diff,
                                    factual=dict(zip(graph.names, factual[i].tolist())),
                                    values=dict(zip(graph.names, values[i].tolist()))))
@@ -208,6 +211,14 @@ class ScanModel:
         report = self._report(p, r, do, given, time.perf_counter() - t0)
         self._write(Path(out_dir), p, r, report)
         return report
+
+
+def head_mask(image: np.ndarray, threshold: float = 0.02, margin: int = 1) -> np.ndarray:
+    """Voxels of the head on the model grid ([0, 1] window units), grown by ``margin`` voxels so
+    that a growing brain may move into the CSF at its edge."""
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(image > threshold, iterations=margin).astype(np.float32)
 
 
 def run_batch(model: ScanModel, subjects: Iterable[Subject], do: Mapping[str, float | str], out_dir,
