@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from tests.service_support import system_redis_url
+from tests.service_support import free_port, system_redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,11 +91,6 @@ def test_the_commands_the_files_run_exist_with_those_options(service):
     assert res.exit_code == 0, res.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_api_and_worker_commands_start_and_pass_their_health_checks(tmp_path):
     broker = system_redis_url()
@@ -105,7 +99,7 @@ def test_api_and_worker_commands_start_and_pass_their_health_checks(tmp_path):
     env = {**os.environ, "CDAE_HOME": str(tmp_path), "CDAE_BROKER_URL": broker,
            "CDAE_BROKER_PREFIX": f"cdae-deploy-{uuid.uuid4().hex[:8]}:", "CDAE_DEVICE": "cpu",
            "CDAE_DATABASE_URL": f"sqlite:///{tmp_path / 'service.db'}"}
-    port = _free_port()
+    port = free_port()
     api_cmd = compose()["services"]["api"]["command"]
     api_cmd = [*api_cmd[:api_cmd.index("--port") + 1], str(port), *api_cmd[api_cmd.index("--port") + 2:]]
     api_cmd[api_cmd.index("0.0.0.0")] = "127.0.0.1"

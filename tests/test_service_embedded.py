@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.service_support import ROOT, wait_for
+from tests.service_support import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CLI = [sys.executable, "-m", "pipelines.cli"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(env, *args) -> subprocess.CompletedProcess:
@@ -48,7 +42,7 @@ def served(tmp_path_factory, tiny_brain_checkpoint):
     assert "brain:v1" in listed.stdout, listed
     key = _cli(env, "keys", "create", "--name", "clinic")
     assert key.returncode == 0 and key.stdout.strip().startswith("cdae_"), key
-    port = _free_port()
+    port = free_port()
     log = open(root / "serve.log", "wb")
     t0 = time.perf_counter()
     proc = subprocess.Popen([*CLI, "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log,

@@ -12,7 +12,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,18 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_support import ROOT, wait_for
+from tests.service_support import ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CLI = [sys.executable, "-m", "pipelines.cli"]
 CHROMIUM = os.environ.get("CDAE_TEST_CHROMIUM", "/usr/bin/chromium")
 LIMIT_MB = 0.5  # a small upload limit, so the page's own size check can be seen
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(env, *args) -> str:
@@ -81,7 +75,7 @@ def site(tmp_path_factory, brain_checkpoint):
     key = _cli(env, "keys", "create", "--name", "clinic")
     other = _cli(env, "keys", "create", "--name", "another-clinic")
     write_dataset(root / "cohort", n=1, size=16, seed=5, progress=False)
-    port = _free_port()
+    port = free_port()
     log = open(root / "serve.log", "wb")
     proc = subprocess.Popen([*CLI, "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
