@@ -9,7 +9,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -120,7 +120,10 @@ class TrainingObjective(nn.Module):
         return self.model.loss(x0, y, ddim, gamma, labelled=labelled)
 
 
-def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, progress: bool = True, resume: bool = False,
+          on_progress: Callable[[float], None] | None = None) -> Path:
+    """Train, checkpoint, evaluate. ``on_progress`` gets the optimisation's share done, in [0, 1]
+    (steps or time budget, whichever is nearer its end), every 10 steps; evaluation follows."""
     ds = get_dataset(cfg.dataset, mnist_dir=cfg.mnist_dir)
     size = cfg.size or ds.default_size
     if ds.spatial_dims == 3 and (cfg.eval_n > VOLUME_EVAL_CAP["eval_n"] or cfg.grid_rows > VOLUME_EVAL_CAP["grid_rows"]):
@@ -258,6 +261,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
                             kl_z=f"{losses['kl_z'].item():.3f}", img_s=f"{rate:.1f}", refresh=False)
             bar.n = min(bar.total, round(elapsed) if by_time else step)
             bar.refresh()
+            if on_progress is not None:
+                on_progress(min(1.0, max(step / cfg.steps, elapsed / budget_s if by_time else 0.0)))
         if ranks.main and time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
             save()
             last_save = time.perf_counter()

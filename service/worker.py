@@ -221,20 +221,8 @@ def _train(job: JobView, lease: _Lease) -> tuple[list[str], dict[str, Any]]:
                       seed=p["seed"], device=os.environ.get("CDAE_DEVICE", "auto"), eval_n=p["eval_n"],
                       grid_rows=p["grid_rows"], eval_steps=p.get("eval_steps", 50), model=p.get("model") or {},
                       data=data)
-    # train() reports no progress; with a time budget the elapsed share of it is the estimate.
-    stop = threading.Event()
-    if cfg.minutes:
-        t0 = time.monotonic()
-
-        def estimate():
-            while not stop.wait(max(0.5, min(5.0, settings.heartbeat_s))):
-                lease.report(min(0.95, (time.monotonic() - t0) / (cfg.minutes * 60)))
-
-        threading.Thread(target=estimate, daemon=True).start()
-    try:
-        path = train(cfg, progress=False, resume=resume)
-    finally:
-        stop.set()
+    # The optimisation's share done; evaluation after it is the last 10 %.
+    path = train(cfg, progress=False, resume=resume, on_progress=lambda f: lease.report(0.9 * f))
     registered = register(path, name=p.get("name") or None, home=settings.home, source=job.id)
     out = job_dir / "out"
     tmp = job_dir / f".out-{job.attempts}-{os.getpid()}"

@@ -135,3 +135,13 @@ def test_resume_continues_from_the_saved_step(tiny_checkpoint, tmp_path):
     assert load_checkpoint(run).step == 255
     with pytest.raises(CheckpointError, match="no training state"):
         train(TrainConfig(out=str(tmp_path / "fresh"), steps=1), progress=False, resume=True)
+
+
+def test_training_reports_its_progress(tmp_path):
+    from tests.conftest import TINY_MODEL
+
+    seen = []
+    cfg = TrainConfig(dataset="pendulum", out=str(tmp_path / "p"), steps=20, minutes=None, size=16, batch_size=8,
+                      n_train=32, device="cpu", eval_n=0, grid_rows=1, eval_steps=2, model=TINY_MODEL)
+    train(cfg, progress=False, on_progress=seen.append)
+    assert seen == [1 / 20, 10 / 20, 20 / 20]  # step 1, then every 10 steps
