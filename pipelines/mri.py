@@ -137,8 +137,9 @@ class PreparedScan:
     transform: Compose = field(repr=False)
 
 
-def prepare(path, prep: Preprocessing) -> PreparedScan:
-    transform = spatial_transforms(prep)
+def prepare(path, prep: Preprocessing, transform: Compose | None = None) -> PreparedScan:
+    """``transform``: the spatial steps of ``prep`` built once by a caller that prepares many scans."""
+    transform = transform or spatial_transforms(prep)
     d = transform(LoadScand("image")({"image": str(path)}))
     x: MetaTensor = d["image"]
     arr = x[0].numpy()

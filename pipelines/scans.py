@@ -35,7 +35,7 @@ from cdae_med.graph import GraphError
 from cdae_med.io import NiftiError, write_nifti
 
 from .cohort import Subject, parse_value
-from .mri import Preprocessing, PreparedScan, from_slices, prepare, restore_change, to_slices
+from .mri import Preprocessing, PreparedScan, from_slices, prepare, restore_change, spatial_transforms, to_slices
 from .runtime import autocast, optimise_for_device, resolve_device
 
 __all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "run_batch", "orthogonal_preview"]
@@ -76,6 +76,7 @@ class ScanModel:
             raise CheckpointError(f"{checkpoint.path} was trained on {checkpoint.dataset!r} images, not on scans: "
                                   "it has no MRI preprocessing record")
         self.preprocessing = Preprocessing.from_dict(prep)
+        self.spatial = spatial_transforms(self.preprocessing)
 
     @classmethod
     def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float = 1.0) -> "ScanModel":
@@ -93,7 +94,7 @@ class ScanModel:
 
     def prepare(self, path) -> PreparedScan:
         try:
-            return prepare(path, self.preprocessing)
+            return prepare(path, self.preprocessing, self.spatial)
         except NiftiError as err:
             raise ScanError(str(err)) from None
         except ValueError as err:

@@ -150,3 +150,57 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+CLI = [sys.executable, "-m", "pipelines.cli"]
+
+
+def isolated_env(home: Path, **settings: str) -> dict[str, str]:
+    """This process's environment without any CDAE_ setting, then ``CDAE_HOME`` and ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDAE_")}
+    env.update(CDAE_HOME=str(home), **settings)
+    return env
+
+
+class RunningServe:
+    """`cdae-med serve` (API, worker, embedded Redis) as a process group of its own, ready when
+    constructed (its /readyz answers 200)."""
+
+    def __init__(self, env: dict[str, str], log: Path, timeout: float = 90):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._fh = open(log, "wb")
+        self.proc = subprocess.Popen([*CLI, "serve", "--port", str(self.port)], cwd=ROOT, env=env, stdout=self._fh,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(log.read_text()[-3000:])
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            wait_for(ready, timeout, "cdae-med serve to be ready", every=0.3)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything of the group left behind
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=10)
+        self._fh.close()

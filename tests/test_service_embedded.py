@@ -16,10 +16,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.service_support import ROOT, free_port, wait_for
+from tests.service_support import CLI, ROOT, RunningServe, isolated_env, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-CLI = [sys.executable, "-m", "pipelines.cli"]
 
 
 
@@ -33,50 +32,24 @@ def served(tmp_path_factory, tiny_brain_checkpoint):
     import httpx
 
     root = tmp_path_factory.mktemp("embedded")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDAE_")}
-    env.update(CDAE_HOME=str(root / "home"), CDAE_DDIM_STEPS="10", CDAE_SWEEP_S="1", CDAE_STALE_S="3",
-               CDAE_HEARTBEAT_S="1", CDAE_DEVICE="cpu", CDAE_TORCH_THREADS="1", OMP_NUM_THREADS="1")
+    env = isolated_env(root / "home", CDAE_DDIM_STEPS="10", CDAE_SWEEP_S="1", CDAE_STALE_S="3",
+                       CDAE_HEARTBEAT_S="1", CDAE_DEVICE="cpu", CDAE_TORCH_THREADS="1", OMP_NUM_THREADS="1")
     r = _cli(env, "models", "register", str(tiny_brain_checkpoint), "--name", "brain")
     assert r.returncode == 0, r.stderr
     listed = _cli(env, "models", "list")
     assert "brain:v1" in listed.stdout, listed
     key = _cli(env, "keys", "create", "--name", "clinic")
     assert key.returncode == 0 and key.stdout.strip().startswith("cdae_"), key
-    port = free_port()
-    log = open(root / "serve.log", "wb")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([*CLI, "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key.stdout.strip()},
-                          timeout=30)
-
-    def ready():
-        if proc.poll() is not None:
-            raise RuntimeError((root / "serve.log").read_text()[-3000:])
-        try:
-            return client.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(ready, 90, "cdae-med serve to be ready", every=0.3)
+    serve = RunningServe(env, root / "serve.log")
     startup = time.perf_counter() - t0
+    client = httpx.Client(base_url=serve.url, headers={"X-API-Key": key.stdout.strip()}, timeout=30)
     try:
-        yield {"client": client, "proc": proc, "root": root, "env": env, "startup_s": startup,
+        yield {"client": client, "proc": serve.proc, "root": root, "env": env, "startup_s": startup,
                "cohort": None}
     finally:
         client.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
+        serve.stop()
 
 
 @pytest.fixture(scope="module")

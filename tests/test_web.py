@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_support import ROOT, free_port, wait_for
+from tests.service_support import CLI, ROOT, RunningServe, isolated_env, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-CLI = [sys.executable, "-m", "pipelines.cli"]
 CHROMIUM = os.environ.get("CDAE_TEST_CHROMIUM", "/usr/bin/chromium")
 LIMIT_MB = 0.5  # a small upload limit, so the page's own size check can be seen
 
@@ -68,47 +67,21 @@ def site(tmp_path_factory, brain_checkpoint):
     from synthetic_data.brain import write_dataset
 
     root = tmp_path_factory.mktemp("web")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDAE_")}
-    env.update(CDAE_HOME=str(root / "home"), CDAE_DDIM_STEPS="4", CDAE_SWEEP_S="0", CDAE_HEARTBEAT_S="1",
-               CDAE_DEVICE="cpu", CDAE_TORCH_THREADS="1", OMP_NUM_THREADS="1", CDAE_MAX_UPLOAD_MB=str(LIMIT_MB))
+    env = isolated_env(root / "home", CDAE_DDIM_STEPS="4", CDAE_SWEEP_S="0", CDAE_HEARTBEAT_S="1",
+                       CDAE_DEVICE="cpu", CDAE_TORCH_THREADS="1", OMP_NUM_THREADS="1",
+                       CDAE_MAX_UPLOAD_MB=str(LIMIT_MB))
     _cli(env, "models", "register", str(brain_checkpoint), "--name", "brain")
     key = _cli(env, "keys", "create", "--name", "clinic")
     other = _cli(env, "keys", "create", "--name", "another-clinic")
     write_dataset(root / "cohort", n=1, size=16, seed=5, progress=False)
-    port = free_port()
-    log = open(root / "serve.log", "wb")
-    proc = subprocess.Popen([*CLI, "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base, timeout=30)
-
-    def ready():
-        if proc.poll() is not None:
-            raise RuntimeError((root / "serve.log").read_text()[-3000:])
-        try:
-            return client.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
+    serve = RunningServe(env, root / "serve.log")
+    client = httpx.Client(base_url=serve.url, timeout=30)
     try:
-        wait_for(ready, 90, "cdae-med serve to be ready", every=0.3)
-        yield {"url": base, "key": key, "other": other, "client": client, "root": root,
-               "scan": root / "cohort" / "sub-00000.nii.gz", "log": root / "serve.log"}
+        yield {"url": serve.url, "key": key, "other": other, "client": client, "root": root,
+               "scan": root / "cohort" / "sub-00000.nii.gz", "log": serve.log}
     finally:
         client.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of the group left behind
-        except ProcessLookupError:
-            pass
-        if proc.poll() is None:
-            proc.wait(timeout=10)
-        log.close()
+        serve.stop()
 
 
 @pytest.fixture
