@@ -5,7 +5,6 @@ check's ping)."""
 
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys

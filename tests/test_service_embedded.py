@@ -9,7 +9,6 @@ import gzip
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import nibabel as nib

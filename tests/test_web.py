@@ -11,11 +11,8 @@ import gzip
 import io
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
