@@ -211,7 +211,15 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--results", type=Path, default=ROOT / "results")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--part", action="store_true",
+                   help="write paper_tables_<datasets>.json only (one process per data set, run side by side; "
+                        "--combine joins them)")
+    p.add_argument("--combine", type=Path, nargs="+", metavar="PART_JSON",
+                   help="join the --part results of separate processes into paper_tables.json/.md; trains nothing")
     args = p.parse_args()
+    if args.combine:
+        combine(args.combine, args.results)
+        return
 
     import torch
 
@@ -232,6 +240,8 @@ def main() -> None:
         results["datasets"][ds] = run_dataset(ds, b, args, work)
     results["seconds"] = time.perf_counter() - t0
     args.results.mkdir(parents=True, exist_ok=True)
+    if args.part:
+        suffix += "_" + "_".join(args.datasets)
     (args.results / f"paper_tables{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.results / f"paper_tables{suffix}.md").write_text(markdown(results))
     for ds in results["datasets"]:
@@ -239,6 +249,25 @@ def main() -> None:
                     args.results / f"{ds}_guidance_sweep{suffix}.png")
     print(markdown(results))
     print(f"wrote {args.results / f'paper_tables{suffix}.json'} and .md in {results['seconds'] / 60:.1f} min")
+
+
+def combine(parts: list[Path], out_dir: Path) -> None:
+    """Join per-data-set results run side by side; `seconds` is the longest part's (the wall time)."""
+    loaded = [json.loads(p.read_text()) for p in parts]
+    budgets = {json.dumps(r["budget"], sort_keys=True) for r in loaded}
+    if len(budgets) != 1:
+        raise SystemExit("the parts were run with different budgets; combine only parts of one run")
+    results = {**loaded[0], "datasets": {}, "seconds": max(r["seconds"] for r in loaded),
+               "machine": loaded[0]["machine"] + f", {len(parts)} processes side by side"}
+    for r in loaded:
+        results["datasets"].update(r["datasets"])
+    suffix = "_smoke" if results["budget"]["name"] == "smoke" else ""
+    (out_dir / f"paper_tables{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / f"paper_tables{suffix}.md").write_text(markdown(results))
+    for p in parts:
+        p.unlink()
+        p.with_suffix(".md").unlink(missing_ok=True)
+    print(markdown(results))
 
 
 if __name__ == "__main__":

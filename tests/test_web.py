@@ -1,5 +1,7 @@
-"""The clinicians' web page in a real headless browser: Playwright driving the Debian Chromium
-(/usr/bin/chromium, or CDAE_TEST_CHROMIUM) against the embedded default `cdae-med serve` (API,
+"""The clinicians' web page in real headless browsers: Playwright driving the Debian Chromium
+(/usr/bin/chromium, or CDAE_TEST_CHROMIUM) and the Debian Firefox ESR over WebDriver BiDi
+(/usr/bin/firefox-esr, or CDAE_TEST_FIREFOX; Playwright's "moz-firefox" channel, no patched
+browser download), each test once per browser, against the embedded default `cdae-med serve` (API,
 Celery worker, embedded Redis, SQLite) with a tiny brain model registered. Also the slice
 endpoint the page reads, over plain HTTP.
 
@@ -19,7 +21,12 @@ import pytest
 from tests.service_support import CLI, ROOT, RunningServe, isolated_env, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-CHROMIUM = os.environ.get("CDAE_TEST_CHROMIUM", "/usr/bin/chromium")
+BROWSERS = {  # name -> (executable, how to get it)
+    "chromium": (os.environ.get("CDAE_TEST_CHROMIUM", "/usr/bin/chromium"),
+                 "apt-get install -y chromium, or set CDAE_TEST_CHROMIUM"),
+    "firefox": (os.environ.get("CDAE_TEST_FIREFOX", "/usr/bin/firefox-esr"),
+                "apt-get install -y firefox-esr, or set CDAE_TEST_FIREFOX"),
+}
 LIMIT_MB = 0.5  # a small upload limit, so the page's own size check can be seen
 
 
@@ -30,16 +37,22 @@ def _cli(env, *args) -> str:
     return r.stdout.strip()
 
 
-@pytest.fixture(scope="module")
-def browser():
+@pytest.fixture(scope="module", params=list(BROWSERS))
+def browser(request):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.skip("the playwright package is not installed (pip install -e '.[test]')")
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set CDAE_TEST_CHROMIUM)")
+    name = request.param
+    exe, how = BROWSERS[name]
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        pytest.skip(f"no {name} at {exe} ({how})")
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        if name == "firefox":
+            # the stock Firefox speaks WebDriver BiDi; Playwright's own Firefox would be a download
+            b = p.firefox.launch(channel="moz-firefox", executable_path=exe, headless=True)
+        else:
+            b = p.chromium.launch(executable_path=exe, headless=True)
         try:
             yield b
         finally:
@@ -94,6 +107,13 @@ def page(browser, site):
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
+def type_number(page, selector: str, text: str) -> None:
+    """Select the field's text and type over it, as a person does. (Playwright's fill() appends to a
+    number field in Firefox over WebDriver BiDi: "57.5" + "70" -> "57.570".)"""
+    page.press(selector, "Control+a")
+    page.keyboard.type(text)
+
+
 def sign_in(page, key: str) -> None:
     page.fill("#key", key)
     page.click("#signin-btn")
@@ -124,7 +144,7 @@ def test_wrong_key_shows_the_error(page):
 def test_non_nifti_file_is_refused_with_the_servers_message(page, site):
     sign_in(page, site["key"])
     page.locator("#app").wait_for(state="visible")
-    page.fill("#value-age", "70")
+    type_number(page, "#value-age", "70")
     page.set_input_files("#scan", files=[{"name": "notes.nii.gz", "mimeType": "application/gzip",
                                           "buffer": b"this is a text file, not a scan\n" * 20}])
     page.click("#submit")
@@ -137,7 +157,7 @@ def test_non_nifti_file_is_refused_with_the_servers_message(page, site):
 def test_out_of_range_value_gets_the_servers_message(page, site):
     sign_in(page, site["key"])
     page.locator("#app").wait_for(state="visible")
-    page.fill("#value-age", "120")
+    type_number(page, "#value-age", "120")
     page.set_input_files("#scan", str(site["scan"]))
     page.click("#submit")
     err = page.locator("#submit-error")
@@ -160,7 +180,7 @@ def test_failed_job_shows_its_reason(page, site):
                                                               body=json.dumps(job)))
     sign_in(page, site["key"])
     page.locator("#app").wait_for(state="visible")
-    page.fill("#value-age", "70")
+    type_number(page, "#value-age", "70")
     page.set_input_files("#scan", str(site["scan"]))
     page.click("#submit")
     err = page.locator("#submit-error")
@@ -174,7 +194,7 @@ def test_too_large_file_is_stopped_before_sending(page, site):
     page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
     sign_in(page, site["key"])
     page.locator("#app").wait_for(state="visible")
-    page.fill("#value-age", "70")
+    type_number(page, "#value-age", "70")
     page.set_input_files("#scan", files=[{"name": "big.nii.gz", "mimeType": "application/gzip",
                                           "buffer": b"\x1f\x8b" + b"\0" * int(LIMIT_MB * 1024 * 1024 + 10)}])
     page.click("#submit")
@@ -195,7 +215,7 @@ def test_sign_in_upload_set_age_submit_and_see_the_result(page, site):
     assert page.get_attribute("#slider-age", "min") == "20" and page.get_attribute("#slider-age", "max") == "95"
     assert "years" in page.inner_text("#var-age")
     assert page.get_attribute("#value-sex", "role") == "switch"
-    page.fill("#value-age", "70")
+    type_number(page, "#value-age", "70")
     # what an intervention on age changes: its descendants in the graph
     assert "intervened" in page.get_attribute("#var-age", "class")
     for name in ("brain_volume", "ventricle_volume"):
@@ -234,7 +254,7 @@ def test_sign_in_upload_set_age_submit_and_see_the_result(page, site):
                            ".src !== b", arg=before)
     # the shared window/level: input and counterfactual re-rendered with the new window
     with page.expect_response(lambda r: "/slices/counterfactual/" in r.url and "window=" in r.url) as resp:
-        page.locator("#window").fill(page.get_attribute("#window", "min"))
+        page.locator("#window").press("Home")  # the narrowest window, by keyboard as a person would
     assert resp.value.status == 200
     # the key's own jobs: this one, succeeded, reopened from the list
     page.click("#jobs-refresh")
