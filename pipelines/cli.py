@@ -185,8 +185,6 @@ def counterfactual(
         if input is not None and is_nifti(input):
             if out_dir is None:
                 raise UserError("a scan's counterfactual needs --out-dir DIR (it writes four files)")
-            if guidance != 1.0:
-                raise UserError("--guidance is not supported for scans yet; scans decode with guidance 1")
             report = _scan_counterfactual()
             typer.echo(json.dumps(report, indent=2))
             typer.echo(f"wrote {', '.join(report['files'])} to {out_dir}", err=True)
@@ -198,7 +196,7 @@ def counterfactual(
     def _scan_counterfactual() -> dict:
         from .scans import ScanModel
 
-        model = ScanModel.load(checkpoint, device=device, num_steps=steps, depth=depth)
+        model = ScanModel.load(checkpoint, device=device, num_steps=steps, depth=depth, guidance=guidance)
         do_map = dict(_pairs(do, "--do"))
         given = dict(_pairs(covariates.split(","), "--covariates")) if covariates else {}
         return model.run(input, do_map, out_dir, covariates=given)
@@ -295,6 +293,8 @@ def batch(
     folder: Optional[Path] = typer.Option(None, help="Or a folder of .nii/.nii.gz files."),
     batch_size: int = typer.Option(4, help="Scans per forward pass."),
     steps: int = typer.Option(50, help="DDIM steps."),
+    guidance: float = typer.Option(1.0, help="Guidance weight, factual reference (1 = plain conditional "
+                                             "decoding; > 1 amplifies the intervention's effect)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -310,7 +310,7 @@ def batch(
             raise UserError("give either --manifest CSV or --folder DIR")
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-        model = ScanModel.load(checkpoint, device=device, num_steps=steps)
+        model = ScanModel.load(checkpoint, device=device, num_steps=steps, guidance=guidance)
         do_map = model.interventions(dict(_pairs(do, "--do")))
         subjects = (read_manifest(manifest, model.graph, require_all=False) if manifest is not None
                     else subjects_in_folder(folder))

@@ -61,13 +61,16 @@ class _Result:
 class ScanModel:
     """A checkpoint loaded once for many scans (a worker process keeps one)."""
 
-    def __init__(self, checkpoint, device: torch.device, num_steps: int = 50, depth: float = 1.0):
+    def __init__(self, checkpoint, device: torch.device, num_steps: int = 50, depth: float = 1.0,
+                 guidance: float = 1.0):
         self.checkpoint = checkpoint
         self.model = optimise_for_device(checkpoint.model.to(device).eval(), device)
         log.info("scan model on %s, %s", device, "bf16 autocast" if device.type == "cuda" else "fp32")
         self.graph = self.model.graph
         self.device = device
-        self.num_steps, self.depth = num_steps, depth
+        if not 0.0 < guidance <= 20.0:
+            raise ValueError(f"guidance must be in (0, 20], got {guidance}")
+        self.num_steps, self.depth, self.guidance = num_steps, depth, guidance
         cfg = self.model.config
         self.ddim = DDIM(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
         self.ddim.scheduler.alphas_cumprod = self.ddim.scheduler.alphas_cumprod.to(device)
@@ -79,9 +82,10 @@ class ScanModel:
         self.spatial = spatial_transforms(self.preprocessing)
 
     @classmethod
-    def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float = 1.0) -> "ScanModel":
+    def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float = 1.0,
+             guidance: float = 1.0) -> "ScanModel":
         dev = resolve_device(device)
-        return cls(load_checkpoint(checkpoint_dir, map_location=dev), dev, num_steps, depth)
+        return cls(load_checkpoint(checkpoint_dir, map_location=dev), dev, num_steps, depth, guidance)
 
     # --- inputs ------------------------------------------------------------------------
     def interventions(self, do: Mapping[str, float | str]) -> dict[str, float]:
@@ -127,10 +131,8 @@ class ScanModel:
             z_cf = act(self.model, ab, do)
             # Counterfactual and factual reconstruction decoded in one batch: their difference is
             # the intervention's effect with the reconstruction error cancelled.
-            both = torch.cat([z_cf, ab.z])
             x_t = torch.cat([ab.x_t, ab.x_t])
-            decoded = self.ddim.decode(lambda x, t: self.model.denoise(x, t, both), x_t, self.num_steps,
-                                       self.depth, tick).clamp(-1, 1)
+            decoded = self.ddim.decode(self._eps(z_cf, ab.z), x_t, self.num_steps, self.depth, tick).clamp(-1, 1)
         cf, recon = decoded.float().chunk(2)
         change = ((cf - recon) / 2.0).cpu().numpy()  # model range [-1, 1] -> the [0, 1] window units
         factual = graph.denormalise(self.model.latent_to_label(ab.z)).cpu().numpy()
@@ -154,6 +156,23 @@ class ScanModel:
         if progress:
             progress(1.0)
         return results
+
+    def _eps(self, z_cf: torch.Tensor, z: torch.Tensor):
+        """eps for the batch [counterfactual; reconstruction]. With guidance w != 1 the counterfactual
+        half follows eps(z) + w (eps(z_cf) - eps(z)) (cdae_med.counterfactual, factual reference):
+        w > 1 amplifies what the intervention changes, and a null intervention still changes nothing."""
+        both = torch.cat([z_cf, z])
+        if self.guidance == 1.0:
+            return lambda x, t: self.model.denoise(x, t, both)
+        three, w = torch.cat([z_cf, z, z]), self.guidance
+
+        def eps(x, t):
+            x_cf, x_rec = x.chunk(2)
+            t_cf, t_rec = t.chunk(2)
+            e_cf, e_ref, e_rec = self.model.denoise(torch.cat([x_cf, x_cf, x_rec]), torch.cat([t_cf, t_cf, t_rec]),
+                                                    three).chunk(3)
+            return torch.cat([e_ref + w * (e_cf - e_ref), e_rec])
+        return eps
 
     def _report(self, p: PreparedScan, r: _Result, do: dict[str, float], given: dict[str, float],
                 seconds: float) -> dict:
@@ -183,7 +202,7 @@ class ScanModel:
             "counterfactual": counterfactual,
             "model": {"checkpoint": str(ck.path), "dataset": ck.dataset, "training_steps": ck.step,
                       "graph": list(graph.names), "format_version": FORMAT_VERSION, "cdae_med_version": __version__},
-            "settings": {"ddim_steps": self.num_steps, "depth": self.depth,
+            "settings": {"ddim_steps": self.num_steps, "depth": self.depth, "guidance": self.guidance,
                          "model_kind": "3D" if self.preprocessing.slice_axis is None else "2D slice-wise",
                          "preprocessing": self.preprocessing.to_dict(),
                          "output": "input + inverse-preprocessed (counterfactual - reconstruction)"},

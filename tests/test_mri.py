@@ -251,6 +251,24 @@ def test_null_intervention_returns_the_input_exactly(tmp_path, cohort, scan_mode
     assert np.abs(nib.load(tmp_path / "difference.nii.gz").get_fdata()).max() < 1e-5
 
 
+def test_guidance_scales_the_change_and_keeps_a_null_intervention_exact(tmp_path, brain_checkpoint, cohort):
+    path = cohort / "sub-00001.nii.gz"
+    diffs = {}
+    for w in (1.0, 3.0):
+        model = ScanModel.load(brain_checkpoint, device="cpu", num_steps=4, guidance=w)
+        report = model.run(path, {"age": 90}, tmp_path / f"w{w}", covariates={"age": 40})
+        assert report["settings"]["guidance"] == w
+        diffs[w] = nib.load(tmp_path / f"w{w}" / "difference.nii.gz").get_fdata()
+        model.run(path, {"age": 60}, tmp_path / f"null{w}", covariates={"age": 60})
+        assert np.abs(nib.load(tmp_path / f"null{w}" / "difference.nii.gz").get_fdata()).max() < 1e-5
+    # eps(z) + w (eps(z_cf) - eps(z)): to first order the change grows with w
+    ratio = np.abs(diffs[3.0]).mean() / np.abs(diffs[1.0]).mean()
+    assert 2.0 < ratio < 4.0, ratio
+    assert np.corrcoef(diffs[3.0].ravel(), diffs[1.0].ravel())[0, 1] > 0.7  # 0.84 measured: the same change, grown
+    with pytest.raises(ValueError, match="guidance"):
+        ScanModel.load(brain_checkpoint, device="cpu", guidance=0.0)
+
+
 def test_no_private_header_text_reaches_outputs_or_logs(tmp_path, cohort, scan_model, caplog):
     path = with_private_header(cohort / "sub-00002.nii.gz", tmp_path / "private.nii.gz")
     assert SECRETS[0].encode() in gzip.decompress(path.read_bytes())
