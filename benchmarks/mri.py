@@ -39,6 +39,9 @@ from pipelines.train import TrainConfig, test_seed, train
 from synthetic_data import brain
 
 ROOT = Path(__file__).resolve().parent
+# The tests' tiny network (tests/conftest.py): small enough to ship a trained copy with the tests.
+TINY_MODEL = {"latent_dim": 4, "encoder_channels": (16, 32), "unet_channels": (32, 32, 32),
+              "unet_attention": (False, False, True), "mechanism_hidden": 16}
 BINS = 48
 
 
@@ -57,8 +60,8 @@ def fit_volumetry(size: int, n: int = 400, seed: int = 77):
 
 
 def evaluate_model(ckpt: Path, kind: str, work: Path, samples, targets, truth, reg, batch_size: int,
-                   num_steps: int) -> dict:
-    model = ScanModel.load(ckpt, device="cpu", num_steps=num_steps)
+                   num_steps: int, guidance: float = 1.0) -> dict:
+    model = ScanModel.load(ckpt, device="cpu", num_steps=num_steps, guidance=guidance)
     cohort = work / "cohort"
     t0 = time.perf_counter()
     model.run(cohort / "sub-00000.nii.gz", {"age": float(targets[0])}, work / f"single-{kind}",
@@ -74,7 +77,7 @@ def evaluate_model(ckpt: Path, kind: str, work: Path, samples, targets, truth, r
         run_batch(model, chosen, {"age": float(target)}, out, batch_size=batch_size, progress=False)
     batch_s = time.perf_counter() - t0
     bv_i = brain.VARIABLES.index("brain_volume")
-    img_err, copy_err, vol_err, vol_copy, vol_report, direction = [], [], [], [], [], []
+    img_err, copy_err, vol_err, vol_copy, vol_report, direction, moved, true_moved = [], [], [], [], [], [], [], []
     for i, s in enumerate(subjects):
         inp = samples.images[i, ..., 0]
         window = intensity_window(inp)
@@ -89,9 +92,12 @@ def evaluate_model(ckpt: Path, kind: str, work: Path, samples, targets, truth, r
         vol_copy.append(abs(v_in - true_bv))
         vol_report.append(abs(report["counterfactual"]["brain_volume"]["value"] - true_bv))
         direction.append(np.sign(v_cf - v_in) == np.sign(true_bv - samples.labels[i, bv_i]))
+        moved.append(v_cf - v_in)
+        true_moved.append(true_bv - samples.labels[i, bv_i])
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     return {
         "model": kind,
+        "guidance": guidance,
         "training": {"steps": meta["step"], "minutes": meta["metrics"].get("train_minutes"),
                      "images_per_s": meta["metrics"].get("train_images_per_s"),
                      "batch_size": meta["training"]["batch_size"]},
@@ -101,6 +107,8 @@ def evaluate_model(ckpt: Path, kind: str, work: Path, samples, targets, truth, r
         "brain_volume_error_ml_copy_input": float(np.mean(vol_copy)),
         "brain_volume_error_ml_model_report": float(np.mean(vol_report)),
         "brain_volume_true_direction_share": float(np.mean(direction)),
+        "brain_volume_change_ml_measured": [round(float(x), 1) for x in moved],
+        "brain_volume_change_ml_true": [round(float(x), 1) for x in true_moved],
         "seconds_per_scan_single": single_s,
         "scans_per_hour_batch": len(subjects) / batch_s * 3600,
         "batch_size": batch_size,
@@ -116,7 +124,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "work" / "mri")
     ap.add_argument("--kinds", default="2d,3d")
     ap.add_argument("--reuse", action="store_true", help="evaluate models trained by an earlier run")
+    ap.add_argument("--guidance", type=float, nargs="+", default=[1.0],
+                    help="guidance weights to evaluate each model at (factual reference)")
+    ap.add_argument("--tiny", action="store_true", help="the tests' tiny network (TINY_MODEL) instead of the default")
+    ap.add_argument("--results", default="mri.json", help="file name under benchmarks/results/")
+    ap.add_argument("--batch-size", type=int, default=None, help="training batch (default 32 for 2D, 4 for 3D)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
 
     reg, reg_err = fit_volumetry(args.size)
@@ -137,8 +153,8 @@ def main() -> None:
     for kind in args.kinds.split(","):
         cfg = TrainConfig(dataset="brain", out=str(args.work / f"model-{kind}"), size=args.size,
                           minutes=args.minutes, steps=10**9, eval_n=0, grid_rows=1, device="cpu",
-                          slicewise=kind == "2d", batch_size=32 if kind == "2d" else 4,
-                          n_train=10_000 if kind == "2d" else 2_000)
+                          slicewise=kind == "2d", batch_size=args.batch_size or (32 if kind == "2d" else 4),
+                          n_train=10_000 if kind == "2d" else 2_000, model=dict(TINY_MODEL) if args.tiny else {})
         t0 = time.perf_counter()
         if args.reuse and (Path(cfg.out) / "checkpoint.json").is_file():
             ckpt = Path(cfg.out)
@@ -146,20 +162,21 @@ def main() -> None:
         else:
             ckpt = train(cfg, progress=False)
             print(f"{kind}: trained in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
-        res = evaluate_model(ckpt, kind, args.work, samples, targets, truth, reg,
-                             batch_size=4, num_steps=args.steps)
-        print(json.dumps(res, indent=2), flush=True)
-        results.append(res)
+        for w in args.guidance:
+            res = evaluate_model(ckpt, kind, args.work, samples, targets, truth, reg,
+                                 batch_size=4, num_steps=args.steps, guidance=w)
+            print(json.dumps(res, indent=2), flush=True)
+            results.append(res)
 
     out = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "note": "CPU budget per model; the machine was shared with other work during the run",
-        "size": args.size, "n_test": args.n_test, "ddim_steps": args.steps,
+        "size": args.size, "network": "tiny (tests' TINY_MODEL)" if args.tiny else "default", "n_test": args.n_test, "ddim_steps": args.steps,
         "intervention": "do(age = age + 20 if age < 65 else age - 20); age and sex given as covariates",
         "volumetry_regressor_heldout_mae_ml": reg_err,
         "results": results,
     }
-    dest = ROOT / "results" / "mri.json"
+    dest = ROOT / "results" / args.results
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {dest}")

@@ -118,7 +118,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     meta = read_meta(path)
     try:
         graph = CausalGraph.from_dict(meta["graph"])
-        config = CausalDiffAEConfig.from_dict(meta["model"])
+        # written before the setting existed: trained with MONAI's default 32 groups
+        config = CausalDiffAEConfig.from_dict({"unet_norm_groups": 32, **meta["model"]})
         if meta.get("variant", config.variant) != config.variant:
             raise ValueError(f"variant {meta['variant']!r} disagrees with the model config's {config.variant!r}")
     except (KeyError, TypeError, ValueError, GraphError) as err:

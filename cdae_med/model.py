@@ -16,6 +16,12 @@
   timestep embedding and added to it, so the condition reaches every ResBlock (the paper's
   code does the same, through AdaGN). Cross-attention alone was measured here to be ignored
   by a briefly trained model (see FACTS.md), hence the embedding path.
+- MONAI's ResBlock adds the embedding to the features and *then* applies GroupNorm, which
+  removes whatever is constant over a group. With one channel per group (32 channels, MONAI's
+  default 32 groups) it removed the timestep and z embedding entirely: measured on a trained
+  16^3 brain model, eps(x, t, z') - eps(x, t, z) was 1e-7 for any z'. Hence ``unet_norm_groups``
+  (default 8: at least 4 channels per group, so 3/4 or more of the embedding survives each norm).
+  Checkpoints written before the setting existed load with 32, the groups they were trained with.
 - Conditioning can be dropped (a learned null embedding) with probability ``cond_drop_prob``
   during training; that gives the unconditional model used for guidance.
 
@@ -63,6 +69,7 @@ class CausalDiffAEConfig:
     unet_attention: tuple[bool, ...] = (False, True, True)
     unet_res_blocks: int = 1
     unet_head_channels: int = 32
+    unet_norm_groups: int = 8  # see the module docstring: 32 erased the condition
     mechanism_hidden: int = 64
     prior_std: float = 0.1
     cond_drop_prob: float = 0.1
@@ -87,6 +94,9 @@ class CausalDiffAEConfig:
         self.encoder_channels = tuple(self.encoder_channels)
         self.unet_channels = tuple(self.unet_channels)
         self.unet_attention = tuple(bool(a) for a in self.unet_attention)
+        if any(c % self.unet_norm_groups for c in self.unet_channels):
+            raise ValueError(f"unet_channels {self.unet_channels} must be multiples of unet_norm_groups "
+                             f"({self.unet_norm_groups})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,6 +219,7 @@ class CausalDiffAE(nn.Module):
             attention_levels=cfg.unet_attention,
             num_res_blocks=cfg.unet_res_blocks,
             num_head_channels=cfg.unet_head_channels,
+            norm_num_groups=cfg.unet_norm_groups,
             num_class_embeds=1,  # replaced below by the continuous z embedding
         )
         self.unet.class_embedding = ConditionEmbedding(n * cfg.latent_dim, cfg.unet_channels[0] * 4)

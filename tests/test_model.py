@@ -77,6 +77,34 @@ def test_one_code_path_for_2d_and_3d(spatial_dims):
     assert ab.x_t.shape == x.shape and ab.z.shape == (2, 4, 4)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_the_denoiser_reads_z_and_t(spatial_dims):
+    """MONAI's ResBlock adds the embedding before a GroupNorm; with one channel per group (the old
+    32 groups on 32 channels) the norm erased it and the denoiser ignored z and t altogether."""
+    def sensitivity(groups):
+        torch.manual_seed(0)
+        cfg = CausalDiffAEConfig(spatial_dims=spatial_dims, in_channels=1, image_size=(16,) * spatial_dims,
+                                 unet_norm_groups=groups, **TINY_MODEL)
+        unet = CausalDiffAE(load_graph("brain"), cfg).eval()
+        for m in unet.unet.modules():  # MONAI zero-initialises the output convolution: give it weights
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                torch.nn.init.normal_(m.weight, std=0.1)
+        x, z = torch.randn(2, 1, *(16,) * spatial_dims), torch.randn(2, 4, 4)
+        t = torch.tensor([500, 500])
+        with torch.no_grad():
+            e = unet.denoise(x, t, z)
+            dz = (unet.denoise(x, t, z + 1.0) - e).abs().mean() / e.abs().mean()
+            dt = (unet.denoise(x, t // 50, z) - e).abs().mean() / e.abs().mean()
+        return dz.item(), dt.item()
+
+    dz, dt = sensitivity(8)  # the default
+    assert dz > 0.005 and dt > 0.005, (dz, dt)
+    dz32, dt32 = sensitivity(32)
+    assert dz32 < 1e-5 and dt32 < 1e-5, (dz32, dt32)  # what the old setting did
+    with pytest.raises(ValueError, match="unet_norm_groups"):
+        CausalDiffAEConfig(unet_channels=(32, 48, 48), unet_norm_groups=32)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
         CausalDiffAEConfig(spatial_dims=1, image_size=(16,))
