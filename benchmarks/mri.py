@@ -30,33 +30,26 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from sklearn.linear_model import Ridge
 
 from pipelines.cohort import read_manifest
-from pipelines.mri import intensity_window, normalise_intensity
+from pipelines.mri import intensity_window
 from pipelines.scans import ScanModel, run_batch
 from pipelines.train import TrainConfig, test_seed, train
+from pipelines.volumetry import HistogramVolumetry
 from synthetic_data import brain
 
 ROOT = Path(__file__).resolve().parent
 # The tests' tiny network (tests/conftest.py): small enough to ship a trained copy with the tests.
 TINY_MODEL = {"latent_dim": 4, "encoder_channels": (16, 32), "unet_channels": (32, 32, 32),
               "unet_attention": (False, False, True), "mechanism_hidden": 16}
-BINS = 48
-
-
-def histogram_features(volume: np.ndarray, window) -> np.ndarray:
-    x = normalise_intensity(volume, window)
-    return np.histogram(x, bins=BINS, range=(0.0, 1.0))[0][1:].astype(np.float64)  # bin 0: background
 
 
 def fit_volumetry(size: int, n: int = 400, seed: int = 77):
     s = brain.sample(n, seed=seed, size=size)
-    feats = np.stack([histogram_features(v[..., 0], intensity_window(v[..., 0])) for v in s.images])
-    bv = s.labels[:, brain.VARIABLES.index("brain_volume")]
+    volumes, bv = s.images[..., 0], s.labels[:, brain.VARIABLES.index("brain_volume")]
     k = int(0.8 * n)
-    reg = Ridge(alpha=1.0).fit(feats[:k], bv[:k])
-    return reg, float(np.abs(reg.predict(feats[k:]) - bv[k:]).mean())
+    reg = HistogramVolumetry().fit(volumes[:k], bv[:k])
+    return reg, float(np.abs(reg.predict(volumes[k:]) - bv[k:]).mean())
 
 
 def evaluate_model(ckpt: Path, kind: str, work: Path, samples, targets, truth, reg, batch_size: int,
@@ -86,7 +79,7 @@ def evaluate_model(ckpt: Path, kind: str, work: Path, samples, targets, truth, r
         true_img = truth.images[i, ..., 0]
         img_err.append(np.abs(cf - true_img).mean() * 255)
         copy_err.append(np.abs(inp - true_img).mean() * 255)
-        v_cf, v_in = reg.predict(np.stack([histogram_features(cf, window), histogram_features(inp, window)]))
+        v_cf, v_in = reg.predict([cf, inp], window)
         true_bv = truth.labels[i, bv_i]
         vol_err.append(abs(v_cf - true_bv))
         vol_copy.append(abs(v_in - true_bv))
