@@ -240,13 +240,14 @@ def main() -> None:
         results["datasets"][ds] = run_dataset(ds, b, args, work)
     results["seconds"] = time.perf_counter() - t0
     args.results.mkdir(parents=True, exist_ok=True)
+    figure_suffix = suffix
     if args.part:
         suffix += "_" + "_".join(args.datasets)
     (args.results / f"paper_tables{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.results / f"paper_tables{suffix}.md").write_text(markdown(results))
     for ds in results["datasets"]:
         shutil.copy(work / ds / "guidance_sweep" / "guidance_sweep.png",
-                    args.results / f"{ds}_guidance_sweep{suffix}.png")
+                    args.results / f"{ds}_guidance_sweep{figure_suffix}.png")
     print(markdown(results))
     print(f"wrote {args.results / f'paper_tables{suffix}.json'} and .md in {results['seconds'] / 60:.1f} min")
 
