@@ -41,7 +41,8 @@ from synthetic_data import brain
 ROOT = Path(__file__).resolve().parent
 # The tests' tiny network (tests/conftest.py): small enough to ship a trained copy with the tests.
 TINY_MODEL = {"latent_dim": 4, "encoder_channels": (16, 32), "unet_channels": (32, 32, 32),
-              "unet_attention": (False, False, True), "mechanism_hidden": 16}
+              "unet_attention": (False, False, True), "mechanism_hidden": 16,
+              "unet_norm_groups": 8}  # all levels 32 wide: with 32 groups it cannot read z
 
 
 def fit_volumetry(size: int, n: int = 400, seed: int = 77):

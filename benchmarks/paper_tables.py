@@ -77,7 +77,7 @@ def budget(args) -> dict:
                 "eval_n": 4, "ddim_steps": 5, "n_dci": 60, "n_composition": 2, "predictor_n_train": 256,
                 "sweep_n": 2, "omegas": [0.0, 1.0, 3.0]}
     return {"name": "full", "steps": 100_000, "minutes": args.minutes, "batch_size": 32, "n_train": 10_000,
-            "size": {"pendulum": 32, "morphomnist": 32}, "model": {}, "lr": 3e-4,
+            "size": {"pendulum": 32, "morphomnist": 32}, "model": {"unet_norm_groups": args.norm_groups}, "lr": 3e-4,
             "eval_n": args.eval_n, "ddim_steps": args.ddim_steps, "n_dci": 500, "n_composition": 16,
             "predictor_n_train": 8000, "sweep_n": max(8, args.eval_n // 2), "omegas": args.omegas}
 
@@ -140,7 +140,7 @@ def markdown(results: dict) -> str:
                  f"{results['seconds'] / 60:.1f} min.", "",
              f"Budget per model: {b['steps']} steps" + (f" or {b['minutes']} min" if b["minutes"] else "") +
              f", batch {b['batch_size']}, {b['n_train']} training images, model "
-             f"{'tiny (tests TINY_MODEL)' if b['model'] else 'default'}; evaluation on {b['eval_n']} test images per "
+             f"{'tiny (tests TINY_MODEL)' if b['name'] == 'smoke' else 'default, ' + str(b['model'])}; evaluation on {b['eval_n']} test images per "
              f"intervention, {b['ddim_steps']} DDIM steps, DCI on {b['n_dci']} images, composition/reversibility on "
              f"{b['n_composition']}. Paper: CausalDiffAE row of Komanduri et al. 2024 (FACTS.md), trained for "
              "14k-35k steps at batch 32 x 5 with a 36-110 M parameter network.", "",
@@ -203,6 +203,8 @@ def main() -> None:
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--omegas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
     p.add_argument("--labelled-fraction", type=float, default=0.1)
+    p.add_argument("--norm-groups", type=int, default=8,
+                   help="UNet GroupNorm groups (full budget); 8 lets every level read z, the measured run used it")
     p.add_argument("--datasets", nargs="+", default=["pendulum", "morphomnist"], choices=list(PAPER))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
