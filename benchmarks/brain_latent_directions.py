@@ -2,8 +2,8 @@
 
 For held-out cohort subjects: abduct, then decode with one latent block overwritten (no
 propagation through the graph) and with a full do(age) (descendants recomputed), and report the
-mean intensity change inside the head (window units, [0, 1]) beside the generator's true
-do(age) change. Brighter = more tissue (tissue is bright, CSF dark on this T1).
+mean intensity change inside the head (window units, [0, 1]; the factual scan's window for the
+true counterfactual too, as `pipelines.datasets` does) beside the generator's true do(age) change. Brighter = more tissue (tissue is bright, CSF dark on this T1).
 
     python benchmarks/brain_latent_directions.py --checkpoint benchmarks/work/mri16/model-3d
 
@@ -22,15 +22,14 @@ import torch
 from cdae_med.checkpoint import load_checkpoint
 from cdae_med.counterfactual import abduct, act, predict
 from cdae_med.diffusion import DDIM
-from pipelines.mri import intensity_window, normalise_intensity
+from pipelines.datasets import get_dataset
 from pipelines.train import test_seed
-from synthetic_data import brain
 
 ROOT = Path(__file__).resolve().parent
 
 
-def windowed(images: np.ndarray) -> np.ndarray:
-    return np.stack([normalise_intensity(v[..., 0], intensity_window(v[..., 0])) for v in images])[:, None]
+def channel_first(images: np.ndarray) -> np.ndarray:
+    return np.moveaxis(images, -1, 1).astype(np.float32)
 
 
 def main() -> None:
@@ -44,8 +43,9 @@ def main() -> None:
     m, g, cfg = ck.model.eval(), ck.model.graph, ck.model.config
     size = cfg.image_size[0]
     ddim = DDIM(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
-    s = brain.sample(args.n, seed=test_seed(0), size=size)
-    x = windowed(s.images)
+    ds = get_dataset("brain")
+    s = ds.sample(args.n, seed=test_seed(0), size=size)  # each volume in its own intensity window
+    x = channel_first(s.images)
     head = x > 0.1
     out = {"checkpoint": str(args.checkpoint), "training_steps": ck.step, "n": args.n, "ddim_steps": args.steps,
            "unit": "mean intensity change inside the head, window units", "rows": []}
@@ -66,10 +66,10 @@ def main() -> None:
             out["rows"].append({"decode": f"only z_{name} := {value:g} (no propagation)", "model": change(z)})
         for age in (30.0, 90.0):
             z = act(m, ab, {"age": age})
-            truth = brain.counterfactual(s, {"age": np.full(args.n, age)}, size=size)
+            truth = ds.counterfactual(s, {"age": np.full(args.n, age)}, size=size)
             bv = g.denormalise(m.latent_to_label(z)).numpy()[:, g.index("brain_volume")]
             out["rows"].append({"decode": f"do(age = {age:g}), descendants recomputed", "model": change(z),
-                                "true": float((windowed(truth.images) - x)[head].mean()),
+                                "true": float((channel_first(truth.images) - x)[head].mean()),
                                 "model_brain_volume_change_ml": float((bv - est[:, g.index("brain_volume")]).mean()),
                                 "true_brain_volume_change_ml": float((truth.labels[:, 2] - s.labels[:, 2]).mean())})
     for r in out["rows"]:

@@ -57,9 +57,6 @@ PAPER = {
 }
 PAPER_DIFFAE_DCI = 0.35  # quoted without a data set in FACTS.md
 
-# Tiny models for --smoke (the tests' TINY_MODEL).
-SMOKE_MODEL = {"latent_dim": 4, "encoder_channels": (16, 32), "unet_channels": (32, 32, 32),
-               "unet_attention": (False, False, True), "mechanism_hidden": 16}
 
 ROWS = {  # table row -> (model run, evaluation procedure)
     "CausalDiffAE (ours: DDIM inversion, descendants recomputed)": ("causaldiffae", "ddim"),
@@ -72,8 +69,10 @@ ROWS = {  # table row -> (model run, evaluation procedure)
 
 def budget(args) -> dict:
     if args.smoke:
+        from pipelines.train import TINY_MODEL
+
         return {"name": "smoke", "steps": args.smoke_steps, "minutes": None, "batch_size": 16, "n_train": 256,
-                "size": {"pendulum": 16, "morphomnist": 32}, "model": SMOKE_MODEL, "lr": 1e-3,
+                "size": {"pendulum": 16, "morphomnist": 32}, "model": TINY_MODEL, "lr": 1e-3,
                 "eval_n": 4, "ddim_steps": 5, "n_dci": 60, "n_composition": 2, "predictor_n_train": 256,
                 "sweep_n": 2, "omegas": [0.0, 1.0, 3.0]}
     return {"name": "full", "steps": 100_000, "minutes": args.minutes, "batch_size": 32, "n_train": 10_000,

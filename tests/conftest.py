@@ -2,16 +2,7 @@ import os
 
 import pytest
 
-from pipelines.train import TrainConfig, train
-
-# A model small enough to train in seconds on 2 CPU cores; big enough to learn 16 px pendulums a little.
-TINY_MODEL = {
-    "latent_dim": 4,
-    "encoder_channels": (16, 32),
-    "unet_channels": (32, 32, 32),
-    "unet_attention": (False, False, True),
-    "mechanism_hidden": 16,
-}
+from pipelines.train import TINY_MODEL, TrainConfig, train  # noqa: F401 (TINY_MODEL: the tests import it from here)
 
 
 @pytest.fixture(scope="session")
