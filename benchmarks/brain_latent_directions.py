@@ -5,7 +5,7 @@ propagation through the graph) and with a full do(age) (descendants recomputed),
 mean intensity change inside the head (window units, [0, 1]; the factual scan's window for the
 true counterfactual too, as `pipelines.datasets` does) beside the generator's true do(age) change. Brighter = more tissue (tissue is bright, CSF dark on this T1).
 
-    python benchmarks/brain_latent_directions.py --checkpoint benchmarks/work/mri16/model-3d
+    python benchmarks/brain_latent_directions.py --checkpoint tests/assets/brain16-tiny
 
 writes benchmarks/results/brain_latent_directions.json.
 """
