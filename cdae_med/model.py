@@ -207,6 +207,14 @@ class ConditionEmbedding(nn.Module):
         return keep * self.mlp(z) + (1 - keep) * self.null
 
 
+def labelled_mean(each: torch.Tensor, labelled: torch.Tensor | None) -> torch.Tensor:
+    """Mean of a per-sample term (B, ...) over the samples ``labelled`` (B,) marks; all if None."""
+    if labelled is None:
+        return each.mean()
+    w = labelled.to(each.dtype).view(-1, *([1] * (each.ndim - 1)))
+    return (each * w).sum() / (w.sum() * each[0].numel()).clamp_min(1)
+
+
 def kl_normal(mean: torch.Tensor, logvar: torch.Tensor, prior_mean: torch.Tensor | float = 0.0,
               prior_std: float = 1.0) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(prior_mean, prior_std^2)) element-wise."""
@@ -321,11 +329,7 @@ class CausalDiffAE(nn.Module):
             # q(z | x0) under the additive SCM: mean = causal layer at u's mean; variance = u's.
             z_mean = self.causal(mean, frozen=True)
             kl_z_each = kl_normal(z_mean, logvar, self.label_latent(y_norm), self.config.prior_std)
-            if labelled is not None:
-                w = labelled.to(kl_z_each.dtype)[:, None, None]
-                kl_z = (kl_z_each * w).sum() / (w.sum() * kl_z_each[0].numel()).clamp_min(1)
-            else:
-                kl_z = kl_z_each.mean()
+            kl_z = labelled_mean(kl_z_each, labelled)
         else:
             kl_z = torch.zeros((), device=x0.device)
         mech = self.mechanism_loss(y_norm, labelled) if y_norm is not None else torch.zeros((), device=x0.device)
@@ -354,8 +358,4 @@ class CausalDiffAE(nn.Module):
         idx = self.causal.index
         err = torch.stack([(self.causal.mechanism(n, blocks) - blocks[idx[n]]) ** 2
                            for n in self.causal.mechanisms], dim=1)  # (B, n_mech, d)
-        each = 0.5 * err
-        if labelled is None:
-            return each.mean()
-        w = labelled.to(each.dtype)[:, None, None]
-        return (each * w).sum() / (w.sum() * each[0].numel()).clamp_min(1)
+        return labelled_mean(0.5 * err, labelled)
