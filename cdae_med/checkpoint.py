@@ -1,7 +1,7 @@
 """One self-describing directory per trained model.
 
-    DIR/checkpoint.json   format version, graph, model config, image geometry, training
-                          config, data set, metrics, library version
+    DIR/checkpoint.json   format version, graph, model config, scheduler (DDIM) config, image
+                          geometry, training config, data set, metrics, library version
     DIR/weights.pt        the (EMA) model weights used for inference, a plain state dict
     DIR/training.pt       optimizer, step and raw weights, for --resume (optional)
 
@@ -9,6 +9,8 @@ Everything needed to rebuild the model is in checkpoint.json; weights load with
 ``weights_only=True`` so a checkpoint cannot execute code. The model variant (causaldiffae,
 diffae, label_conditional) is part of the model config and repeated at the top level for
 readers; a checkpoint written before variants existed has neither and loads as causaldiffae.
+The noise schedule is its own ``scheduler`` section (:class:`cdae_med.diffusion.DDIMConfig`); a
+checkpoint written before that kept it in the model config, from where it is read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .diffusion import DDIMConfig
 from .graph import CausalGraph, GraphError
 from .model import CausalDiffAE, CausalDiffAEConfig
 
@@ -44,6 +47,7 @@ class Checkpoint:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     step: int = 0
+    scheduler: DDIMConfig = field(default_factory=DDIMConfig)
 
     @property
     def graph(self) -> CausalGraph:
@@ -68,7 +72,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_checkpoint(path: str | Path, model: CausalDiffAE, *, dataset: str, image: dict[str, Any],
                     training: dict[str, Any], metrics: dict[str, Any] | None = None, step: int = 0,
-                    training_state: dict[str, Any] | None = None) -> Path:
+                    training_state: dict[str, Any] | None = None, scheduler: DDIMConfig | None = None) -> Path:
     from . import __version__
 
     path = Path(path)
@@ -82,6 +86,7 @@ def save_checkpoint(path: str | Path, model: CausalDiffAE, *, dataset: str, imag
         "step": step,
         "graph": model.graph.to_dict(),
         "model": model.config.to_dict(),
+        "scheduler": (scheduler or DDIMConfig()).to_dict(),
         "image": image,
         "training": training,
         "metrics": metrics or {},
@@ -118,8 +123,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     meta = read_meta(path)
     try:
         graph = CausalGraph.from_dict(meta["graph"])
+        model_meta = dict(meta["model"])
+        # written before the scheduler had its own section: its settings sat in the model config
+        old_schedule = {k: model_meta.pop(k) for k in DDIMConfig.__dataclass_fields__ if k in model_meta}
+        scheduler = DDIMConfig.from_dict(meta.get("scheduler") or old_schedule)
         # written before the setting existed: trained with MONAI's default 32 groups
-        config = CausalDiffAEConfig.from_dict({"unet_norm_groups": 32, **meta["model"]})
+        config = CausalDiffAEConfig.from_dict({"unet_norm_groups": 32, **model_meta})
         if meta.get("variant", config.variant) != config.variant:
             raise ValueError(f"variant {meta['variant']!r} disagrees with the model config's {config.variant!r}")
     except (KeyError, TypeError, ValueError, GraphError) as err:
@@ -135,7 +144,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{weights} is corrupt or does not match {META}: {type(err).__name__}: {err}") from None
     model.eval()
     return Checkpoint(model=model, path=path, dataset=meta.get("dataset", ""), image=meta.get("image", {}),
-                      training=meta.get("training", {}), metrics=meta.get("metrics", {}), step=meta.get("step", 0))
+                      training=meta.get("training", {}), metrics=meta.get("metrics", {}), step=meta.get("step", 0),
+                      scheduler=scheduler)
 
 
 def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:

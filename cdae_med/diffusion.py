@@ -13,26 +13,63 @@ to the noise code and less to the condition.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-__all__ = ["DDIM", "EpsFn"]
+__all__ = ["DDIM", "DDIMConfig", "EpsFn"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> predicted noise
 
 
+@dataclass(frozen=True)
+class DDIMConfig:
+    """The noise schedule a model is trained and decoded with (saved as ``scheduler`` in a checkpoint)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    schedule: str = "linear_beta"
+
+    def __post_init__(self) -> None:
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}")
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DDIMConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown scheduler settings {sorted(unknown)}")
+        return cls(**data)
+
+
 class DDIM:
-    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    """MONAI's DDIMScheduler with deterministic encode/decode on one timestep grid."""
+
+    def __init__(self, config: DDIMConfig | None = None):
+        self.config = config or DDIMConfig()
         self.scheduler = DDIMScheduler(
-            num_train_timesteps=num_train_timesteps,
-            schedule="linear_beta",
-            beta_start=beta_start,
-            beta_end=beta_end,
+            num_train_timesteps=self.config.num_train_timesteps,
+            schedule=self.config.schedule,
+            beta_start=self.config.beta_start,
+            beta_end=self.config.beta_end,
             clip_sample=False,  # clipping x0-predictions breaks the exact reversibility of inversion
         )
-        self.num_train_timesteps = num_train_timesteps
+        self.num_train_timesteps = self.config.num_train_timesteps
+
+    def to(self, device: str | torch.device) -> "DDIM":
+        """Move the schedule's tables to ``device`` (where the images are); returns self."""
+        s = self.scheduler
+        s.alphas_cumprod = s.alphas_cumprod.to(device)
+        s.final_alpha_cumprod = s.final_alpha_cumprod.to(device)
+        return self
 
     def add_noise(self, original_samples, noise, timesteps):
         return self.scheduler.add_noise(original_samples=original_samples, noise=noise, timesteps=timesteps)

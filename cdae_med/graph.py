@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -133,12 +133,21 @@ class CausalGraph:
                 a[idx[p]][idx[v.name]] = 1
         return a
 
+    def roles(self, interventions: Iterable[str]) -> dict[str, str]:
+        """Each variable's part in an intervention, in topological order: ``intervened``,
+        ``descendant`` (recomputed from its changed parents) or ``unchanged``."""
+        do = set(interventions)
+        for name in do:
+            self[name]
+        changed = {d for v in do for d in self.descendants(v)}
+        return {n: "intervened" if n in do else "descendant" if n in changed else "unchanged" for n in self.order}
+
     # --- values -------------------------------------------------------------------------
     def check_interventions(self, do: Mapping[str, float]) -> None:
-        if not do:
-            raise GraphError("no intervention given; use e.g. do angle=20")
-        for name, value in do.items():
-            self[name].check_value(value)
+        """Raise a :class:`cdae_med.values.ValuesError` unless ``do`` is a valid, non-empty intervention."""
+        from .values import parse_values
+
+        parse_values(self, do, allow_empty=False)
 
     def normalise(self, values: Sequence[float] | Any) -> Any:
         """Own units -> normalised units, last axis in declaration order (numpy or torch)."""

@@ -18,32 +18,11 @@ import numpy as np
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from .counterfactual import Abduction, abduct, act, predict
-from .diffusion import DDIM
 from .graph import CausalGraph
-from .model import CausalDiffAE
+from .pipeline import CounterfactualPipeline
 
 __all__ = ["dci_disentanglement", "importance_matrix", "effectiveness_mae", "composition", "reversibility",
-           "image_errors", "pixel_mae", "abduct_by", "PROCEDURES"]
-
-# "ddim": ours (DDIM inversion, descendants recomputed). "original": the paper's public code, kept to
-# measure what doing it properly is worth: x_T is fresh Gaussian noise (z is still abducted from the
-# image) and an intervention overwrites its block without recomputing the descendants.
-PROCEDURES = ("ddim", "original")
-
-
-@torch.no_grad()
-def abduct_by(procedure: str, model: CausalDiffAE, ddim: DDIM, x0: torch.Tensor, num_steps: int = 50,
-              depth: float = 1.0, generator: torch.Generator | None = None) -> Abduction:
-    """Abduction under a counterfactual procedure (see :data:`PROCEDURES`)."""
-    if procedure not in PROCEDURES:
-        raise ValueError(f"procedure must be 'ddim' or 'original', got {procedure!r}")
-    if procedure == "ddim":
-        return abduct(model, ddim, x0, num_steps, depth)
-    u, _ = model.encode(x0)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
-    return Abduction(u=u, z=model.causal(u), x_t=noise, num_steps=num_steps, depth=depth)
-
+           "image_errors", "pixel_mae"]
 
 def importance_matrix(codes: np.ndarray, factors: np.ndarray, seed: int = 0, **gbr_kwargs) -> np.ndarray:
     """R[i, j]: importance of code dimension i for factor j, one GradientBoostingRegressor per factor."""
@@ -86,7 +65,7 @@ def pixel_mae(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def composition(model: CausalDiffAE, ddim: DDIM, x0: torch.Tensor, times: int = 10, num_steps: int = 50,
+def composition(pipe: CounterfactualPipeline, x0: torch.Tensor, times: int = 10, num_steps: int = 50,
                 depth: float = 1.0, report: tuple[int, ...] = (1, 10), guidance: float = 1.0,
                 reference: str = "factual", procedure: str = "ddim", seed: int = 0) -> dict[int, float]:
     """Distance between x and the null intervention (z unchanged) applied k times, for k in ``report``.
@@ -97,25 +76,25 @@ def composition(model: CausalDiffAE, ddim: DDIM, x0: torch.Tensor, times: int = 
     out, x = {}, x0
     gen = torch.Generator().manual_seed(seed)
     for k in range(1, times + 1):
-        ab = abduct_by(procedure, model, ddim, x, num_steps, depth, gen)
-        x = predict(model, ddim, ab, ab.z, guidance, reference)
+        ab = pipe.abduct(x, num_steps=num_steps, depth=depth, procedure=procedure, generator=gen)
+        x, _ = pipe.decode(ab, ab.z, guidance, reference)
         if k in report:
             out[k] = float(pixel_mae(x, x0).mean())
     return out
 
 
 @torch.no_grad()
-def reversibility(model: CausalDiffAE, ddim: DDIM, x0: torch.Tensor, do: Mapping[str, object],
+def reversibility(pipe: CounterfactualPipeline, x0: torch.Tensor, do: Mapping[str, object],
                   undo: Mapping[str, object], num_steps: int = 50, depth: float = 1.0,
                   guidance: float = 1.0, reference: str = "factual", procedure: str = "ddim",
                   seed: int = 0) -> float:
     """Distance between x and the counterfactual of its counterfactual: do(pa'), then do(pa) back."""
     gen = torch.Generator().manual_seed(seed)
     propagate = procedure == "ddim"
-    ab = abduct_by(procedure, model, ddim, x0, num_steps, depth, gen)
-    x_cf = predict(model, ddim, ab, act(model, ab, do, propagate), guidance, reference)
-    ab_cf = abduct_by(procedure, model, ddim, x_cf, num_steps, depth, gen)
-    x_back = predict(model, ddim, ab_cf, act(model, ab_cf, undo, propagate), guidance, reference)
+    ab = pipe.abduct(x0, num_steps=num_steps, depth=depth, procedure=procedure, generator=gen)
+    x_cf, _ = pipe.decode(ab, pipe.act(ab, do, propagate), guidance, reference)
+    ab_cf = pipe.abduct(x_cf, num_steps=num_steps, depth=depth, procedure=procedure, generator=gen)
+    x_back, _ = pipe.decode(ab_cf, pipe.act(ab_cf, undo, propagate), guidance, reference)
     return float(pixel_mae(x_back, x0).mean())
 
 

@@ -79,9 +79,6 @@ class CausalDiffAEConfig:
     mechanism_hidden: int = 64
     prior_std: float = 0.1
     cond_drop_prob: float = 0.1
-    num_train_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
     # Which model: see the module docstring. Checkpoints written before variants existed lack the
     # field and load as "causaldiffae", which is what they are.
     variant: str = "causaldiffae"
@@ -100,6 +97,8 @@ class CausalDiffAEConfig:
         self.encoder_channels = tuple(self.encoder_channels)
         self.unet_channels = tuple(self.unet_channels)
         self.unet_attention = tuple(bool(a) for a in self.unet_attention)
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if any(c % self.unet_norm_groups for c in self.unet_channels):
             raise ValueError(f"unet_channels {self.unet_channels} must be multiples of unet_norm_groups "
                              f"({self.unet_norm_groups})")

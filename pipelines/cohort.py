@@ -14,10 +14,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cdae_med.graph import CausalGraph, GraphError, Variable
+from cdae_med.graph import CausalGraph, GraphError
+from cdae_med.values import parse_value
 from cdae_med.io import is_nifti
 
-__all__ = ["ManifestError", "Subject", "read_manifest", "subjects_in_folder", "parse_value", "variable_columns"]
+__all__ = ["ManifestError", "Subject", "read_manifest", "subjects_in_folder", "variable_columns"]
 
 
 class ManifestError(ValueError):
@@ -29,33 +30,6 @@ class Subject:
     subject_id: str
     path: Path
     values: dict[str, float] = field(default_factory=dict)  # the graph variables the manifest gives
-
-
-def _levels(var: Variable) -> dict[str, float]:
-    """'0=female, 1=male' -> {'0': 0, '1': 1, 'female': 0, 'f': 0, 'male': 1, 'm': 1}."""
-    levels = {"0": 0.0, "1": 1.0}
-    for code, name in re.findall(r"([01])\s*=\s*([A-Za-z][\w-]*)", var.unit or ""):
-        levels[name.lower()] = float(code)
-        levels.setdefault(name[0].lower(), float(code))
-    return levels
-
-
-def parse_value(var: Variable, text: str | float) -> float:
-    """A value of ``var`` from text (numbers; level names for binary variables), range-checked."""
-    if isinstance(text, str):
-        raw = text.strip()
-        if var.binary and raw.lower() in _levels(var):
-            value = _levels(var)[raw.lower()]
-        else:
-            try:
-                value = float(raw)
-            except ValueError:
-                hint = f" (or one of {sorted(k for k in _levels(var) if not k.isdigit())})" if var.binary else ""
-                raise GraphError(f"{var.name}: {raw!r} is not a number{hint}") from None
-    else:
-        value = float(text)
-    var.check_value(value)
-    return value
 
 
 def variable_columns(header: list[str], graph: CausalGraph) -> dict[str, str]:

@@ -33,6 +33,7 @@ class SyntheticDataset:
     spatial_dims: int
     channels: int
     options: tuple = ()  # generator-specific keyword arguments for sample/write, e.g. mnist_dir
+    field_of_view_mm: float | None = None  # volumes: side of the generator's cubic field of view
 
     def sample(self, n: int, seed: int, size: int) -> Samples:
         samples = self.generator.sample(n, seed=seed, size=size, **dict(self.options))
@@ -78,7 +79,7 @@ def get_dataset(name: str, mnist_dir: str | None = None) -> SyntheticDataset:
         raise ValueError(f"data set {name!r} is not built yet (see README, status)") from None
     return SyntheticDataset(name=name, graph=builtin_graph(name), generator=module,
                             default_size=module.DEFAULT_SIZE, spatial_dims=module.SPATIAL_DIMS,
-                            channels=module.CHANNELS,
+                            channels=module.CHANNELS, field_of_view_mm=getattr(module, "FOV_MM", None),
                             options=(("mnist_dir", str(mnist_dir)),) if mnist_dir is not None else ())
 
 

@@ -39,7 +39,7 @@ def init_distributed(device: str = "auto") -> tuple[Ranks, torch.device]:
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError("--distributed needs to be started by torchrun, e.g. "
-                           "`torchrun --nproc_per_node 2 -m pipelines.cli train ... --distributed` "
+                           "`torchrun --nproc_per_node 2 -m cdae_cli train ... --distributed` "
                            f"(missing {', '.join(missing)})")
     ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     use_cuda = device != "cpu" and torch.cuda.is_available()

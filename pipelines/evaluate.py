@@ -9,7 +9,7 @@ the intervened block overwritten without recomputing its descendants. Compositio
 reversibility are measured under the same procedure (fresh noise at every pass), so they show
 what the original procedure loses of the subject. The figures always use the DDIM procedure.
 
-``reference`` is the guidance reference of ``cdae_med.counterfactual.predict``: "factual" (ours)
+``reference`` is the guidance reference of :meth:`cdae_med.pipeline.CounterfactualPipeline.decode`: "factual" (ours)
 or "null" (the paper's classifier-free form). Any checkpoint variant (causaldiffae, diffae,
 label_conditional) is evaluated the same way; ``n_dci=0`` skips DCI and ``figures=False`` the PNGs.
 """
@@ -26,18 +26,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cdae_med.checkpoint import load_checkpoint
-from cdae_med.counterfactual import abduct, act, predict
-from cdae_med.diffusion import DDIM
-from cdae_med.metrics import (PROCEDURES, abduct_by, composition, dci_disentanglement, effectiveness_mae,
-                              image_errors, reversibility)
+from cdae_med.metrics import composition, dci_disentanglement, effectiveness_mae, image_errors, reversibility
+from cdae_med.pipeline import PROCEDURES, REFERENCES, CounterfactualPipeline
 
 from .datasets import get_dataset, preview, to_tensor, to_uint8
 from .evaluate_cf import random_targets
 from .figures import counterfactual_grid, image_grid
 from .regressors import load_or_train_predictors
-from .runtime import autocast, resolve_device
-from .train import test_seed
+from .train_config import test_seed
 
 log = logging.getLogger("cdae_med")
 
@@ -52,18 +48,15 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
              figures: bool = True) -> dict:
     if procedure not in PROCEDURES:
         raise ValueError(f"procedure must be 'ddim' or 'original', got {procedure!r}")
-    if reference not in ("factual", "null"):
+    if reference not in REFERENCES:
         raise ValueError(f"reference must be 'factual' or 'null', got {reference!r}")
     t_start = time.perf_counter()
     # composition and reversibility use the first of the n test images (--n 4 with the default 16 failed)
     n_composition = min(n_composition, n)
-    ckpt = load_checkpoint(checkpoint)
+    pipe = CounterfactualPipeline.from_checkpoint(checkpoint, device)
+    ckpt, model, dev = pipe.checkpoint, pipe.model, pipe.device
     ds = get_dataset(ckpt.dataset)
-    dev = resolve_device(device)
-    model = ckpt.model.to(dev)
     graph = ds.graph
-    ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)
-    ddim.scheduler.alphas_cumprod = ddim.scheduler.alphas_cumprod.to(dev)
     size = ckpt.image["size"][0]
     out = Path(out or Path(checkpoint) / "evaluation")
     out.mkdir(parents=True, exist_ok=True)
@@ -90,19 +83,17 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
     bar = tqdm(total=n * len(variables), desc="counterfactuals", unit="img", disable=not progress)
     for s in range(0, n, batch_size):
         batch = eval_set[s:s + batch_size]
-        x0 = to_tensor(batch.images).to(dev)
-        with autocast(dev):
-            ab = abduct_by(procedure, model, ddim, x0, num_steps, depth, gen)
-            for v_i, v in enumerate(variables):
-                targets = random_targets(ds, v, n, seed + v_i)[s:s + batch_size]
-                z_cf = act(model, ab, {v: torch.as_tensor(targets, device=dev)}, propagate=procedure == "ddim")
-                x_cf = predict(model, ddim, ab, z_cf, guidance, reference)
-                truth = ds.counterfactual(batch, {v: targets}, size)
-                pred = predictors.predict(x_cf.float())
-                for m_i, m in enumerate(variables):
-                    eff[v][m].append(np.stack([pred[:, m_i], truth.labels[:, m_i]], 1))
-                img_err[v].append((len(x0), image_errors(x_cf, to_tensor(truth.images).to(dev))))
-                bar.update(len(x0))
+        x0 = to_tensor(batch.images)
+        ab = pipe.abduct(x0, num_steps=num_steps, depth=depth, procedure=procedure, generator=gen)
+        for v_i, v in enumerate(variables):
+            targets = random_targets(ds, v, n, seed + v_i)[s:s + batch_size]
+            x_cf, _ = pipe.decode(ab, pipe.act(ab, {v: targets}, propagate=procedure == "ddim"), guidance, reference)
+            truth = ds.counterfactual(batch, {v: targets}, size)
+            pred = predictors.predict(x_cf)
+            for m_i, m in enumerate(variables):
+                eff[v][m].append(np.stack([pred[:, m_i], truth.labels[:, m_i]], 1))
+            img_err[v].append((len(x0), image_errors(x_cf, to_tensor(truth.images).to(dev))))
+            bar.update(len(x0))
     bar.close()
     result["effectiveness"] = {
         f"do({v})": {m: effectiveness_mae(*np.concatenate(eff[v][m]).T, graph, m) for m in variables}
@@ -113,19 +104,17 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
 
     # Composition (null intervention 1 and 10 times) and reversibility (to pa' and back)
     x_c = to_tensor(eval_set.images[:n_composition]).to(dev)
-    with autocast(dev):
-        result["composition"] = {f"k={k}": d for k, d in composition(
-            model, ddim, x_c, 10, num_steps, depth, guidance=guidance, reference=reference, procedure=procedure,
-            seed=seed).items()}
-        roots = [v for v in graph.variables if not v.parents]
-        result["reversibility"] = {}
-        for v_i, var in enumerate(roots):
-            targets = random_targets(ds, var.name, n_composition, seed + 100 + v_i)
-            back = eval_set.labels[:n_composition, graph.index(var.name)]
-            result["reversibility"][f"do({var.name})"] = reversibility(
-                model, ddim, x_c, {var.name: torch.as_tensor(targets, device=dev)},
-                {var.name: torch.as_tensor(back, device=dev)}, num_steps, depth, guidance, reference,
-                procedure, seed)
+    result["composition"] = {f"k={k}": d for k, d in composition(
+        pipe, x_c, 10, num_steps, depth, guidance=guidance, reference=reference, procedure=procedure,
+        seed=seed).items()}
+    roots = [v for v in graph.variables if not v.parents]
+    result["reversibility"] = {}
+    for v_i, var in enumerate(roots):
+        targets = random_targets(ds, var.name, n_composition, seed + 100 + v_i)
+        back = eval_set.labels[:n_composition, graph.index(var.name)]
+        result["reversibility"][f"do({var.name})"] = reversibility(
+            pipe, x_c, {var.name: targets}, {var.name: back}, num_steps, depth, guidance, reference,
+            procedure, seed)
     if procedure == "original":
         result["composition_note"] = ("original procedure: every pass decodes fresh noise, so composition "
                                       "measures how much of the subject is lost")
@@ -133,9 +122,9 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
     # Figures
     if figures:
         roots_names = tuple(v.name for v in graph.variables if not v.parents)
-        counterfactual_grid(model, ddim, ds, test[:6], roots_names, num_steps=num_steps, depth=depth,
+        counterfactual_grid(pipe, ds, test[:6], roots_names, num_steps=num_steps, depth=depth,
                             guidance=guidance, seed=seed).save(out / "counterfactual_grid.png")
-        _sweep(model, ddim, ds, test[:1], roots_names, num_steps, depth, guidance).save(out / "sweep.png")
+        _sweep(pipe, ds, test[:1], roots_names, num_steps, depth, guidance).save(out / "sweep.png")
     result["seconds"] = time.perf_counter() - t_start
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "evaluation.md").write_text(markdown_tables(result, graph.names))
@@ -143,21 +132,18 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
 
 
 @torch.no_grad()
-def _sweep(model, ddim, ds, sample, variables, num_steps, depth, guidance, n_values: int = 7):
+def _sweep(pipe: CounterfactualPipeline, ds, sample, variables, num_steps, depth, guidance, n_values: int = 7):
     """For each root variable: the model's counterfactual row and the true row across its range."""
-    dev = next(model.parameters()).device
     size = sample.images.shape[1]
-    x0 = to_tensor(np.repeat(sample.images, n_values, axis=0)).to(dev)
+    ab = pipe.abduct(to_tensor(np.repeat(sample.images, n_values, axis=0)), num_steps=num_steps, depth=depth)
     rows, labels = [], []
-    with autocast(dev):
-        ab = abduct(model, ddim, x0, num_steps, depth)
-        for v in variables:
-            var = ds.graph[v]
-            values = np.linspace(var.low, var.high, n_values)
-            x_cf = predict(model, ddim, ab, act(model, ab, {v: torch.as_tensor(values, device=dev)}), guidance)
-            rows.append(preview(to_uint8(x_cf)))
-            rows.append(preview(ds.counterfactual(sample[np.zeros(n_values, int)], {v: values}, size).images))
-            labels += [f"do({v})", "true"]
+    for v in variables:
+        var = ds.graph[v]
+        values = np.linspace(var.low, var.high, n_values)
+        x_cf, _ = pipe.decode(ab, pipe.act(ab, {v: values}), guidance)
+        rows.append(preview(to_uint8(x_cf)))
+        rows.append(preview(ds.counterfactual(sample[np.zeros(n_values, int)], {v: values}, size).images))
+        labels += [f"do({v})", "true"]
     headers = [f"{k}/{n_values - 1} of range" for k in range(n_values)]
     return image_grid([[r[i] for i in range(n_values)] for r in rows], headers, row_labels=labels)
 

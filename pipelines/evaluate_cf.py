@@ -6,14 +6,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cdae_med.counterfactual import abduct, act, predict
-from cdae_med.diffusion import DDIM
-from cdae_med.model import CausalDiffAE
-
+from cdae_med.pipeline import CounterfactualPipeline
 from synthetic_data.base import Samples
 
 from .datasets import SyntheticDataset, to_255, to_tensor, to_uint8
-from .runtime import autocast
 
 __all__ = ["random_targets", "counterfactual_errors"]
 
@@ -32,13 +28,12 @@ def random_targets(dataset: SyntheticDataset, variable: str, n: int, seed: int) 
 
 
 @torch.no_grad()
-def counterfactual_errors(model: CausalDiffAE, ddim: DDIM, dataset: SyntheticDataset, samples: Samples,
+def counterfactual_errors(pipe: CounterfactualPipeline, dataset: SyntheticDataset, samples: Samples,
                           variables: tuple[str, ...], *, num_steps: int = 50,
                           depth: float = 1.0, guidance: float = 1.0, batch_size: int = 64, seed: int = 0,
                           progress: bool = True) -> dict:
     """Mean absolute pixel error (0-255) of reconstructions and of do(v) counterfactuals, each against
     the generator's true counterfactual, beside the error of returning the input unchanged."""
-    device = next(model.parameters()).device
     images = samples.images
     size = images.shape[1]
     out: dict = {"n": len(images), "num_steps": num_steps, "depth": depth, "guidance": guidance}
@@ -50,15 +45,14 @@ def counterfactual_errors(model: CausalDiffAE, ddim: DDIM, dataset: SyntheticDat
         targets = random_targets(dataset, v, len(images), seed + v_i)
         true_imgs = dataset.counterfactual(samples, {v: targets}, size).images
         for s in range(0, len(images), batch_size):
-            x0 = to_tensor(images[s:s + batch_size]).to(device)
-            with autocast(device):
-                ab = abduct(model, ddim, x0, num_steps, depth)
-                if v_i == 0:
-                    rec = predict(model, ddim, ab, ab.z)
-                    recon_err.append(_mae(to_uint8(rec), images[s:s + batch_size]))
-                    bar.update(len(x0))
-                z_cf = act(model, ab, {v: torch.as_tensor(targets[s:s + batch_size], device=device)})
-                cf = predict(model, ddim, ab, z_cf, guidance)
+            x0 = to_tensor(images[s:s + batch_size])
+            ab = pipe.abduct(x0, num_steps=num_steps, depth=depth)
+            z_cf = pipe.act(ab, {v: targets[s:s + batch_size]})
+            # the reconstruction once, decoded with the first variable's counterfactuals
+            cf, rec = pipe.decode(ab, z_cf, guidance, reconstruction=v_i == 0)
+            if rec is not None:
+                recon_err.append(_mae(to_uint8(rec), images[s:s + batch_size]))
+                bar.update(len(x0))
             truth = true_imgs[s:s + batch_size]
             cf_err[v].append(_mae(to_uint8(cf), truth))
             copy_err[v].append(_mae(images[s:s + batch_size], truth))

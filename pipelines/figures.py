@@ -6,15 +6,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from cdae_med.counterfactual import abduct, act, predict
-from cdae_med.diffusion import DDIM
-from cdae_med.model import CausalDiffAE
-
+from cdae_med.pipeline import CounterfactualPipeline
 from synthetic_data.base import Samples
 
 from .datasets import SyntheticDataset, preview, to_tensor, to_uint8
 from .evaluate_cf import random_targets
-from .runtime import autocast
 
 __all__ = ["image_grid", "counterfactual_grid"]
 
@@ -41,23 +37,20 @@ def image_grid(cells: list[list[np.ndarray]], headers: list[str], cell_px: int =
 
 
 @torch.no_grad()
-def counterfactual_grid(model: CausalDiffAE, ddim: DDIM, ds: SyntheticDataset, samples: Samples,
+def counterfactual_grid(pipe: CounterfactualPipeline, ds: SyntheticDataset, samples: Samples,
                         variables: tuple[str, ...], *, num_steps: int = 50,
                         depth: float = 1.0, guidance: float = 1.0, seed: int = 0) -> Image.Image:
     """Rows = samples; columns = input, reconstruction, then do(v) and the true do(v) for each v."""
-    device = next(model.parameters()).device
     images = samples.images
     size = images.shape[1]
-    x0 = to_tensor(images).to(device)
-    with autocast(device):
-        ab = abduct(model, ddim, x0, num_steps, depth)
-        columns = [preview(images), preview(to_uint8(predict(model, ddim, ab, ab.z)))]
-        headers = ["input", "reconstruction"]
-        for v_i, v in enumerate(variables):
-            targets = random_targets(ds, v, len(images), seed + v_i)
-            z_cf = act(model, ab, {v: torch.as_tensor(targets, device=device)})
-            columns.append(preview(to_uint8(predict(model, ddim, ab, z_cf, guidance))))
-            columns.append(preview(ds.counterfactual(samples, {v: targets}, size).images))
-            headers += [f"do({v})", f"true do({v})"]
+    ab = pipe.abduct(to_tensor(images), num_steps=num_steps, depth=depth)
+    columns = [preview(images), preview(to_uint8(pipe.decode(ab, ab.z)[0]))]
+    headers = ["input", "reconstruction"]
+    for v_i, v in enumerate(variables):
+        targets = random_targets(ds, v, len(images), seed + v_i)
+        cf, _ = pipe.decode(ab, pipe.act(ab, {v: targets}), guidance)
+        columns.append(preview(to_uint8(cf)))
+        columns.append(preview(ds.counterfactual(samples, {v: targets}, size).images))
+        headers += [f"do({v})", f"true do({v})"]
     cells = [[col[r] for col in columns] for r in range(len(images))]
     return image_grid(cells, headers)

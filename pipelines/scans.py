@@ -29,14 +29,15 @@ import torch
 
 from cdae_med import __version__
 from cdae_med.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
-from cdae_med.counterfactual import abduct, act
 from cdae_med.diffusion import DDIM
 from cdae_med.graph import GraphError
 from cdae_med.io import NiftiError, write_nifti
+from cdae_med.pipeline import CounterfactualPipeline
+from cdae_med.runtime import optimise_for_device, resolve_device
+from cdae_med.values import parse_values
 
-from .cohort import Subject, parse_value
+from .cohort import Subject
 from .mri import Preprocessing, PreparedScan, from_slices, prepare, restore_change, spatial_transforms, to_slices
-from .runtime import autocast, optimise_for_device, resolve_device
 
 __all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "run_batch", "orthogonal_preview"]
 
@@ -64,16 +65,14 @@ class ScanModel:
     def __init__(self, checkpoint, device: torch.device, num_steps: int = 50, depth: float = 1.0,
                  guidance: float = 1.0):
         self.checkpoint = checkpoint
-        self.model = optimise_for_device(checkpoint.model.to(device).eval(), device)
+        model = optimise_for_device(checkpoint.model.to(device).eval(), device)
+        self.pipeline = CounterfactualPipeline(model, DDIM(checkpoint.scheduler), checkpoint).to(device)
         log.info("scan model on %s, %s", device, "bf16 autocast" if device.type == "cuda" else "fp32")
-        self.graph = self.model.graph
+        self.graph = model.graph
         self.device = device
         if not 0.0 < guidance <= 20.0:
             raise ValueError(f"guidance must be in (0, 20], got {guidance}")
         self.num_steps, self.depth, self.guidance = num_steps, depth, guidance
-        cfg = self.model.config
-        self.ddim = DDIM(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
-        self.ddim.scheduler.alphas_cumprod = self.ddim.scheduler.alphas_cumprod.to(device)
         prep = checkpoint.image.get("preprocessing")
         if prep is None:
             raise CheckpointError(f"{checkpoint.path} was trained on {checkpoint.dataset!r} images, not on scans: "
@@ -89,12 +88,10 @@ class ScanModel:
 
     # --- inputs ------------------------------------------------------------------------
     def interventions(self, do: Mapping[str, float | str]) -> dict[str, float]:
-        if not do:
-            raise GraphError("no intervention given")
-        return {name: parse_value(self.graph[name], value) for name, value in do.items()}
+        return parse_values(self.graph, do, what="interventions", allow_empty=False)
 
     def covariates(self, given: Mapping[str, float | str] | None) -> dict[str, float]:
-        return {name: parse_value(self.graph[name], value) for name, value in (given or {}).items()}
+        return parse_values(self.graph, given, what="covariates")
 
     def prepare(self, path) -> PreparedScan:
         try:
@@ -126,17 +123,13 @@ class ScanModel:
             if progress:
                 progress(min(1.0, done / total))
 
-        with autocast(self.device):
-            ab = abduct(self.model, self.ddim, x0, self.num_steps, self.depth, tick, observed=observed)
-            z_cf = act(self.model, ab, do)
-            # Counterfactual and factual reconstruction decoded in one batch: their difference is
-            # the intervention's effect with the reconstruction error cancelled.
-            x_t = torch.cat([ab.x_t, ab.x_t])
-            decoded = self.ddim.decode(self._eps(z_cf, ab.z), x_t, self.num_steps, self.depth, tick).clamp(-1, 1)
-        cf, recon = decoded.float().chunk(2)
-        change = ((cf - recon) / 2.0).cpu().numpy()  # model range [-1, 1] -> the [0, 1] window units
-        factual = graph.denormalise(self.model.latent_to_label(ab.z)).cpu().numpy()
-        values = graph.denormalise(self.model.latent_to_label(z_cf)).cpu().numpy()
+        # Counterfactual and factual reconstruction decoded in one batch: their difference is the
+        # intervention's effect with the reconstruction error cancelled.
+        out = self.pipeline(x0, do, observed=observed, num_steps=self.num_steps, depth=self.depth,
+                            guidance=self.guidance, reconstruction=True, progress=tick)
+        change = ((out.images - out.reconstruction) / 2.0).cpu().numpy()  # [-1, 1] -> the [0, 1] window units
+        factual = out.factual_values.cpu().numpy()
+        values = out.counterfactual_values.cpu().numpy()
         if axis is not None:
             change = np.moveaxis(from_slices(np.moveaxis(change, 1, -1), b, axis), -1, 1)
             # A scan's values: the slices' estimates weighted by how much head each slice shows.
@@ -157,27 +150,10 @@ class ScanModel:
             progress(1.0)
         return results
 
-    def _eps(self, z_cf: torch.Tensor, z: torch.Tensor):
-        """eps for the batch [counterfactual; reconstruction]. With guidance w != 1 the counterfactual
-        half follows eps(z) + w (eps(z_cf) - eps(z)) (cdae_med.counterfactual, factual reference):
-        w > 1 amplifies what the intervention changes, and a null intervention still changes nothing."""
-        both = torch.cat([z_cf, z])
-        if self.guidance == 1.0:
-            return lambda x, t: self.model.denoise(x, t, both)
-        three, w = torch.cat([z_cf, z, z]), self.guidance
-
-        def eps(x, t):
-            x_cf, x_rec = x.chunk(2)
-            t_cf, t_rec = t.chunk(2)
-            e_cf, e_ref, e_rec = self.model.denoise(torch.cat([x_cf, x_cf, x_rec]), torch.cat([t_cf, t_cf, t_rec]),
-                                                    three).chunk(3)
-            return torch.cat([e_ref + w * (e_cf - e_ref), e_rec])
-        return eps
-
     def _report(self, p: PreparedScan, r: _Result, do: dict[str, float], given: dict[str, float],
                 seconds: float) -> dict:
         graph = self.graph
-        changed = {d for v in do for d in graph.descendants(v)}
+        roles = graph.roles(do)
         factual = {}
         for n in graph.names:
             entry = {"value": given.get(n, r.factual[n]), "unit": graph[n].unit,
@@ -187,8 +163,7 @@ class ScanModel:
                 entry["value"], entry["raw_estimate"] = float(round(min(1.0, max(0.0, r.factual[n])))), r.factual[n]
             factual[n] = entry
         counterfactual = {}
-        for n in graph.order:
-            role = "intervened" if n in do else "descendant" if n in changed else "unchanged"
+        for n, role in roles.items():
             value = do[n] if n in do else factual[n]["value"] if role == "unchanged" else r.values[n]
             if graph[n].binary:
                 value = float(round(min(1.0, max(0.0, value))))

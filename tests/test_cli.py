@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipelines.cli import app
+from cdae_cli import app
 
 runner = CliRunner()
 

@@ -20,11 +20,11 @@ def run(args, tmp_path, name):
 
 def test_two_ranks_stay_in_sync_and_write_the_single_process_format(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                "-m", "pipelines.cli"]
+                "-m", "cdae_cli"]
     res = run(torchrun + ARGS + ["--out", str(tmp_path / "ddp"), "--distributed"], tmp_path, "ddp")
     assert "distributed: 2 processes, backend gloo" in res.stderr
     assert "ranks in sync after 6 steps" in res.stderr
-    single = run([sys.executable, "-m", "pipelines.cli"] + ARGS + ["--out", str(tmp_path / "one")], tmp_path, "one")
+    single = run([sys.executable, "-m", "cdae_cli"] + ARGS + ["--out", str(tmp_path / "one")], tmp_path, "one")
     assert "distributed" not in single.stderr
     ddp_meta = json.loads((tmp_path / "ddp" / "checkpoint.json").read_text())
     one_meta = json.loads((tmp_path / "one" / "checkpoint.json").read_text())

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdae_med.counterfactual import abduct, act, counterfactual
+from cdae_med.counterfactual import abduct
 from cdae_med.diffusion import DDIM
 from cdae_med.graph import GraphError, builtin_graph, load_graph
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig, CausalLayer, kl_normal

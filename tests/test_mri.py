@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cdae_med.io import NiftiError, read_nifti, write_nifti
-from pipelines.cli import app
+from cdae_cli import app
 from pipelines.cohort import ManifestError, read_manifest
 from pipelines.mri import Preprocessing, intensity_window, prepare, restore_change
 from pipelines.scans import OUTPUT_FILES, ScanError, ScanModel, run_batch

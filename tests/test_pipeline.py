@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from cdae_med.checkpoint import META, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
-from cdae_med.counterfactual import abduct, counterfactual
+from cdae_med.counterfactual import abduct
 from cdae_med.diffusion import DDIM
 from cdae_med.graph import GraphError
+from cdae_med.pipeline import CounterfactualPipeline
 from pipelines.datasets import get_dataset, to_tensor, to_uint8
 from pipelines.train import TrainConfig, train
 
@@ -62,28 +63,26 @@ def test_ddim_inversion_reconstructs(tiny_checkpoint, test_batch):
 
 
 def test_counterfactual_shapes_and_errors(tiny_checkpoint, test_batch):
-    ckpt = load_checkpoint(tiny_checkpoint)
+    pipe = CounterfactualPipeline.from_checkpoint(tiny_checkpoint, "cpu")
     x0 = to_tensor(test_batch[0][:3])
-    res = counterfactual(ckpt.model, DDIM(), x0, {"angle": torch.tensor([-20.0, 0.0, 20.0])}, num_steps=5)
-    assert res.image.shape == x0.shape
-    assert torch.allclose(res.values[:, 0], torch.tensor([-20.0, 0.0, 20.0]), atol=1e-4)
-    assert torch.allclose(res.values[:, 1], res.factual[:, 1])  # light is not a descendant of angle
+    res = pipe(x0, {"angle": torch.tensor([-20.0, 0.0, 20.0])}, num_steps=5)
+    assert res.images.shape == x0.shape and res.reconstruction is None
+    assert torch.allclose(res.counterfactual_values[:, 0], torch.tensor([-20.0, 0.0, 20.0]), atol=1e-4)
+    # light is not a descendant of angle
+    assert torch.allclose(res.counterfactual_values[:, 1], res.factual_values[:, 1])
     with pytest.raises(GraphError, match="outside the declared range"):
-        counterfactual(ckpt.model, DDIM(), x0, {"angle": 80.0}, num_steps=5)
+        pipe(x0, {"angle": 80.0}, num_steps=5)
     with pytest.raises(GraphError, match="unknown variable 'age'"):
-        counterfactual(ckpt.model, DDIM(), x0, {"age": 70.0}, num_steps=5)
+        pipe(x0, {"age": 70.0}, num_steps=5)
     with pytest.raises(GraphError, match="2 values for a batch of 3"):
-        counterfactual(ckpt.model, DDIM(), x0, {"angle": torch.tensor([1.0, 2.0])}, num_steps=5)
+        pipe(x0, {"angle": torch.tensor([1.0, 2.0])}, num_steps=5)
 
 
 def test_null_intervention_with_guidance_reproduces_reconstruction(tiny_checkpoint, test_batch):
-    from cdae_med.counterfactual import predict
-
-    ckpt = load_checkpoint(tiny_checkpoint)
-    ddim = DDIM()
-    ab = abduct(ckpt.model, ddim, to_tensor(test_batch[0][:2]), num_steps=8)
-    plain = predict(ckpt.model, ddim, ab, ab.z)
-    guided = predict(ckpt.model, ddim, ab, ab.z, guidance=3.0)
+    pipe = CounterfactualPipeline.from_checkpoint(tiny_checkpoint, "cpu")
+    ab = pipe.abduct(to_tensor(test_batch[0][:2]), num_steps=8)
+    plain, _ = pipe.decode(ab, ab.z)
+    guided, _ = pipe.decode(ab, ab.z, guidance=3.0)
     assert torch.allclose(plain, guided, atol=1e-4)
 
 

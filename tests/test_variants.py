@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from cdae_med.checkpoint import META, CheckpointError, load_checkpoint, save_checkpoint
-from cdae_med.counterfactual import abduct, act, predict
+from cdae_med.counterfactual import abduct
 from cdae_med.diffusion import DDIM
 from cdae_med.graph import builtin_graph
 from cdae_med.metrics import composition, pixel_mae
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
+from cdae_med.pipeline import CounterfactualPipeline
 from pipelines.train import TrainConfig, labelled_mask, train
 
 from .conftest import TINY_MODEL
@@ -172,37 +173,37 @@ def z_sensitive():
 
 
 def test_guidance_scales_the_intervention_monotonically(z_sensitive):
-    model, ddim = z_sensitive, DDIM()
+    pipe = CounterfactualPipeline(z_sensitive)
     from pipelines.datasets import get_dataset, to_tensor
     x = to_tensor(get_dataset("pendulum").sample(8, seed=5, size=16).images)
-    ab = abduct(model, ddim, x, num_steps=10)
-    rec = predict(model, ddim, ab, ab.z)
-    z_cf = act(model, ab, {"angle": 30.0})
-    dist = [float(pixel_mae(predict(model, ddim, ab, z_cf, w), rec).mean()) for w in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    ab = pipe.abduct(x, num_steps=10)
+    rec, _ = pipe.decode(ab, ab.z)
+    z_cf = pipe.act(ab, {"angle": 30.0})
+    dist = [float(pixel_mae(pipe.decode(ab, z_cf, w)[0], rec).mean()) for w in (0.0, 0.5, 1.0, 2.0, 4.0)]
     assert dist[0] < 1e-3  # w = 0 with the factual reference is the reconstruction
     assert dist[2] > 1.0  # the intervention is visible at w = 1 ...
     assert all(b > a + 0.1 for a, b in zip(dist, dist[1:])), dist  # ... and grows with omega
     # a null intervention is the reconstruction for every omega with the factual reference ...
     for w in (0.0, 3.0):
-        assert torch.allclose(predict(model, ddim, ab, ab.z, w), rec, atol=1e-5)
+        assert torch.allclose(pipe.decode(ab, ab.z, w)[0], rec, atol=1e-5)
     # ... but not with the null (classifier-free) reference: omega = 0 is the unconditional model
-    null_dist = [float(pixel_mae(predict(model, ddim, ab, ab.z, w, "null"), rec).mean()) for w in (0.0, 0.5, 1.0)]
+    null_dist = [float(pixel_mae(pipe.decode(ab, ab.z, w, "null")[0], rec).mean()) for w in (0.0, 0.5, 1.0)]
     assert null_dist[0] > null_dist[1] + 0.1 and null_dist[2] < 1e-3, null_dist
-    c_fact = [composition(model, ddim, x[:2], 1, 10, report=(1,), guidance=w)[1] for w in (1.0, 3.0)]
-    c_null = [composition(model, ddim, x[:2], 1, 10, report=(1,), guidance=w, reference="null")[1]
+    c_fact = [composition(pipe, x[:2], 1, 10, report=(1,), guidance=w)[1] for w in (1.0, 3.0)]
+    c_null = [composition(pipe, x[:2], 1, 10, report=(1,), guidance=w, reference="null")[1]
               for w in (0.0, 1.0)]
     assert c_fact[0] == pytest.approx(c_fact[1], abs=1e-6)
     assert c_null[0] > c_null[1] + 0.1  # decoding without z loses what z carried of the subject
 
 
 def test_original_procedure_loses_the_subject(trained):
-    model, ddim = trained, DDIM()
+    pipe = CounterfactualPipeline(trained)
     from pipelines.datasets import get_dataset, to_tensor
     x = to_tensor(get_dataset("pendulum").sample(4, seed=6, size=16).images)
-    ours = composition(model, ddim, x, 2, 10, report=(1, 2))
-    orig = composition(model, ddim, x, 2, 10, report=(1, 2), procedure="original")
+    ours = composition(pipe, x, 2, 10, report=(1, 2))
+    orig = composition(pipe, x, 2, 10, report=(1, 2), procedure="original")
     assert orig[1] > 3 * ours[1], (orig, ours)
-    again = composition(model, ddim, x, 2, 10, report=(1, 2), procedure="original")
+    again = composition(pipe, x, 2, 10, report=(1, 2), procedure="original")
     assert again == orig  # seeded fresh noise: reproducible
 
 
@@ -250,7 +251,7 @@ def test_cli_train_switches(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import pipelines.train as train_module
-    from pipelines.cli import app
+    from cdae_cli import app
 
     def run(*args):
         return CliRunner().invoke(app, ["train", "--out", str(tmp_path / "x"), *map(str, args)])
@@ -276,7 +277,7 @@ def test_cli_train_switches(tmp_path, monkeypatch):
 def test_cli_guidance_sweep(trained_path, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from cdae_cli import app
 
     monkeypatch.setenv("CDAE_HOME", str(tmp_path / "home"))
     runner = CliRunner()

@@ -1,0 +1,335 @@
+"""Commands for researchers: train, evaluate, counterfactuals of images and scans, batches, data.
+
+Training options are built from :class:`pipelines.train_config.TrainConfig` (defaults, bounds and
+help text live there once); the run is validated by the same schema the API uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from pipelines.train_config import TrainConfig, parameter_default, parameter_help
+
+from .errors import UserError, run
+
+__all__ = ["register"]
+
+data_app = typer.Typer(no_args_is_help=True, help="Synthetic data sets with ground-truth counterfactuals.")
+
+
+def _param(name: str, *flags: str):
+    """A Typer option whose default and help come from the training schema."""
+    return typer.Option(parameter_default(name), *flags, help=parameter_help(name))
+
+
+# the schema's fields as the command line names them, for its error messages
+_FLAGS = {name: "--" + name.replace("_", "-") for name in TrainConfig.model_fields}
+_FLAGS["dataset"] = "data set"
+
+
+def train(
+    dataset: str = _param("dataset"),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint directory [default: runs/DATASET]."),
+    steps: int = _param("steps"),
+    minutes: float = _param("minutes"),
+    size: Optional[int] = _param("size"),
+    batch_size: int = _param("batch_size"),
+    lr: float = _param("lr"),
+    n_train: int = _param("n_train"),
+    seed: int = _param("seed"),
+    device: str = _param("device"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
+    eval_n: int = _param("eval_n"),
+    mnist_dir: Optional[Path] = _param("mnist_dir"),
+    variant: str = _param("variant"),
+    labelled_fraction: float = _param("labelled_fraction"),
+    cond_drop_prob: Optional[float] = typer.Option(None, help="Rate at which z is dropped in training, for "
+                                                              "guidance (default: the model's, 0.1)."),
+    data: Optional[Path] = _param("data"),
+    graph: Optional[str] = _param("graph"),
+    spacing_mm: Optional[float] = _param("spacing_mm"),
+    compile: bool = typer.Option(False, "--compile", help=parameter_help("compile")),
+    distributed: bool = typer.Option(False, "--distributed", help=parameter_help("distributed")),
+    slicewise: bool = typer.Option(False, "--slicewise", help=parameter_help("slicewise")),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    register_as: Optional[str] = typer.Option(None, "--register-as", help="Register the finished model in the "
+                                              "registry (CDAE_HOME/models) under this name [default: the data set]."),
+    no_register: bool = typer.Option(False, "--no-register", help="Do not register the finished model."),
+) -> None:
+    """Train a CausalDiffAE; writes a checkpoint, metrics.json and counterfactual_grid.png, and registers it."""
+    from pydantic import ValidationError
+
+    import pipelines.train
+    from pipelines.registry import check_name, register
+    from pipelines.train_config import describe_validation_error
+
+    def go():
+        if register_as is not None:
+            check_name(register_as)
+        try:
+            cfg = TrainConfig(
+                dataset=dataset, out=str(out or Path("runs") / dataset), steps=steps, minutes=minutes, size=size,
+                batch_size=batch_size, lr=lr, n_train=n_train, seed=seed, device=device, eval_n=eval_n,
+                mnist_dir=str(mnist_dir) if mnist_dir else None, variant=variant,
+                labelled_fraction=labelled_fraction,
+                model={} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob},
+                data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
+                distributed=distributed, compile=compile)
+        except ValidationError as err:
+            names = {**_FLAGS, "model": "--cond-drop-prob" if cond_drop_prob is not None else "model"}
+            raise UserError(describe_validation_error(err, names=names)) from None
+        path = pipelines.train.train(cfg, progress=not quiet, resume=resume)
+        if distributed and os.environ.get("RANK", "0") != "0":
+            return  # rank 0 reports (RANK is torchrun's)
+        metrics = json.loads((path / "metrics.json").read_text())
+        typer.echo(f"checkpoint: {path}")
+        if not no_register:
+            registered = register(path, name=register_as or dataset)
+            typer.echo(f"registered as {registered.ref} ({registered.path})")
+        if (path / "counterfactual_grid.png").exists():
+            typer.echo(f"counterfactual grid: {path / 'counterfactual_grid.png'}")
+        ev = metrics.get("eval")
+        if ev:
+            typer.echo(f"reconstruction MAE {ev['reconstruction_mae']:.2f}/255")
+            for key in ev:
+                if key.endswith("_copy_input_mae"):
+                    v = key[3:-len("_copy_input_mae")]
+                    typer.echo(f"do({v}) MAE vs true counterfactual {ev[f'do_{v}_mae']:.2f}/255 "
+                               f"(copying the input: {ev[key]:.2f})")
+
+    run(go)
+
+
+def data_generate(
+    dataset: str = typer.Option(..., help="pendulum, morphomnist, circuit or brain."),
+    out: Path = typer.Option(..., help="Output directory."),
+    n: int = typer.Option(1000, help="Number of samples."),
+    size: Optional[int] = typer.Option(None, help="Image side in pixels."),
+    seed: int = typer.Option(0, help="Random seed."),
+    mnist_dir: Optional[Path] = typer.Option(None, help="morphomnist: MNIST IDX files to use real digits."),
+) -> None:
+    """Write images (NIfTI volumes for brain) and a labels CSV with units for a synthetic data set."""
+    from pipelines.datasets import get_dataset
+
+    def go():
+        if n < 1:
+            raise UserError(f"--n must be at least 1, got {n}")
+        ds = get_dataset(dataset, mnist_dir=str(mnist_dir) if mnist_dir else None)
+        csv = ds.write(out, n=n, size=size or ds.default_size, seed=seed)
+        typer.echo(f"wrote {n} samples to {out} (labels: {csv})")
+
+    run(go)
+
+
+def counterfactual(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory written by `cdae-med train`."),
+    do: List[str] = typer.Option(..., "--do", help="Intervention variable=value in the variable's units; repeatable."),
+    out: Optional[Path] = typer.Option(None, help="Images: the output PNG."),
+    out_dir: Optional[Path] = typer.Option(None, help="Scans: folder for counterfactual.nii.gz, difference.nii.gz, "
+                                                      "preview.png and report.json."),
+    dataset: Optional[str] = typer.Option(None, help="Take the factual image from this data set's test set..."),
+    index: Optional[int] = typer.Option(None, help="...at this index."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Or a PNG of the model's size, or a NIfTI scan "
+                                                               "(.nii/.nii.gz) for a model trained on scans."),
+    covariates: Optional[str] = typer.Option(None, help="Scans: factual values you know, e.g. age=52,sex=F; the "
+                                                        "others are estimated from the image."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    depth: float = typer.Option(1.0, help="Inversion depth in (0, 1]."),
+    guidance: float = typer.Option(1.0, help="Guidance weight (1 = plain conditional decoding)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Counterfactual of one image or scan under do(...); prints a JSON report of the values it implies."""
+    from cdae_med.io import is_nifti
+    from cdae_med.values import parse_assignments
+
+    def go():
+        if (input is None) == (index is None):
+            raise UserError("give either --input IMAGE_OR_SCAN or --dataset NAME --index I")
+        do_map = parse_assignments(do, "--do")
+        if input is not None and is_nifti(input):
+            if out_dir is None:
+                raise UserError("a scan's counterfactual needs --out-dir DIR (it writes four files)")
+            from pipelines.scans import ScanModel
+
+            model = ScanModel.load(checkpoint, device=device, num_steps=steps, depth=depth, guidance=guidance)
+            given = parse_assignments(covariates.split(","), "--covariates") if covariates else {}
+            report = model.run(input, do_map, out_dir, covariates=given)
+            typer.echo(json.dumps(report, indent=2))
+            typer.echo(f"wrote {', '.join(report['files'])} to {out_dir}", err=True)
+            return
+        if out is None:
+            raise UserError("an image's counterfactual needs --out FILE.png")
+        _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps, depth, guidance, device)
+
+    run(go)
+
+
+def _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps, depth, guidance, device) -> None:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from cdae_med.pipeline import CounterfactualPipeline
+    from cdae_med.values import parse_values
+    from pipelines.datasets import get_dataset, to_tensor, to_uint8
+    from pipelines.train_config import TEST_SET_SIZE, test_seed
+
+    pipe = CounterfactualPipeline.from_checkpoint(checkpoint, device)
+    ckpt, graph = pipe.checkpoint, pipe.graph
+    interventions = parse_values(graph, do_map, allow_empty=False)
+    channels, size = ckpt.image["channels"], ckpt.image["size"]
+    if input is not None:
+        if len(size) != 2:
+            raise UserError(f"{checkpoint} takes 3D volumes; give a .nii or .nii.gz scan")
+        h, w = size
+        try:
+            img = Image.open(input)
+            img.load()
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+            raise UserError(f"cannot read image {input}: {err}") from None
+        img = img.convert("RGB" if channels == 3 else "L")
+        if img.size != (w, h):
+            raise UserError(f"{input} is {img.size[0]}x{img.size[1]} px; this model takes {w}x{h}")
+        arr = np.asarray(img)[None]
+        arr = arr if arr.ndim == 4 else arr[..., None]
+    else:
+        name = dataset or ckpt.dataset
+        if name != ckpt.dataset:
+            raise UserError(f"the checkpoint was trained on {ckpt.dataset!r}, not {name!r}")
+        if not 0 <= index < TEST_SET_SIZE:
+            raise UserError(f"--index must be in [0, {TEST_SET_SIZE}), got {index}")
+        if len(size) == 3:
+            raise UserError("for volumes, write the cohort with `cdae-med data generate --dataset brain` "
+                            "and pass a scan with --input")
+        # Generators give the same first k samples for any n, so only index + 1 are drawn.
+        arr = get_dataset(name).sample(index + 1, seed=test_seed(ckpt.training.get("seed", 0)),
+                                       size=size[0]).images[index:]
+    res = pipe(to_tensor(arr), interventions, num_steps=steps, depth=depth, guidance=guidance)
+    out_img = to_uint8(res.images)[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(out_img.squeeze(-1) if out_img.shape[-1] == 1 else out_img).save(out)
+    roles = graph.roles(interventions)
+    report = {
+        "interventions": interventions,
+        "factual_estimated": res.values(graph, 0, "factual"),
+        "counterfactual": res.values(graph, 0),
+        "changed": [n for n, role in roles.items() if role != "unchanged"],
+        "units": {v.name: v.unit for v in graph.variables},
+    }
+    typer.echo(json.dumps(report, indent=2))
+    typer.echo(f"wrote {out}", err=True)
+
+
+def batch(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory of a model trained on scans."),
+    do: List[str] = typer.Option(..., "--do", help="Intervention variable=value, the same for every scan; repeatable."),
+    out_dir: Path = typer.Option(..., help="Output folder: one sub-folder per subject and summary.csv."),
+    manifest: Optional[Path] = typer.Option(None, help="CSV with subject_id, path and optional columns of known "
+                                                       "factual values (graph variables)."),
+    folder: Optional[Path] = typer.Option(None, help="Or a folder of .nii/.nii.gz files."),
+    batch_size: int = typer.Option(4, help="Scans per forward pass."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    guidance: float = typer.Option(1.0, help="Guidance weight, factual reference (1 = plain conditional "
+                                             "decoding; > 1 amplifies the intervention's effect)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Counterfactuals of many scans; resumable (a rerun skips finished subjects); a failed scan is
+    reported in summary.csv and skipped."""
+    import csv
+
+    from cdae_med.values import parse_assignments
+    from pipelines.cohort import read_manifest, subjects_in_folder
+    from pipelines.scans import ScanModel, run_batch
+
+    def go():
+        if (manifest is None) == (folder is None):
+            raise UserError("give either --manifest CSV or --folder DIR")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        do_map = parse_assignments(do, "--do")
+        model = ScanModel.load(checkpoint, device=device, num_steps=steps, guidance=guidance)
+        do_values = model.interventions(do_map)
+        subjects = (read_manifest(manifest, model.graph, require_all=False) if manifest is not None
+                    else subjects_in_folder(folder))
+        summary = run_batch(model, subjects, do_values, out_dir, batch_size=batch_size, progress=not quiet)
+        with open(summary, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "done earlier", "failed")}
+        typer.echo(f"{counts['done']} done, {counts['done earlier']} done earlier, {counts['failed']} failed; "
+                   f"summary: {summary}")
+        for r in rows:
+            if r["status"] == "failed":
+                typer.echo(f"  failed {r['subject_id']}: {r['error']}", err=True)
+
+    run(go)
+
+
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory written by `cdae-med train`."),
+    out: Optional[Path] = typer.Option(None, help="Output directory [default: CHECKPOINT/evaluation]."),
+    n: int = typer.Option(64, help="Test images per intervention."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    depth: float = typer.Option(1.0, help="Inversion depth in (0, 1]."),
+    guidance: float = typer.Option(1.0, help="Guidance weight."),
+    procedure: str = typer.Option("ddim", help="ddim (ours) or original (fresh noise, no propagation)."),
+    reference: str = typer.Option("factual", help="Guidance reference: factual (ours) or null (the paper's "
+                                                  "classifier-free form)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """DCI, effectiveness, composition, reversibility and error against true counterfactuals."""
+    from pipelines.evaluate import evaluate as run_evaluate
+
+    def go():
+        if n < 1:
+            raise UserError(f"--n must be at least 1, got {n}")
+        result = run_evaluate(checkpoint, out, n=n, num_steps=steps, depth=depth, guidance=guidance,
+                              procedure=procedure, device=device, progress=not quiet, reference=reference)
+        dest = Path(out or Path(checkpoint) / "evaluation")
+        typer.echo((dest / "evaluation.md").read_text())
+        typer.echo(f"wrote {dest}/evaluation.json, evaluation.md, counterfactual_grid.png, sweep.png", err=True)
+        return result
+
+    run(go)
+
+
+def guidance_sweep(
+    checkpoint: Path = typer.Option(..., help="Checkpoint directory written by `cdae-med train`."),
+    out: Optional[Path] = typer.Option(None, help="Output directory [default: CHECKPOINT/guidance_sweep]."),
+    omega: List[float] = typer.Option([0.0, 1.0, 2.0, 3.0, 5.0], "--omega", help="Guidance weight; repeatable."),
+    reference: str = typer.Option("null", help="null (the paper's classifier-free guidance) or factual (ours)."),
+    n: int = typer.Option(32, help="Test images per intervention."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Effectiveness and composition across the guidance weight omega: JSON and a PNG figure."""
+    from pipelines.guidance_sweep import guidance_sweep as run_sweep
+
+    def go():
+        if n < 1:
+            raise UserError(f"--n must be at least 1, got {n}")
+        if reference not in ("null", "factual"):
+            raise UserError(f"--reference must be null or factual, got {reference!r}")
+        dest = Path(out or Path(checkpoint) / "guidance_sweep")
+        res = run_sweep(checkpoint, dest, omegas=omega, reference=reference, n=n, num_steps=steps,
+                        device=device, progress=not quiet)
+        typer.echo(json.dumps(res["rows"], indent=2))
+        typer.echo(f"wrote {dest}/guidance_sweep.json, guidance_sweep.png", err=True)
+
+    run(go)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
+    app.command()(counterfactual)
+    app.command()(batch)
+    app.command()(evaluate)
+    app.command("guidance-sweep")(guidance_sweep)
+    data_app.command("generate")(data_generate)
+    app.add_typer(data_app, name="data")

@@ -1,0 +1,190 @@
+"""The counterfactual pipeline: a trained CausalDiffAE and its DDIM scheduler, as one object.
+
+Shaped like a diffusers pipeline (``pipelines/ddim/pipeline_ddim.py``): the model and the
+scheduler are separate objects that the pipeline holds; it loads from a checkpoint, moves to a
+device, and one call runs the three steps of a counterfactual (:mod:`cdae_med.counterfactual`)
+and returns a typed :class:`CounterfactualOutput`::
+
+    pipe = CounterfactualPipeline.from_checkpoint("runs/pendulum", device="cpu")
+    out = pipe(images, {"angle": 20.0}, num_steps=50, reconstruction=True)
+    out.images, out.reconstruction, out.factual_values, out.counterfactual_values
+
+Every entry point (command line, evaluation, figures, benchmarks, the scan code and with it the
+service's worker) runs counterfactuals through this class, so the guidance mix, the read-out of
+values from latents and the device handling exist once.
+
+Guidance (:meth:`CounterfactualPipeline.decode`): eps = eps(x, z_ref) + w (eps(x, z_cf) - eps(x, z_ref))
+with z_ref the factual z (``reference="factual"``, default) or the unconditional model
+(``"null"``, the paper's classifier-free form). w = 1 is plain conditional decoding. With the
+factual reference a null intervention reproduces the inversion exactly for any w, while w > 1
+amplifies what the intervention changes. The factual reconstruction, when asked for, is decoded
+in the same batch as the counterfactual, from the same noise code, so that their difference is
+the intervention's effect with the model's reconstruction error cancelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Mapping
+
+import torch
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .counterfactual import Abduction, abduct, act
+from .diffusion import DDIM
+from .graph import CausalGraph
+from .model import CausalDiffAE
+from .runtime import autocast, resolve_device
+from .values import parse_values
+
+__all__ = ["CounterfactualPipeline", "CounterfactualOutput", "PROCEDURES", "REFERENCES"]
+
+# "ddim": ours (DDIM inversion, descendants recomputed). "original": the paper's public code, kept to
+# measure what doing it properly is worth: x_T is fresh Gaussian noise (z is still abducted from the
+# image) and an intervention overwrites its block without recomputing the descendants.
+PROCEDURES = ("ddim", "original")
+REFERENCES = ("factual", "null")
+Progress = Callable[[int], None]
+
+
+@dataclass
+class CounterfactualOutput:
+    """What one pipeline call returns; images in the model's range [-1, 1], values in own units."""
+
+    images: torch.Tensor  # (B, C, *spatial) counterfactuals
+    reconstruction: torch.Tensor | None  # (B, C, *spatial) factual reconstructions, if asked for
+    factual_values: torch.Tensor  # (B, n) values read from the factual latents (given ones exact)
+    counterfactual_values: torch.Tensor  # (B, n) values read from the counterfactual latents
+    z: torch.Tensor  # (B, n, d) counterfactual latents
+    abduction: Abduction
+
+    def values(self, graph: CausalGraph, i: int, which: Literal["factual", "counterfactual"] = "counterfactual"
+               ) -> dict[str, float]:
+        """Sample ``i``'s values as a mapping variable -> value."""
+        t = self.factual_values if which == "factual" else self.counterfactual_values
+        return dict(zip(graph.names, t[i].tolist()))
+
+
+class CounterfactualPipeline:
+    """Abduction, action and prediction with a CausalDiffAE (see the module docstring)."""
+
+    def __init__(self, model: CausalDiffAE, scheduler: DDIM | None = None, checkpoint: Checkpoint | None = None):
+        self.model = model.eval()
+        self.scheduler = scheduler or DDIM()
+        self.checkpoint = checkpoint
+        self.scheduler.to(self.device)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto") -> "CounterfactualPipeline":
+        """Load a checkpoint directory (:mod:`cdae_med.checkpoint`) onto ``device`` (auto, cpu, cuda)."""
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        ckpt = load_checkpoint(path, map_location=dev)
+        return cls(ckpt.model, DDIM(ckpt.scheduler), ckpt).to(dev)
+
+    def to(self, device: str | torch.device) -> "CounterfactualPipeline":
+        self.model.to(device)
+        self.scheduler.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def graph(self) -> CausalGraph:
+        return self.model.graph
+
+    # --- the steps ------------------------------------------------------------------------
+    @torch.no_grad()
+    def abduct(self, images: torch.Tensor, observed: Mapping[str, torch.Tensor] | None = None,
+               num_steps: int = 50, depth: float = 1.0, procedure: str = "ddim",
+               generator: torch.Generator | None = None, progress: Progress | None = None) -> Abduction:
+        """u, z and the noise code of ``images`` (B, C, *spatial) in [-1, 1]. ``observed`` maps a
+        variable to its known factual values (B,) in own units, NaN where unknown."""
+        if procedure not in PROCEDURES:
+            raise ValueError(f"procedure must be one of {PROCEDURES}, got {procedure!r}")
+        images = images.to(self.device)
+        with autocast(self.device):
+            if procedure == "original":
+                u, _ = self.model.encode(images)
+                noise = torch.randn(images.shape, generator=generator, dtype=torch.float32)
+                return Abduction(u=u, z=self.model.causal(u), x_t=noise.to(images.device, images.dtype),
+                                 num_steps=num_steps, depth=depth)
+            return abduct(self.model, self.scheduler, images, num_steps, depth, progress, observed=observed)
+
+    @torch.no_grad()
+    def act(self, abduction: Abduction, interventions: Mapping[str, object], propagate: bool = True) -> torch.Tensor:
+        """The counterfactual z under ``interventions`` (scalars or one value per sample, own units)."""
+        b = abduction.u.shape[0]
+        checked = parse_values(self.graph, interventions, allow_empty=False, n=b)
+        return act(self.model, abduction, {k: torch.as_tensor(v) for k, v in checked.items()}, propagate)
+
+    @torch.no_grad()
+    def decode(self, abduction: Abduction, z_cf: torch.Tensor, guidance: float = 1.0,
+               reference: str = "factual", reconstruction: bool = False,
+               progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode the noise code under ``z_cf`` (and, with ``reconstruction``, under the factual z in
+        the same batch). Returns (counterfactuals, reconstructions or None), float32 in [-1, 1]."""
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be 'factual' or 'null', got {reference!r}")
+        if not 0.0 <= guidance <= 20.0:
+            raise ValueError(f"guidance must be in [0, 20], got {guidance}")
+        eps = self._guided_eps(z_cf, abduction.z, guidance, reference, reconstruction)
+        x_t = torch.cat([abduction.x_t, abduction.x_t]) if reconstruction else abduction.x_t
+        with autocast(self.device):
+            # Images live in [-1, 1]; out-of-range values would be amplified by a next inversion (see
+            # the composition figures in benchmarks/results/paper_tables.md).
+            out = self.scheduler.decode(eps, x_t, abduction.num_steps, abduction.depth, progress).clamp(-1, 1)
+        out = out.float()
+        if reconstruction:
+            cf, rec = out.chunk(2)
+            return cf, rec
+        return out, None
+
+    def _guided_eps(self, z_cf: torch.Tensor, z: torch.Tensor, guidance: float, reference: str,
+                    reconstruction: bool):
+        """eps(x, t) for the batch [counterfactual] or [counterfactual; reconstruction], every
+        condition of a step in one batched denoiser call."""
+        b = z_cf.shape[0]
+        conds, keeps = [z_cf], [z_cf.new_ones(b)]
+        if guidance != 1.0:
+            conds.append(z if reference == "factual" else torch.zeros_like(z_cf))
+            keeps.append(z_cf.new_full((b,), float(reference == "factual")))
+        if reconstruction:
+            conds.append(z)
+            keeps.append(z_cf.new_ones(b))
+        z_all, keep_all = torch.cat(conds), torch.cat(keeps)
+        n_cf = 2 if guidance != 1.0 else 1
+        model = self.model
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_cf, t_cf = x[:b], t[:b]
+            xs, ts = [x_cf] * n_cf, [t_cf] * n_cf
+            if reconstruction:
+                xs.append(x[b:])
+                ts.append(t[b:])
+            e = model.denoise(torch.cat(xs), torch.cat(ts), z_all, keep_all).chunk(len(xs))
+            e_cf = e[0] if n_cf == 1 else e[1] + guidance * (e[0] - e[1])
+            return torch.cat([e_cf, e[-1]]) if reconstruction else e_cf
+
+        return eps
+
+    def read_values(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) latents -> (B, n) values in each variable's own units."""
+        return self.graph.denormalise(self.model.latent_to_label(z).float())
+
+    # --- all three ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, interventions: Mapping[str, object],
+                 observed: Mapping[str, torch.Tensor] | None = None, num_steps: int = 50, depth: float = 1.0,
+                 guidance: float = 1.0, reference: str = "factual", reconstruction: bool = False,
+                 procedure: str = "ddim", generator: torch.Generator | None = None,
+                 progress: Progress | None = None) -> CounterfactualOutput:
+        """Counterfactuals of ``images`` (B, C, *spatial) in [-1, 1] under ``interventions``."""
+        parse_values(self.graph, interventions, allow_empty=False, n=images.shape[0])  # before the costly steps
+        ab = self.abduct(images, observed, num_steps, depth, procedure, generator, progress)
+        z_cf = self.act(ab, interventions, propagate=procedure == "ddim")
+        cf, rec = self.decode(ab, z_cf, guidance, reference, reconstruction, progress)
+        return CounterfactualOutput(images=cf, reconstruction=rec, factual_values=self.read_values(ab.z),
+                                    counterfactual_values=self.read_values(z_cf), z=z_cf, abduction=ab)

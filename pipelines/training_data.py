@@ -1,0 +1,99 @@
+"""What a training run learns from: images and labels of a generator or of a cohort of scans,
+on the model's grid, with the record of how they were made that the checkpoint keeps.
+
+Three sources, one result (:class:`TrainingData`): a generator's samples (2D images or volumes),
+a cohort of NIfTI scans preprocessed as at inference (``TrainConfig.data``), and either kind of
+volume cut into axial slices for a 2D slice-wise model (``TrainConfig.slicewise``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from cdae_med.graph import load_graph
+
+from .cohort import load_cohort
+from .datasets import SyntheticDataset, get_dataset, to_tensor
+from .mri import Preprocessing, to_slices
+from .train_config import TrainConfig
+
+log = logging.getLogger("cdae_med")
+
+__all__ = ["TrainingData", "load_training_data", "labelled_mask", "SLICE_AXIS"]
+
+SLICE_AXIS = 2  # slice-wise volume models see axial slices (the grid is RAS)
+
+
+@dataclass
+class TrainingData:
+    dataset: SyntheticDataset  # its graph and spatial_dims are the model's (a slice-wise model's are 2D)
+    size: int
+    images: torch.Tensor  # (N, C, *spatial) in [-1, 1]
+    labels: torch.Tensor  # (N, n_vars) normalised; zero where hidden
+    labelled: torch.Tensor  # (N,) bool: which images keep their labels
+    image_meta: dict[str, Any]  # the checkpoint's ``image`` record
+
+
+def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """(n,) bool: which training images keep their labels; round(fraction * n) of them, a fixed
+    seeded choice (the same for a resumed run)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"labelled fraction must be in [0, 1], got {fraction}")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed + 424_242))[:round(fraction * n)]] = True
+    return mask
+
+
+def _preprocessing(cfg: TrainConfig, ds: SyntheticDataset, size: int) -> Preprocessing | None:
+    """The MRI preprocessing a volume model's scans go through (recorded in the checkpoint)."""
+    if ds.spatial_dims != 3:
+        return None
+    spacing = cfg.spacing_mm or ds.field_of_view_mm / size
+    return Preprocessing(spacing_mm=(spacing,) * 3, spatial_size=(size,) * 3)
+
+
+def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
+    ds = get_dataset(cfg.dataset, mnist_dir=cfg.mnist_dir)
+    size = cfg.size or ds.default_size
+    if cfg.graph is not None:
+        graph = load_graph(cfg.graph)
+        if cfg.data is None and graph.names != ds.graph.names:
+            raise ValueError(f"--graph: the {ds.name} generator gives labels for {', '.join(ds.graph.names)}; "
+                             f"a graph over other variables needs --data with a manifest")
+        ds = replace(ds, graph=graph)
+    preprocessing = _preprocessing(cfg, ds, size)
+    if preprocessing is None and (cfg.data is not None or cfg.slicewise):
+        what = "--data takes a cohort of NIfTI scans" if cfg.data is not None else "--slicewise applies to volumes"
+        raise ValueError(f"{what}; {ds.name} is not a volume data set")
+
+    t0 = time.perf_counter()
+    if cfg.data is not None:
+        images, labels = load_cohort(cfg.data, ds.graph, preprocessing, progress=progress)
+    else:
+        # Slice-wise: n_train counts slices, so the number of subjects is n_train / slices per subject.
+        n = math.ceil(cfg.n_train / size) if cfg.slicewise else cfg.n_train
+        images, labels = ds.sample(n, seed=cfg.seed, size=size)
+    if cfg.slicewise:
+        images, labels = to_slices(images, SLICE_AXIS), np.repeat(labels, size, axis=0)
+        preprocessing = replace(preprocessing, slice_axis=SLICE_AXIS)
+        ds = replace(ds, spatial_dims=2)
+    log.info("%s %d %s training images at %d px in %.1f s", "read" if cfg.data else "generated", len(images),
+             ds.name, size, time.perf_counter() - t0)
+
+    y = torch.as_tensor(ds.graph.normalise(labels), dtype=torch.float32)
+    labelled = labelled_mask(len(y), cfg.labelled_fraction, cfg.seed)
+    y[~labelled] = 0.0  # the hidden labels cannot leak into training
+    if cfg.labelled_fraction < 1.0:
+        log.info("weak supervision: labels for %d of %d training images", int(labelled.sum()), len(y))
+    meta = {"channels": ds.channels, "size": [size] * ds.spatial_dims, "spatial_dims": ds.spatial_dims,
+            "value_range": [0, 255] if images.dtype == np.uint8 else [0.0, 1.0], "model_range": [-1.0, 1.0]}
+    if preprocessing is not None:
+        meta["preprocessing"] = preprocessing.to_dict()
+    return TrainingData(dataset=ds, size=size, images=to_tensor(images), labels=y, labelled=labelled, image_meta=meta)
