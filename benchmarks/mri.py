@@ -34,13 +34,16 @@ import torch
 from pipelines.cohort import read_manifest
 from pipelines.mri import intensity_window
 from pipelines.scans import ScanModel, run_batch
-from pipelines.train import TINY_MODEL, TrainConfig, test_seed, train
+from pipelines.train import train
+from pipelines.train_config import TINY_MODEL, TrainConfig, test_seed
 from pipelines.volumetry import HistogramVolumetry
 from synthetic_data import brain
 
 ROOT = Path(__file__).resolve().parent
 # The tests' tiny network; its levels are all 32 wide, so with 32 GroupNorm groups it cannot read z.
 TINY_8_GROUPS = {**TINY_MODEL, "unet_norm_groups": 8}
+# TrainConfig's largest step limit: the training budget is --minutes alone.
+MAX_STEPS = 10_000_000
 
 
 def fit_volumetry(size: int, n: int = 400, seed: int = 77):
@@ -143,7 +146,7 @@ def main() -> None:
     results = []
     for kind in args.kinds.split(","):
         cfg = TrainConfig(dataset="brain", out=str(args.work / f"model-{kind}"), size=args.size,
-                          minutes=args.minutes, steps=10**9, eval_n=0, grid_rows=1, device="cpu",
+                          minutes=args.minutes, steps=MAX_STEPS, eval_n=0, grid_rows=1, device="cpu",
                           slicewise=kind == "2d", batch_size=args.batch_size or (32 if kind == "2d" else 4),
                           n_train=10_000 if kind == "2d" else 2_000, model=TINY_8_GROUPS if args.tiny else {})
         t0 = time.perf_counter()

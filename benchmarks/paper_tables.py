@@ -69,7 +69,7 @@ ROWS = {  # table row -> (model run, evaluation procedure)
 
 def budget(args) -> dict:
     if args.smoke:
-        from pipelines.train import TINY_MODEL
+        from pipelines.train_config import TINY_MODEL
 
         return {"name": "smoke", "steps": args.smoke_steps, "minutes": None, "batch_size": 16, "n_train": 256,
                 "size": {"pendulum": 16, "morphomnist": 32}, "model": TINY_MODEL, "lr": 1e-3,
@@ -85,7 +85,8 @@ def run_dataset(ds: str, b: dict, args, work: Path) -> dict:
     from cdae_med.checkpoint import load_checkpoint
     from pipelines.evaluate import evaluate
     from pipelines.guidance_sweep import guidance_sweep
-    from pipelines.train import TrainConfig, train
+    from pipelines.train import train
+    from pipelines.train_config import TrainConfig
 
     runs = {
         "causaldiffae": dict(variant="causaldiffae"),

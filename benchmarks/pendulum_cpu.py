@@ -19,19 +19,18 @@ from pathlib import Path
 
 import torch
 
-from cdae_med.checkpoint import load_checkpoint
-from cdae_med.counterfactual import counterfactual
-from cdae_med.diffusion import DDIM
+from cdae_med.pipeline import CounterfactualPipeline
 from pipelines.datasets import get_dataset, to_tensor
 from pipelines.evaluate_cf import counterfactual_errors
-from pipelines.train import TrainConfig, test_seed, train
+from pipelines.train import train
+from pipelines.train_config import TrainConfig, test_seed
 
 ROOT = Path(__file__).resolve().parent
 
 
-def seconds_per_counterfactual(model, ddim, x: torch.Tensor, num_steps: int) -> float:
+def seconds_per_counterfactual(pipe: CounterfactualPipeline, x: torch.Tensor, num_steps: int) -> float:
     t0 = time.perf_counter()
-    counterfactual(model, ddim, x, {"angle": 10.0}, num_steps=num_steps)
+    pipe(x, {"angle": 10.0}, num_steps=num_steps)
     return (time.perf_counter() - t0) / len(x)
 
 
@@ -48,8 +47,8 @@ def main() -> None:
     cfg = TrainConfig(dataset="pendulum", out=str(args.out), minutes=args.minutes, eval_n=0, device="cpu")
     if not args.skip_train:
         train(cfg)
-    ckpt = load_checkpoint(args.out)
-    model, ddim = ckpt.model, DDIM()
+    pipe = CounterfactualPipeline.from_checkpoint(args.out, device="cpu")
+    ckpt = pipe.checkpoint
     ds = get_dataset("pendulum")
     size = ckpt.image["size"][0]
     test = ds.sample(args.eval_n, seed=test_seed(cfg.seed), size=size)
@@ -64,15 +63,15 @@ def main() -> None:
         "train_images_per_s": ckpt.metrics.get("train_images_per_s"),
         "ddim_steps": args.steps,
         "seconds_per_counterfactual": {
-            "batch_1": seconds_per_counterfactual(model, ddim, to_tensor(images[:1]), args.steps),
-            "batch_64": seconds_per_counterfactual(model, ddim, to_tensor(images[:64]), args.steps),
+            "batch_1": seconds_per_counterfactual(pipe, to_tensor(images[:1]), args.steps),
+            "batch_64": seconds_per_counterfactual(pipe, to_tensor(images[:64]), args.steps),
         },
         "settings": [],
     }
     for depth in (1.0, 0.6):
         for guidance in (1.0, 2.0, 3.0):
             t0 = time.perf_counter()
-            errs = counterfactual_errors(model, ddim, ds, test, ("angle", "light"),
+            errs = counterfactual_errors(pipe, ds, test, ("angle", "light"),
                                          num_steps=args.steps, depth=depth, guidance=guidance)
             errs["seconds"] = time.perf_counter() - t0
             results["settings"].append(errs)

@@ -3,11 +3,10 @@
 - the machine's matmul peak, measured (fp32 on a CPU; bf16 on a GPU): the physical limit;
 - the denoiser's FLOPs per forward pass (torch's FlopCounterMode: nominal counts, a 3x3
   convolution as 2 x MACs of the direct method) and the FLOP/s it achieves, as a share of that
-  peak (a share above 1 is possible: oneDNN computes 3x3 convolutions by Winograd with fewer
-  operations than the nominal count; one 256-channel 3x3 convolution ran at 203 nominal
-  GFLOP/s on one core whose fp32 GEMM peak was 109), for our default Pendulum configuration and for a reference
-  configuration of the original paper's network size (base 128 channels, mults 1-2-3-4,
-  3 res blocks, 96 px; FACTS.md);
+  peak, for our default Pendulum configuration and for a reference configuration of the
+  original paper's network size (base 128 channels, mults 1-2-3-4, 3 res blocks, 96 px;
+  FACTS.md). The share can exceed 1: oneDNN computes 3x3 convolutions by Winograd, with fewer
+  operations than the nominal count (README, Speed);
 - training images/s (loss, backward, AdamW step) at batch 32;
 - counterfactual latency per image (batch 1) and throughput (batch 32) at DDIM steps
   10, 25, 50, 100;
@@ -32,14 +31,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdae_med.checkpoint import load_checkpoint
-from cdae_med.counterfactual import counterfactual
 from cdae_med.diffusion import DDIM
 from cdae_med.graph import builtin_graph
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
+from cdae_med.pipeline import CounterfactualPipeline
+from cdae_med.runtime import autocast, optimise_for_device, resolve_device
 from pipelines.datasets import get_dataset, to_255, to_tensor, to_uint8
 from pipelines.evaluate_cf import random_targets
-from pipelines.runtime import autocast, optimise_for_device, resolve_device
-from pipelines.train import test_seed
+from pipelines.train_config import test_seed
 
 ROOT = Path(__file__).resolve().parent
 STEPS = (10, 25, 50, 100)
@@ -111,8 +110,7 @@ def denoiser_figures(model: CausalDiffAE, device, size: int, batch: int, peak: f
 def training_rate(model: CausalDiffAE, device, size: int, batch: int, steps: int, warmup: int = 2) -> float:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)
-    ddim.scheduler.alphas_cumprod = ddim.scheduler.alphas_cumprod.to(device)
+    ddim = DDIM().to(device)  # the default schedule, as training uses
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     y = torch.randn(batch, model.n_vars, device=device)
 
@@ -129,8 +127,7 @@ def training_rate(model: CausalDiffAE, device, size: int, batch: int, steps: int
 
 
 def counterfactual_speed(model: CausalDiffAE, device, size: int, batches=(1, 32)) -> list[dict]:
-    ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)
-    ddim.scheduler.alphas_cumprod = ddim.scheduler.alphas_cumprod.to(device)
+    pipe = CounterfactualPipeline(model)
     rows = []
     for steps in STEPS:
         row = {"ddim_steps": steps}
@@ -138,8 +135,7 @@ def counterfactual_speed(model: CausalDiffAE, device, size: int, batches=(1, 32)
             x = torch.rand(b, 3, size, size, device=device) * 2 - 1
 
             def run():
-                with torch.no_grad(), autocast(device):
-                    counterfactual(model, ddim, x, {"angle": 20.0}, num_steps=steps)
+                pipe(x, {"angle": 20.0}, num_steps=steps)
 
             s = timed(run, device, repeat=1, warmup=0 if device.type == "cpu" else 1)
             row[f"batch_{b}_seconds_per_image"] = s / b
@@ -152,21 +148,18 @@ def counterfactual_speed(model: CausalDiffAE, device, size: int, batches=(1, 32)
 def step_quality(checkpoint: Path, device, n: int) -> list[dict]:
     """Error against the generator's true counterfactual at each DDIM step count."""
     ck = load_checkpoint(checkpoint, map_location=device)
-    model = optimise_for_device(ck.model.to(device), device)
+    pipe = CounterfactualPipeline(optimise_for_device(ck.model.to(device), device), DDIM(ck.scheduler), ck)
     ds = get_dataset(ck.dataset)
     size = ck.image["size"][0]
     test = ds.sample(n, seed=test_seed(ck.training.get("seed", 0)), size=size)
-    ddim = DDIM(model.config.num_train_timesteps, model.config.beta_start, model.config.beta_end)
-    ddim.scheduler.alphas_cumprod = ddim.scheduler.alphas_cumprod.to(device)
     targets = random_targets(ds, "angle", n, 0)
     truth = to_255(ds.counterfactual(test, {"angle": targets}, size).images)
     x0 = to_tensor(test.images).to(device)
     rows = []
     for steps in STEPS:
         t0 = time.perf_counter()
-        with torch.no_grad(), autocast(device):
-            res = counterfactual(model, ddim, x0, {"angle": torch.as_tensor(targets, device=device)}, num_steps=steps)
-        rows.append({"ddim_steps": steps, "do_angle_mae_255": float(np.abs(to_255(to_uint8(res.image)) - truth).mean()),
+        cf = pipe(x0, {"angle": targets}, num_steps=steps).images
+        rows.append({"ddim_steps": steps, "do_angle_mae_255": float(np.abs(to_255(to_uint8(cf)) - truth).mean()),
                      "seconds_per_image": (time.perf_counter() - t0) / n})
         print(rows[-1], flush=True)
     rows.append({"copy_input_mae_255": float(np.abs(to_255(test.images) - truth).mean())})

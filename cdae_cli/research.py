@@ -27,6 +27,18 @@ def _param(name: str, *flags: str):
     return typer.Option(parameter_default(name), *flags, help=parameter_help(name))
 
 
+# options several commands share
+_CHECKPOINT = typer.Option(..., help="Checkpoint directory written by `cdae-med train`.")
+_STEPS = typer.Option(50, help="DDIM steps.")
+_DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
+_QUIET = typer.Option(False, "--quiet", help="No progress bars.")
+
+
+def _check_n(n: int) -> None:
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+
+
 # the schema's fields as the command line names them, for its error messages
 _FLAGS = {name: "--" + name.replace("_", "-") for name in TrainConfig.model_fields}
 _FLAGS["dataset"] = "data set"
@@ -56,7 +68,7 @@ def train(
     compile: bool = typer.Option(False, "--compile", help=parameter_help("compile")),
     distributed: bool = typer.Option(False, "--distributed", help=parameter_help("distributed")),
     slicewise: bool = typer.Option(False, "--slicewise", help=parameter_help("slicewise")),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = _QUIET,
     register_as: Optional[str] = typer.Option(None, "--register-as", help="Register the finished model in the "
                                               "registry (CDAE_HOME/models) under this name [default: the data set]."),
     no_register: bool = typer.Option(False, "--no-register", help="Do not register the finished model."),
@@ -81,8 +93,9 @@ def train(
                 data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
                 distributed=distributed, compile=compile)
         except ValidationError as err:
-            names = {**_FLAGS, "model": "--cond-drop-prob" if cond_drop_prob is not None else "model"}
-            raise UserError(describe_validation_error(err, names=names)) from None
+            # --cond-drop-prob is the one model setting the command takes; the schema checks it inside "model"
+            message = describe_validation_error(err, names=_FLAGS).replace("model: cond_drop_prob", "--cond-drop-prob")
+            raise UserError(message) from None
         path = pipelines.train.train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":
             return  # rank 0 reports (RANK is torchrun's)
@@ -117,8 +130,7 @@ def data_generate(
     from pipelines.datasets import get_dataset
 
     def go():
-        if n < 1:
-            raise UserError(f"--n must be at least 1, got {n}")
+        _check_n(n)
         ds = get_dataset(dataset, mnist_dir=str(mnist_dir) if mnist_dir else None)
         csv = ds.write(out, n=n, size=size or ds.default_size, seed=seed)
         typer.echo(f"wrote {n} samples to {out} (labels: {csv})")
@@ -127,7 +139,7 @@ def data_generate(
 
 
 def counterfactual(
-    checkpoint: Path = typer.Option(..., help="Checkpoint directory written by `cdae-med train`."),
+    checkpoint: Path = _CHECKPOINT,
     do: List[str] = typer.Option(..., "--do", help="Intervention variable=value in the variable's units; repeatable."),
     out: Optional[Path] = typer.Option(None, help="Images: the output PNG."),
     out_dir: Optional[Path] = typer.Option(None, help="Scans: folder for counterfactual.nii.gz, difference.nii.gz, "
@@ -138,10 +150,10 @@ def counterfactual(
                                                                "(.nii/.nii.gz) for a model trained on scans."),
     covariates: Optional[str] = typer.Option(None, help="Scans: factual values you know, e.g. age=52,sex=F; the "
                                                         "others are estimated from the image."),
-    steps: int = typer.Option(50, help="DDIM steps."),
+    steps: int = _STEPS,
     depth: float = typer.Option(1.0, help="Inversion depth in (0, 1]."),
     guidance: float = typer.Option(1.0, help="Guidance weight (1 = plain conditional decoding)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = _DEVICE,
 ) -> None:
     """Counterfactual of one image or scan under do(...); prints a JSON report of the values it implies."""
     from cdae_med.io import is_nifti
@@ -232,10 +244,10 @@ def batch(
                                                        "factual values (graph variables)."),
     folder: Optional[Path] = typer.Option(None, help="Or a folder of .nii/.nii.gz files."),
     batch_size: int = typer.Option(4, help="Scans per forward pass."),
-    steps: int = typer.Option(50, help="DDIM steps."),
+    steps: int = _STEPS,
     guidance: float = typer.Option(1.0, help="Guidance weight, factual reference (1 = plain conditional "
                                              "decoding; > 1 amplifies the intervention's effect)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = _DEVICE,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Counterfactuals of many scans; resumable (a rerun skips finished subjects); a failed scan is
@@ -270,24 +282,23 @@ def batch(
 
 
 def evaluate(
-    checkpoint: Path = typer.Option(..., help="Checkpoint directory written by `cdae-med train`."),
+    checkpoint: Path = _CHECKPOINT,
     out: Optional[Path] = typer.Option(None, help="Output directory [default: CHECKPOINT/evaluation]."),
     n: int = typer.Option(64, help="Test images per intervention."),
-    steps: int = typer.Option(50, help="DDIM steps."),
+    steps: int = _STEPS,
     depth: float = typer.Option(1.0, help="Inversion depth in (0, 1]."),
     guidance: float = typer.Option(1.0, help="Guidance weight."),
     procedure: str = typer.Option("ddim", help="ddim (ours) or original (fresh noise, no propagation)."),
     reference: str = typer.Option("factual", help="Guidance reference: factual (ours) or null (the paper's "
                                                   "classifier-free form)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    device: str = _DEVICE,
+    quiet: bool = _QUIET,
 ) -> None:
     """DCI, effectiveness, composition, reversibility and error against true counterfactuals."""
     from pipelines.evaluate import evaluate as run_evaluate
 
     def go():
-        if n < 1:
-            raise UserError(f"--n must be at least 1, got {n}")
+        _check_n(n)
         result = run_evaluate(checkpoint, out, n=n, num_steps=steps, depth=depth, guidance=guidance,
                               procedure=procedure, device=device, progress=not quiet, reference=reference)
         dest = Path(out or Path(checkpoint) / "evaluation")
@@ -299,21 +310,20 @@ def evaluate(
 
 
 def guidance_sweep(
-    checkpoint: Path = typer.Option(..., help="Checkpoint directory written by `cdae-med train`."),
+    checkpoint: Path = _CHECKPOINT,
     out: Optional[Path] = typer.Option(None, help="Output directory [default: CHECKPOINT/guidance_sweep]."),
     omega: List[float] = typer.Option([0.0, 1.0, 2.0, 3.0, 5.0], "--omega", help="Guidance weight; repeatable."),
     reference: str = typer.Option("null", help="null (the paper's classifier-free guidance) or factual (ours)."),
     n: int = typer.Option(32, help="Test images per intervention."),
-    steps: int = typer.Option(50, help="DDIM steps."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    steps: int = _STEPS,
+    device: str = _DEVICE,
+    quiet: bool = _QUIET,
 ) -> None:
     """Effectiveness and composition across the guidance weight omega: JSON and a PNG figure."""
     from pipelines.guidance_sweep import guidance_sweep as run_sweep
 
     def go():
-        if n < 1:
-            raise UserError(f"--n must be at least 1, got {n}")
+        _check_n(n)
         if reference not in ("null", "factual"):
             raise UserError(f"--reference must be null or factual, got {reference!r}")
         dest = Path(out or Path(checkpoint) / "guidance_sweep")

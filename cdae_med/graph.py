@@ -50,7 +50,7 @@ class Variable:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise GraphError(f"{self.name}: value {value!r} is not a finite number")
         if self.binary and value not in (0, 1):
-            raise GraphError(f"{self.name} is binary: value must be 0 or 1, got {value}")
+            raise GraphError(f"{self.name} is binary: value must be 0 or 1, got {value:g}")
         if not self.low <= value <= self.high:
             unit = f" {self.unit}" if self.unit else ""
             raise GraphError(

@@ -9,25 +9,23 @@
   public code feeds the parents' u in one pass, so an intervention never reaches descendants).
   Additive noise makes abduction exact: u_i = z_i - f_i(z_pa(i)).
   The mechanisms are fitted by regression on the labels (``mechanism_loss``) and by nothing else:
-  the diffusion and KL terms see them frozen. Trained jointly (the paper's way) they moved only as
-  fast as the encoder's u gave way, against a label prior 100x stronger, and after 1,538 steps on
-  the brain cohort age -> brain volume carried a quarter of the true effect.
+  the diffusion and KL terms see them frozen, because trained jointly they move only as fast as
+  the encoder's u gives way, against a label prior 100x stronger (docs/design-notes.md,
+  "Mechanisms"; benchmarks/results/mechanism_fit.json).
 - The label prior is p(z_i | y_i) = N(mu(y_i), sigma^2 I) with mu(y) = y * 1 (the normalised
   label written into every dimension of the block, as in the paper's code) and a fixed
   sigma (``prior_std``). A learned mu/sigma could drift to a constant and erase what the block
   means, and the counterfactual step needs mu to *be* the label's latent value.
 - The denoiser is MONAI's ``DiffusionModelUNet``. z is mapped by an MLP to the width of the
   timestep embedding and added to it, so the condition reaches every ResBlock (the paper's
-  code does the same, through AdaGN). Cross-attention alone was measured here to be ignored
-  by a briefly trained model (see FACTS.md), hence the embedding path.
+  code does the same, through AdaGN); cross-attention alone is ignored by a briefly trained
+  model (see FACTS.md).
 - MONAI's ResBlock adds the embedding to the features and *then* applies GroupNorm, which
-  removes whatever is constant over a group. With one channel per group (32 channels, MONAI's
-  default 32 groups) it removed the timestep and z embedding entirely: measured on a trained
-  16^3 brain model, eps(x, t, z') - eps(x, t, z) was 1e-7 for any z'. Hence ``unet_norm_groups``:
-  8 (at least 4 channels per group) lets every level read z. The default stays MONAI's 32 because
-  it was *measured* better on the main job: the 12-minute Pendulum run gave do(angle) 12.54/255
-  with 8 groups (worse than copying the input, 8.48) against 5.84 with 32. Networks whose levels
-  are all 32 channels wide (the tests' tiny one) cannot read z at all with 32: use 8 there.
+  removes whatever is constant over a group: with one channel per group (32 channels, MONAI's
+  default 32 groups) the denoiser cannot read t or z at all. ``unet_norm_groups`` = 8 (at least 4
+  channels per group) lets every level read z; the default stays MONAI's 32, which measured
+  better on the Pendulum main job (docs/design-notes.md, "GroupNorm"). Networks whose levels are
+  all 32 channels wide (the tests' tiny one) need 8.
 - Conditioning can be dropped (a learned null embedding) with probability ``cond_drop_prob``
   during training; that gives the unconditional model used for guidance.
 
@@ -75,7 +73,7 @@ class CausalDiffAEConfig:
     unet_attention: tuple[bool, ...] = (False, True, True)
     unet_res_blocks: int = 1
     unet_head_channels: int = 32
-    unet_norm_groups: int = 32  # see the module docstring: 8 reads z everywhere, 32 measured better
+    unet_norm_groups: int = 32  # see the module docstring: 8 reads z at every level, 32 is MONAI's
     mechanism_hidden: int = 64
     prior_std: float = 0.1
     cond_drop_prob: float = 0.1
@@ -341,14 +339,10 @@ class CausalDiffAE(nn.Module):
         each mechanism regressed on the labels; the only term that trains the mechanisms.
 
         KL(q(u|x0) || N(0, I)) has about the same optimum (with z pinned to mu(y), u_i = z_i - f_i),
-        but through it f moves only as fast as the encoder's u gives way, while the label prior
-        (1 / prior_std^2 = 100x stronger) pushes f and u about together: after 1,538 steps on the
-        brain cohort the age -> brain volume mechanism carried a quarter of the true effect (+59 ml
-        for do(age=30) where the truth is +223 ml), and the decoder, asked for a young age at an old
-        brain volume, shrank the head. Slope of f_brain_volume on age after 300 steps on the 16^3
-        cohort, where the labels' regression gives -0.70: joint training -0.05; this term added
-        -0.07; and the other terms frozen out of the mechanisms -0.32; and the mechanisms at 10x the
-        learning rate (``TrainConfig.mechanism_lr_factor``) -0.68.
+        but through it f moves only as fast as the encoder's u gives way while the label prior
+        (1 / prior_std^2 = 100x stronger) pushes f and u about together; regressing f directly, at a
+        higher learning rate (``TrainConfig.mechanism_lr_factor``), is what recovers the labels'
+        relation (docs/design-notes.md, "Mechanisms").
         """
         if not len(self.causal.mechanisms):
             return y_norm.new_zeros(())

@@ -78,7 +78,7 @@ def parse_value(var: Variable, raw: Any) -> float:
 def _array(var: Variable, raw: Any, n: int) -> np.ndarray:
     if hasattr(raw, "detach"):  # a torch tensor, without importing torch here
         raw = raw.detach().cpu().numpy()
-    if isinstance(raw, (str, int, float, bool, np.integer, np.floating)):
+    if isinstance(raw, (str, int, float, bool, np.integer, np.floating, np.bool_)):
         arr = np.full(n, parse_value(var, raw))
     else:
         arr = np.asarray(raw)

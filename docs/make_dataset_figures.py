@@ -39,9 +39,11 @@ def figure(name: str, n: int = 6, seed: int = 0):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--out", type=Path, default=HERE, help="folder for the pictures")
     args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.datasets:
-        out = HERE / f"data_{name}.png"
+        out = args.out / f"data_{name}.png"
         figure(name).save(out)
         print(f"wrote {out}")
 

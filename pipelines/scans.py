@@ -140,8 +140,7 @@ class ScanModel:
         results = []
         for i, p in enumerate(prepared):
             # The intervention changes the head, not the air around it: decoding noise there would
-            # otherwise add intensity to every background voxel (measured: up to 7.6/255 on average
-            # outside the head, and a brain-volume reading hundreds of ml off).
+            # otherwise add intensity to every background voxel and skew any volume read from the output.
             diff = restore_change(p, change[i] * head_mask(p.image[0]))
             results.append(_Result(counterfactual=p.scan.data + diff, difference=diff,
                                    factual=dict(zip(graph.names, factual[i].tolist())),

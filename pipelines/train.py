@@ -45,8 +45,8 @@ def parameter_groups(model: CausalDiffAE, cfg: TrainConfig) -> list[dict]:
     """The optimiser's groups: the causal mechanisms at ``lr * mechanism_lr_factor``, the rest at ``lr``.
 
     Adam moves a weight by about lr per step whatever the loss's scale, and the mechanisms are
-    small regressions whose outputs must travel a whole label range: at lr 3e-4 the brain
-    mechanism age -> brain volume reached a tenth of the label regression's slope in 300 steps.
+    small regressions whose outputs must travel a whole label range (docs/design-notes.md,
+    "Mechanisms").
     """
     mechanisms = list(model.causal.mechanisms.parameters())
     if not mechanisms:

@@ -8,8 +8,8 @@ A generator is a module with:
 - ``sample(n, seed=0, size=DEFAULT_SIZE) -> Samples``: n subjects, deterministic for a seed;
 - ``counterfactual(samples, do, size=DEFAULT_SIZE) -> Samples``: the *true* counterfactual of
   each subject: the same exogenous noise (``samples.noise``), the intervened variables set
-  (scalars or one value per subject, in their own units), every descendant recomputed by the
-  mechanism, the image rendered again;
+  (scalars or one value per subject, in their own units, checked by :func:`parse_do`), every
+  descendant recomputed by the mechanism, the image rendered again;
 - ``write_dataset(out_dir, n, size=DEFAULT_SIZE, seed=0, progress=True) -> Path``: the data
   and a labels CSV whose columns carry units; returns the CSV path.
 """
@@ -17,11 +17,14 @@ A generator is a module with:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-__all__ = ["Samples"]
+from cdae_med.graph import CausalGraph
+from cdae_med.values import ValuesError, parse_values
+
+__all__ = ["Samples", "parse_do"]
 
 
 @dataclass
@@ -48,3 +51,16 @@ class Samples:
 
     def __getitem__(self, index) -> "Samples":
         return Samples(self.images[index], self.labels[index], {k: v[index] for k, v in self.noise.items()})
+
+
+def parse_do(graph: CausalGraph, do: Any, n: int) -> dict[str, np.ndarray]:
+    """The intervention of a generator's ``counterfactual``: variable -> (n,) float64 values, checked
+    by :func:`cdae_med.values.parse_values` (known names, finite numbers, binary levels, the
+    graph's ranges, a scalar or one value per subject), every problem in one ``ValuesError``.
+
+    ``None`` is refused as well (``parse_values`` reads it as no intervention): a generator's
+    caller who passes no mapping has made a mistake; "change nothing" is spelt ``{}``.
+    """
+    if not isinstance(do, Mapping):
+        raise ValuesError([f"do must be a mapping of variable to value(s), got {type(do).__name__}"], "interventions")
+    return parse_values(graph, do, what="interventions", n=n)

@@ -108,9 +108,9 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.optimize import brentq
 
-from cdae_med.graph import GraphError, builtin_graph
+from cdae_med.graph import builtin_graph
 
-from .base import Samples
+from .base import Samples, parse_do
 
 __all__ = [
     "GRAPH",
@@ -665,37 +665,15 @@ def sample(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Samples:
     return Samples(images, labels, noise)
 
 
-def _parse_do(do, n: int) -> dict[str, np.ndarray]:
-    if not isinstance(do, Mapping):
-        raise ValueError(f"do must be a mapping variable -> value(s), got {type(do).__name__}")
-    out = {}
-    for name, value in do.items():
-        var = GRAPH[name]  # GraphError (a ValueError) naming the valid variables
-        arr = np.asarray(value)
-        if arr.dtype.kind not in "biuf":
-            raise GraphError(f"do({name}=...): values must be numbers, got {value!r}")
-        arr = arr.astype(np.float64)
-        try:
-            arr = np.broadcast_to(arr, (n,))
-        except ValueError:
-            raise GraphError(f"do({name}=...) has shape {np.shape(value)}; give a scalar or one value per "
-                             f"subject ({n})") from None
-        for v in np.unique(arr) if n else ():
-            var.check_value(float(v))
-        if np.isnan(arr).any():
-            var.check_value(float("nan"))
-        out[name] = arr.copy()
-    return out
-
-
 def counterfactual(samples: Samples, do: Mapping[str, float | np.ndarray], size: int = DEFAULT_SIZE) -> Samples:
     """True counterfactuals under ``do``: same exogenous noise, intervened variables set (scalars or one
     value per subject, own units), descendants recomputed, images rendered again.
 
     do(age): brain and ventricle volumes follow; do(sex): head size -> brain -> ventricles;
     do(brain_volume): ventricles follow; do(ventricle_volume): only the ventricles change.
-    Unknown variables, values outside the graph's ranges and non-binary sex raise
-    :class:`cdae_med.graph.GraphError` (a ValueError).
+    Values are checked by :func:`synthetic_data.base.parse_do` (sex also as ``"F"``/``"M"``); unknown
+    variables, values outside the graph's ranges and non-binary sex raise one
+    :class:`cdae_med.values.ValuesError` (a :class:`cdae_med.graph.GraphError`, a ValueError).
     """
     size = _check_size(size)
     if not isinstance(samples, Samples):
@@ -703,7 +681,7 @@ def counterfactual(samples: Samples, do: Mapping[str, float | np.ndarray], size:
                          "read_dataset()), not bare labels")
     lab = np.asarray(samples.labels, dtype=np.float64)
     noise = _check_noise(samples.noise, len(lab))
-    dov = _parse_do(do, len(lab))
+    dov = parse_do(GRAPH, do, len(lab))
     targets = _targets(lab[:, 0], lab[:, 1], noise, dov)
     images, labels = _render_batch(targets, noise, size)
     return Samples(images, labels, {k: v.copy() for k, v in noise.items()})

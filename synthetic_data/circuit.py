@@ -62,7 +62,7 @@ from scipy.special import ndtr
 
 from cdae_med.graph import builtin_graph
 
-from .base import Samples
+from .base import Samples, parse_do
 
 __all__ = [
     "VARIABLES",
@@ -415,33 +415,15 @@ def sample(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Samples:
     return Samples(render(labels, size), labels, noise)
 
 
-def _check_do(do: Mapping, n: int) -> dict[str, np.ndarray]:
-    unknown = [k for k in do if k not in VARIABLES]
-    if unknown:
-        raise ValueError(f"unknown variable(s) {unknown} in do(); valid variables are {VARIABLES}")
-    out = {}
-    for name, value in do.items():
-        arr = np.asarray(value, dtype=np.float64)
-        lo, hi = RANGES[name]
-        bad = ~((arr >= lo) & (arr <= hi))  # also catches NaN
-        if np.any(bad):
-            first = float(arr[bad].flat[0]) if arr.ndim else float(arr)
-            raise ValueError(f"do({name}={first!r}) is outside the range of {name}: [{lo}, {hi}]")
-        try:
-            out[name] = np.broadcast_to(arr, (n,)).copy()
-        except ValueError as exc:
-            raise ValueError(f"do({name}=...) value of shape {arr.shape} does not broadcast to ({n},)") from exc
-    return out
-
-
 def counterfactual(samples: Samples, do: Mapping[str, float | np.ndarray], size: int = DEFAULT_SIZE) -> Samples:
     """True counterfactual images and labels under the intervention ``do``.
 
     ``samples`` must carry its exogenous noise (a :class:`Samples` from :func:`sample` or a
     previous counterfactual): each subject keeps its noise, the intervened variables are set
-    (scalars or arrays broadcasting to N, within [0, 1]) and every other variable is recomputed
-    from the mechanism in topological order, so do(arm) moves blue, green and red, do(blue)
-    or do(green) moves red only, do(red) nothing else.  The returned noise is the input's.
+    (scalars or one value per subject, within [0, 1]; see :func:`synthetic_data.base.parse_do`)
+    and every other variable is recomputed from the mechanism in topological order, so do(arm)
+    moves blue, green and red, do(blue) or do(green) moves red only, do(red) nothing else.  The
+    returned noise is the input's.
     """
     noise = getattr(samples, "noise", None)
     if not isinstance(samples, Samples) or not noise or any(v not in noise for v in VARIABLES):
@@ -450,7 +432,7 @@ def counterfactual(samples: Samples, do: Mapping[str, float | np.ndarray], size:
             f"its exogenous noise for {VARIABLES}: the lights' noise cannot be recovered from labels alone"
         )
     n = len(samples)
-    lab = mechanism(noise, _check_do(do, n))
+    lab = mechanism(noise, parse_do(GRAPH, do, n))
     return Samples(render(lab, size), lab, {k: np.array(v, copy=True) for k, v in noise.items()})
 
 

@@ -57,7 +57,7 @@ from scipy import ndimage as ndi
 
 from cdae_med.graph import builtin_graph
 
-from .base import Samples
+from .base import Samples, parse_do
 
 __all__ = [
     "GRAPH",
@@ -585,19 +585,6 @@ def _render_noise(noise, size, progress=False, desc="morphomnist") -> Samples:
         return _render(noise, t, i, size, bar)
 
 
-def _do_values(name: str, value, n: int) -> np.ndarray:
-    var = GRAPH[name]
-    try:
-        arr = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"do({name}=...): value of shape {np.shape(value)} does not broadcast to ({n},)") from exc
-    bad = ~((arr >= var.low) & (arr <= var.high))  # also catches NaN
-    if np.any(bad):
-        var.check_value(float(arr[bad][0]))  # raises GraphError (a ValueError) with the range
-        raise ValueError(f"do({name}={float(arr[bad][0])!r}) is outside [{var.low}, {var.high}] ({var.unit})")
-    return np.array(arr, dtype=np.float64)
-
-
 def counterfactual(samples: Samples, do: Mapping[str, float | np.ndarray], size: int = DEFAULT_SIZE) -> Samples:
     """True counterfactual digits under ``do``, for the exogenous noise of ``samples``.
 
@@ -610,17 +597,14 @@ def counterfactual(samples: Samples, do: Mapping[str, float | np.ndarray], size:
     if not isinstance(samples, Samples) or "u_thickness" not in samples.noise:
         raise ValueError("counterfactual needs the Samples returned by morphomnist.sample (with their noise)")
     size = _check_size(size)
-    unknown = [k for k in do if k not in VARIABLES]
-    if unknown:
-        raise ValueError(f"unknown variable(s) {unknown} in do(); valid variables are {VARIABLES}")
-    n = len(samples)
+    values = parse_do(GRAPH, do, len(samples))
     noise = {k: np.array(v, copy=True) for k, v in samples.noise.items()}
     t = _T_OFFSET + noise["u_thickness"]
-    if "thickness" in do:
-        t = _do_values("thickness", do["thickness"], n)
+    if "thickness" in values:
+        t = values["thickness"]
         noise["u_thickness"] = t - _T_OFFSET
-    if "intensity" in do:
-        i = _do_values("intensity", do["intensity"], n)
+    if "intensity" in values:
+        i = values["intensity"]
         noise["u_intensity"] = _abduct_u_intensity(t, i)
     else:
         i = intensity_mechanism(t, noise["u_intensity"])

@@ -41,7 +41,7 @@ import numpy as np
 
 from cdae_med.graph import builtin_graph
 
-from .base import Samples
+from .base import Samples, parse_do
 
 __all__ = [
     "VARIABLES",
@@ -307,38 +307,23 @@ def sample(n: int, seed: int = 0, size: int = DEFAULT_SIZE) -> Samples:
     return Samples(render(labels, size), labels, {"angle": labels[:, 0].copy(), "light": labels[:, 1].copy()})
 
 
-def _check_in_range(name: str, value) -> None:
-    lo, hi = RANGES[name]
-    arr = np.asarray(value, dtype=np.float64)
-    bad = ~((arr >= lo) & (arr <= hi))  # also catches NaN
-    if np.any(bad):
-        first = float(arr[bad].flat[0]) if arr.ndim else float(arr)
-        raise ValueError(f"do({name}={first!r}) is outside the range of {name}: [{lo}, {hi}] ({UNITS[name]})")
-
-
 def counterfactual(samples, do: Mapping[str, float | np.ndarray], size: int = DEFAULT_SIZE) -> Samples:
     """True counterfactual images and labels under the intervention ``do``.
 
     Each row keeps its exogenous values (angle, light); the intervened variables are set
-    (scalars or arrays broadcasting to N); shadow_len/shadow_pos are recomputed from the
+    (scalars or one value per row, inside the graph's ranges; see
+    :func:`synthetic_data.base.parse_do`); shadow_len/shadow_pos are recomputed from the
     mechanism unless intervened themselves.  ``samples`` is a :class:`Samples` or an (N, 4)
     label array (the labels hold all of this scene's exogenous values).
     """
     lab = _as_label_array(samples.labels if isinstance(samples, Samples) else samples).copy()
-    unknown = [k for k in do if k not in VARIABLES]
-    if unknown:
-        raise ValueError(f"unknown variable(s) {unknown} in do(); valid variables are {VARIABLES}")
-    n = lab.shape[0]
-    for name, value in do.items():
-        _check_in_range(name, value)
-        try:
-            lab[:, VARIABLES.index(name)] = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,))
-        except ValueError as exc:
-            raise ValueError(f"do({name}=...) value of shape {np.shape(value)} does not broadcast to ({n},)") from exc
+    values = parse_do(GRAPH, do, lab.shape[0])
+    for name, value in values.items():
+        lab[:, VARIABLES.index(name)] = value
     s_len, s_pos = shadow(lab[:, 0], lab[:, 1])
-    if "shadow_len" not in do:
+    if "shadow_len" not in values:
         lab[:, 2] = s_len
-    if "shadow_pos" not in do:
+    if "shadow_pos" not in values:
         lab[:, 3] = s_pos
     return Samples(render(lab, size), lab, {"angle": lab[:, 0].copy(), "light": lab[:, 1].copy()})
 

@@ -222,6 +222,15 @@ def test_counterfactual_image_changes_are_local_to_the_brain(cohort):
     assert diff.mean() > 0.005
 
 
+def test_sex_by_level_name(cohort):
+    s = cohort[:2]
+    by_code = BR.counterfactual(s, {"sex": 0.0})
+    for name in ("F", "female"):
+        cf = BR.counterfactual(s, {"sex": name})
+        np.testing.assert_array_equal(cf.labels, by_code.labels)
+        np.testing.assert_array_equal(cf.images, by_code.images)
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 
@@ -236,7 +245,7 @@ def test_bad_arguments(cohort):
         BR.counterfactual(cohort, {"sex": 0.5})
     with pytest.raises(ValueError, match="not a finite number"):
         BR.counterfactual(cohort, {"ventricle_volume": float("nan")})
-    with pytest.raises(ValueError, match="one value per subject"):
+    with pytest.raises(ValueError, match="age: 2 values for a batch of 6; give a scalar or one value per"):
         BR.counterfactual(cohort, {"age": [50.0, 60.0]})
     with pytest.raises(ValueError, match="noise"):
         BR.counterfactual(Samples(cohort.images, cohort.labels, {}), {"age": 50.0})

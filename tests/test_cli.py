@@ -100,3 +100,26 @@ def test_mnist_dir_only_for_morphomnist(tmp_path):
     assert r.exit_code == 2 and "applies to morphomnist only" in r.output
     r = run("data", "generate", "--dataset", "morphomnist", "--out", tmp_path / "m", "--mnist-dir", tmp_path)
     assert r.exit_code == 2 and "no MNIST file" in r.output
+
+
+def test_train_options_come_from_the_training_schema():
+    import inspect
+
+    from cdae_cli.research import train
+    from pipelines.train_config import TrainConfig
+
+    options = inspect.signature(train).parameters
+    # --out defaults to runs/DATASET, which depends on --dataset
+    shared = [name for name in options if name in TrainConfig.model_fields and name != "out"]
+    assert len(shared) >= 18
+    for name in shared:
+        info = options[name].default
+        assert info.default == TrainConfig.model_fields[name].get_default(call_default_factory=True), name
+        assert info.help == TrainConfig.model_fields[name].description, name
+
+
+def test_train_rejects_values_the_schema_bounds(tmp_path):
+    r = run("train", "--labelled-fraction", 1.5, "--out", tmp_path)
+    assert r.exit_code == 2 and "--labelled-fraction must be in [0, 1], got 1.5" in r.output
+    r = run("train", "--size", 20, "--out", tmp_path)  # caught before any data is generated
+    assert r.exit_code == 2 and "multiple of 8" in r.output

@@ -147,3 +147,51 @@ def test_training_reports_its_progress(tmp_path):
                       n_train=32, device="cpu", eval_n=0, grid_rows=1, eval_steps=2, model=TINY_MODEL)
     train(cfg, progress=False, on_progress=seen.append)
     assert seen == [1 / 20, 10 / 20, 20 / 20]  # step 1, then every 10 steps
+
+
+def test_pipeline_decodes_the_reconstruction_in_the_same_batch(tiny_checkpoint, test_batch):
+    pipe = CounterfactualPipeline.from_checkpoint(tiny_checkpoint, "cpu")
+    x0 = to_tensor(test_batch[0][:3])
+    both = pipe(x0, {"light": 100.0}, num_steps=6, reconstruction=True)
+    alone = pipe(x0, {"light": 100.0}, num_steps=6)
+    ab = pipe.abduct(x0, num_steps=6)
+    rec, _ = pipe.decode(ab, ab.z)
+    assert both.reconstruction.shape == x0.shape
+    assert torch.allclose(both.images, alone.images, atol=1e-4)
+    assert torch.allclose(both.reconstruction, rec, atol=1e-4)
+    # with guidance the counterfactual half mixes two conditions; the reconstruction half is unchanged
+    guided = pipe(x0, {"light": 100.0}, num_steps=6, guidance=3.0, reconstruction=True)
+    assert torch.allclose(guided.reconstruction, rec, atol=1e-4)
+    assert (guided.images - rec).abs().mean() > (both.images - rec).abs().mean()
+    assert both.values(pipe.graph, 0)["light"] == pytest.approx(100.0, abs=1e-4)
+    assert pipe.graph.roles({"light"}) == {"angle": "unchanged", "light": "intervened",
+                                           "shadow_len": "descendant", "shadow_pos": "descendant"}
+
+
+def test_checkpoint_records_the_scheduler_and_old_checkpoints_still_load(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from cdae_med.diffusion import DDIMConfig
+
+    meta = json.loads((tiny_checkpoint / META).read_text())
+    assert meta["scheduler"] == DDIMConfig().to_dict() and "beta_start" not in meta["model"]
+    # a checkpoint written before the scheduler had its own section kept it in the model config
+    old = tmp_path / "old"
+    shutil.copytree(tiny_checkpoint, old)
+    old_meta = {**meta, "model": {**meta["model"], "num_train_timesteps": 500, "beta_start": 2e-4, "beta_end": 0.02}}
+    del old_meta["scheduler"]
+    (old / META).write_text(json.dumps(old_meta))
+    pipe = CounterfactualPipeline.from_checkpoint(old, "cpu")
+    assert pipe.scheduler.config == DDIMConfig(num_train_timesteps=500, beta_start=2e-4, beta_end=0.02)
+    assert pipe.scheduler.scheduler.alphas_cumprod.shape == (500,)
+    old_meta["model"]["beta_end"] = 5.0
+    (old / META).write_text(json.dumps(old_meta))
+    with pytest.raises(CheckpointError, match="beta_start < beta_end < 1"):
+        load_checkpoint(old)
+
+
+def test_pipeline_moves_to_a_device_with_its_scheduler(tiny_checkpoint):
+    pipe = CounterfactualPipeline.from_checkpoint(tiny_checkpoint, "cpu").to("cpu")
+    assert pipe.device.type == "cpu" and pipe.scheduler.scheduler.alphas_cumprod.device.type == "cpu"
+    with pytest.raises(ValueError, match="reference must be"):
+        pipe.decode(pipe.abduct(torch.zeros(1, 3, 16, 16), num_steps=2), torch.zeros(1, 4, 4), reference="x")
