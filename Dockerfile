@@ -28,6 +28,7 @@ COPY cdae_med /src/cdae_med
 COPY pipelines /src/pipelines
 COPY synthetic_data /src/synthetic_data
 COPY service /src/service
+COPY cdae_cli /src/cdae_cli
 RUN pip install /src && rm -rf /src
 
 RUN useradd --create-home --uid 10001 cdae && mkdir -p /data && chown cdae /data

@@ -89,7 +89,7 @@ def main() -> None:
     key, _ = store.create_key("bench")
     port = free_port()
     api_log = open(work / "api.log", "wb")
-    api = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--no-worker", "--port", str(port)],
+    api = subprocess.Popen([sys.executable, "-m", "cdae_cli", "serve", "--no-worker", "--port", str(port)],
                            cwd=ROOT, env=env, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):

@@ -28,6 +28,8 @@ from typing import Any
 
 from cdae_med.graph import CausalGraph
 
+from .settings import RuntimeSettings
+
 __all__ = ["RegistryError", "RegisteredModel", "default_home", "models_dir", "register", "list_models",
            "resolve", "NAME_RE"]
 
@@ -42,8 +44,8 @@ class RegistryError(ValueError):
 
 
 def default_home() -> Path:
-    """The data directory: ``$CDAE_HOME`` or ``~/.cdae-med``."""
-    return Path(os.environ.get("CDAE_HOME") or Path.home() / ".cdae-med").expanduser()
+    """The data directory: ``$CDAE_HOME`` or ``~/.cdae-med`` (:class:`pipelines.settings.RuntimeSettings`)."""
+    return RuntimeSettings().home
 
 
 def models_dir(home: str | Path | None = None) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .datasets import SyntheticDataset, to_tensor
+from .settings import RuntimeSettings
 
 log = logging.getLogger("cdae_med")
 
@@ -29,7 +29,8 @@ REGRESSOR_SEED = 7_000_001  # the predictors' own training data, apart from ever
 
 
 def cdae_home() -> Path:
-    return Path(os.environ.get("CDAE_HOME", Path.home() / ".cdae-med"))
+    """The data directory (:class:`pipelines.settings.RuntimeSettings`)."""
+    return RuntimeSettings().home
 
 
 class AntiCausalPredictors(nn.Module):

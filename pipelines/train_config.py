@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["DATASET_NAMES", "TrainParameters", "TrainConfig", "TINY_MODEL", "VOLUME_MODEL_DEFAULTS", "TEST_SET_SIZE",
+__all__ = ["DATASET_NAMES", "Dataset", "Variant", "TrainParameters", "TrainConfig", "TINY_MODEL", "VOLUME_MODEL_DEFAULTS", "TEST_SET_SIZE",
            "test_seed", "parameter_help", "parameter_default", "describe_validation_error"]
 
 DATASET_NAMES = ("pendulum", "morphomnist", "circuit", "brain")
@@ -76,6 +76,11 @@ class TrainParameters(BaseModel):
                                                                     "in mm [default: the cohort's field of view / size].")
     model: dict[str, Any] = Field(default_factory=dict,
                                   description="CausalDiffAEConfig overrides, e.g. {\"latent_dim\": 8}.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _no_overrides(cls, value: Any) -> Any:
+        return {} if value is None else value  # jobs stored before the schema wrote null for "none"
 
     @model_validator(mode="after")
     def _check(self) -> "TrainParameters":

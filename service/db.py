@@ -23,7 +23,7 @@ from typing import Any, Iterable
 from sqlalchemy import (JSON, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select,
                         text, update)
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 __all__ = ["Base", "ApiKey", "Job", "Store", "hash_key", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "STATUSES"]
 

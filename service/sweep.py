@@ -24,6 +24,7 @@ from typing import Any
 
 from .config import Settings
 from .db import FAILED, JobView, Store
+from .queue import QUEUES
 
 log = logging.getLogger("cdae_med.service")
 
@@ -42,7 +43,7 @@ def _redis_client(url: str):
     return None
 
 
-def broker_held_ids(settings: Settings, queues: tuple[str, ...] = ("counterfactual", "train")) -> set[str] | None:
+def broker_held_ids(settings: Settings, queues: tuple[str, ...] = QUEUES) -> set[str] | None:
     """Task ids waiting in the broker's queues, or None if the broker cannot be read."""
     try:
         client = _redis_client(settings.broker_url)

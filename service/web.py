@@ -1,4 +1,4 @@
-"""The clinicians' web page (``GET /``) and the image endpoints it reads.
+"""The clinicians' web page (``GET /``) and the image endpoints it reads: :data:`router`.
 
 The page itself is static (``service/static/``: HTML, CSS and vanilla JavaScript modules,
 shipped in the package; no CDN, no build step) and talks only to the public API with the
@@ -25,18 +25,19 @@ import io
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from .config import Settings
-from .db import Store
+from .db import JobView
+from .deps import OwnedJob, SettingsDep
 
-__all__ = ["add_web", "STATIC_DIR"]
+__all__ = ["router", "STATIC_DIR"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 VOLUMES = ("input", "counterfactual", "difference")
@@ -151,85 +152,93 @@ def _difference_window(diff: np.ndarray, input_window: float) -> float:
     return 2.0 * max(float(np.percentile(np.abs(diff), 99.9)), DIFF_FLOOR * input_window)
 
 
-def add_web(app: FastAPI, settings: Settings, store: Store, api_key: Callable[..., int]) -> None:
-    """The page at ``/`` and ``/static``, and the slice endpoints under the same auth as the API."""
-    volumes = _Volumes()
-    errors = {401: {"description": "no or a wrong X-API-Key"}, 404: {"description": "no such job (or not yours)"}}
+router = APIRouter()
+router.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+_volumes = _Volumes()  # keyed by path and modification time: one cache serves every app in the process
+_ERRORS = {401: {"description": "no or a wrong X-API-Key"}, 404: {"description": "no such job (or not yours)"}}
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.get("/", include_in_schema=False)
-    def index():
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                            headers={"Cache-Control": "no-cache"})
+@router.get("/", include_in_schema=False)
+def index():
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/v1/limits", response_model=Limits, summary="Upload limits (checked again by the server)")
-    def limits():
-        return Limits(max_upload_bytes=settings.max_upload_bytes, max_voxels=settings.max_voxels)
 
-    def volume_path(job_id: str, key_id: int, volume: str) -> Path:
-        job = store.get_job(job_id, key_id)
-        if job is None or job.kind != "counterfactual":
-            raise HTTPException(404, f"no counterfactual job {job_id!r}")
-        job_dir = settings.job_dir(job.id)
-        if volume == "input":
-            name = job.params.get("input")
-            path = job_dir / name if name in ("input.nii", "input.nii.gz") else None
-        else:
-            name = f"{volume}.nii.gz"
-            if name not in job.files:
-                raise HTTPException(404, f"job {job_id} has no {volume} yet (it is {job.status})")
-            path = job_dir / "out" / name
-        if path is None or not path.is_file():
-            raise HTTPException(404, f"the {volume} volume of job {job_id} is no longer stored")
-        return path
+@router.get("/v1/limits", response_model=Limits, summary="Upload limits (checked again by the server)")
+def limits(settings: SettingsDep):
+    return Limits(max_upload_bytes=settings.max_upload_bytes, max_voxels=settings.max_voxels)
 
-    @app.get("/v1/jobs/{job_id}/slices", response_model=SliceInfo, responses=errors,
-             summary="Slice counts per plane (RAS) and the default window/level of a counterfactual job")
-    def slice_info(job_id: str, key_id: int = Depends(api_key)):
-        ras, spacing = volumes.get(volume_path(job_id, key_id, "input"))
-        window, level, vmin, vmax = _defaults(ras)
-        planes = {}
-        for i, plane in enumerate(PLANES[::-1]):  # sagittal: x, coronal: y, axial: z
-            s, row, col = _plane(ras, spacing, plane, 0)
-            w, h = _size(s.shape, row, col)
-            planes[plane] = PlaneInfo(slices=ras.shape[i], width_px=w, height_px=h)
-        job = store.get_job(job_id, key_id)
-        have = ["input"] + [v for v in VOLUMES[1:] if f"{v}.nii.gz" in job.files]
-        diff_window = 1.0
-        if "difference" in have:
-            d, _ = volumes.get(volume_path(job_id, key_id, "difference"))
-            diff_window = _difference_window(d, window)
-        return SliceInfo(volumes=have, planes={p: planes[p] for p in PLANES}, shape_ras=list(ras.shape),
-                         spacing_ras_mm=[round(float(s), 4) for s in spacing], window=window, level=level,
-                         intensity_range=[vmin, vmax], difference_window=diff_window)
 
-    @app.get("/v1/jobs/{job_id}/slices/{volume}/{plane}/{index}.png", responses={**errors, 200: {
-        "content": {"image/png": {}}, "description": "the slice"}}, response_class=Response,
-             summary="One slice of the input, counterfactual or difference as a PNG (RAS, square mm)")
-    def slice_png(job_id: str, volume: Literal["input", "counterfactual", "difference"],
-                  plane: Literal["axial", "coronal", "sagittal"], index: int, key_id: int = Depends(api_key),
-                  window: float | None = Query(None, gt=0, description="grey: width of the window [auto]; "
-                                                                        "difference: full width [auto]"),
-                  level: float | None = Query(None, description="centre of the window [auto; 0 for difference]")):
-        from PIL import Image
+def _counterfactual_job(job: OwnedJob) -> JobView:
+    if job.kind != "counterfactual":
+        raise HTTPException(404, f"no counterfactual job {job.id!r}")
+    return job
 
-        ras, spacing = volumes.get(volume_path(job_id, key_id, volume))
-        n = ras.shape[{"sagittal": 0, "coronal": 1, "axial": 2}[plane]]
-        if not 0 <= index < n:
-            raise HTTPException(422, f"index: {plane} slice {index} is outside 0..{n - 1}")
-        s, row, col = _plane(ras, spacing, plane, index)
-        if volume == "difference":
-            if window is None:
-                window = _difference_window(ras, _defaults(volumes.get(volume_path(job_id, key_id, "input"))[0])[0])
-            pixels = _signed(s, window, 0.0 if level is None else level)
-        else:
-            if window is None or level is None:
-                w0, l0, _, _ = _defaults(volumes.get(volume_path(job_id, key_id, "input"))[0])
-                window, level = window or w0, l0 if level is None else level
-            pixels = _grey(s, window, level)
-        img = Image.fromarray(np.ascontiguousarray(pixels))  # uint8: 'L' for grey, 'RGB' for the difference
-        img = img.resize(_size(s.shape, row, col), Image.Resampling.NEAREST)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=1)
-        return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+CounterfactualJob = Annotated[JobView, Depends(_counterfactual_job)]
+
+
+def _volume(settings: Settings, job: JobView, volume: str) -> tuple[np.ndarray, np.ndarray]:
+    """The job's volume in RAS order and its spacing."""
+    job_dir = settings.job_dir(job.id)
+    if volume == "input":
+        name = job.params.get("input")
+        path = job_dir / name if name in ("input.nii", "input.nii.gz") else None
+    else:
+        name = f"{volume}.nii.gz"
+        if name not in job.files:
+            raise HTTPException(404, f"job {job.id} has no {volume} yet (it is {job.status})")
+        path = job_dir / "out" / name
+    if path is None or not path.is_file():
+        raise HTTPException(404, f"the {volume} volume of job {job.id} is no longer stored")
+    return _volumes.get(path)
+
+
+@router.get("/v1/jobs/{job_id}/slices", response_model=SliceInfo, responses=_ERRORS,
+            summary="Slice counts per plane (RAS) and the default window/level of a counterfactual job")
+def slice_info(job: CounterfactualJob, settings: SettingsDep):
+    ras, spacing = _volume(settings, job, "input")
+    window, level, vmin, vmax = _defaults(ras)
+    planes = {}
+    for i, plane in enumerate(PLANES[::-1]):  # sagittal: x, coronal: y, axial: z
+        s, row, col = _plane(ras, spacing, plane, 0)
+        w, h = _size(s.shape, row, col)
+        planes[plane] = PlaneInfo(slices=ras.shape[i], width_px=w, height_px=h)
+    have = ["input"] + [v for v in VOLUMES[1:] if f"{v}.nii.gz" in job.files]
+    diff_window = 1.0
+    if "difference" in have:
+        d, _ = _volume(settings, job, "difference")
+        diff_window = _difference_window(d, window)
+    return SliceInfo(volumes=have, planes={p: planes[p] for p in PLANES}, shape_ras=list(ras.shape),
+                     spacing_ras_mm=[round(float(s), 4) for s in spacing], window=window, level=level,
+                     intensity_range=[vmin, vmax], difference_window=diff_window)
+
+
+@router.get("/v1/jobs/{job_id}/slices/{volume}/{plane}/{index}.png", responses={**_ERRORS, 200: {
+    "content": {"image/png": {}}, "description": "the slice"}}, response_class=Response,
+            summary="One slice of the input, counterfactual or difference as a PNG (RAS, square mm)")
+def slice_png(job: CounterfactualJob, settings: SettingsDep, volume: Literal["input", "counterfactual", "difference"],
+              plane: Literal["axial", "coronal", "sagittal"], index: int,
+              window: float | None = Query(None, gt=0, description="grey: width of the window [auto]; "
+                                                                    "difference: full width [auto]"),
+              level: float | None = Query(None, description="centre of the window [auto; 0 for difference]")):
+    from PIL import Image
+
+    ras, spacing = _volume(settings, job, volume)
+    n = ras.shape[{"sagittal": 0, "coronal": 1, "axial": 2}[plane]]
+    if not 0 <= index < n:
+        raise HTTPException(422, f"index: {plane} slice {index} is outside 0..{n - 1}")
+    s, row, col = _plane(ras, spacing, plane, index)
+    if volume == "difference":
+        if window is None:
+            window = _difference_window(ras, _defaults(_volume(settings, job, "input")[0])[0])
+        pixels = _signed(s, window, 0.0 if level is None else level)
+    else:
+        if window is None or level is None:
+            w0, l0, _, _ = _defaults(_volume(settings, job, "input")[0])
+            window, level = window or w0, l0 if level is None else level
+        pixels = _grey(s, window, level)
+    img = Image.fromarray(np.ascontiguousarray(pixels))  # uint8: 'L' for grey, 'RGB' for the difference
+    img = img.resize(_size(s.shape, row, col), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "private, max-age=300"})

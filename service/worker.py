@@ -1,14 +1,12 @@
-"""The Celery app and its tasks: ``celery -A service.worker worker -Q counterfactual,train -c 1``.
+"""The Celery tasks: ``celery -A service.worker worker -Q counterfactual,train -c 1``.
 
-Queues ``counterfactual`` and ``train``. Messages are acknowledged after the task (a worker
-that dies mid-job leaves its message to be delivered again; a killed pool process makes the
-worker requeue it at once), one message is reserved at a time, and each worker process keeps
-the models it has loaded. A task carries only a job id; the job record in the database says
-what to do. A task first *claims* its job there (see :mod:`service.db`), so a second delivery
-of the same message, or a re-queue by the sweep, never runs a job twice at the same time;
-outputs are written beside their place and renamed into it, so a rerun after a crash starts
-clean or finds the finished result. Every outcome ends in the database: succeeded, or failed
-with the reason.
+The app is configured in :mod:`service.queue` (queues, acknowledgement, one message reserved at a
+time); this module adds the tasks and what a worker process keeps: its database connection and
+the models it has loaded. A task first *claims* its job in the database (see :mod:`service.db`),
+so a second delivery of the same message, or a re-queue by the sweep, never runs a job twice at
+the same time; outputs are written beside their place and renamed into it, so a rerun after a
+crash starts clean or finds the finished result. Every outcome ends in the database: succeeded,
+or failed with the reason.
 """
 
 from __future__ import annotations
@@ -25,70 +23,18 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from celery import Celery
-from kombu import Exchange, Queue
-
-from .config import Settings, get_settings
+from .config import get_settings
 from .db import FAILED, SUCCEEDED, JobView, Store
+from .queue import TASKS, make_celery
 from .sweep import _local_dead
 
-__all__ = ["make_celery", "app", "TASKS", "QUEUES", "publish", "declare_queues", "worker_id", "COUNTERFACTUAL_FILES", "TRAIN_FILES"]
+__all__ = ["app", "settings", "worker_id", "run_job", "load_scan_model", "COUNTERFACTUAL_FILES", "TRAIN_FILES"]
 
 log = logging.getLogger("cdae_med.service")
 
-QUEUES = ("counterfactual", "train")
-TASKS = {"counterfactual": "cdae.counterfactual", "train": "cdae.train"}
 COUNTERFACTUAL_FILES = ("counterfactual.nii.gz", "difference.nii.gz", "preview.png", "report.json")
 # checkpoint.json is not offered: its training config holds server paths; the model is in the registry.
 TRAIN_FILES = ("metrics.json", "counterfactual_grid.png")
-
-
-def make_celery(settings: Settings) -> Celery:
-    transport: dict[str, Any] = {"visibility_timeout": 3600}
-    backend: dict[str, Any] = {}
-    if settings.broker_prefix:
-        transport["global_keyprefix"] = settings.broker_prefix
-        backend["global_keyprefix"] = settings.broker_prefix
-    celery = Celery("cdae_med_service", broker=settings.broker_url, backend=settings.broker_url)
-    celery.conf.update(
-        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
-        task_default_queue="counterfactual",
-        task_routes={TASKS[q]: {"queue": q, "exchange": q, "routing_key": q} for q in QUEUES},
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        worker_concurrency=1,  # one process per worker, one worker per GPU
-        task_track_started=True,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_expires=7 * 24 * 3600,
-        broker_transport_options=transport,
-        result_backend_transport_options=backend,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-    )
-    return celery
-
-
-def publish(celery: Celery, store: Store, job: JobView) -> None:
-    """Send the job's message (the task id is the job id); record that it was sent."""
-    # ignore_result: the database is the record, and a producer that waits on the result store's
-    # connection would hold a submission for 20 s while Redis is down (measured).
-    celery.send_task(TASKS[job.kind], args=[job.id], task_id=job.id, queue=job.kind, routing_key=job.kind,
-                     ignore_result=True, retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
-                                               "interval_max": 1.0})
-    store.mark_published(job.id)
-
-
-def declare_queues(celery: Celery) -> None:
-    """(Re)declare the queues and their bindings. A Redis that restarted empty has lost the
-    bindings too, and a producer that declared them once before would publish into nothing."""
-    with celery.connection_for_write() as conn:
-        channel = conn.default_channel
-        for q in celery.conf.task_queues:
-            q.bind(channel).declare()
 
 
 def worker_id() -> str:
@@ -96,13 +42,13 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+# `celery -A service.worker` finds the app here; a worker process reads its settings once.
 settings = get_settings()
 app = make_celery(settings)
 
 # -- per-process state ----------------------------------------------------------------------
 _stores: dict[str, Store] = {}
 _models: "OrderedDict[str, Any]" = OrderedDict()
-_MODEL_CACHE = max(1, int(os.environ.get("CDAE_MODEL_CACHE", "2")))
 
 
 def _store() -> Store:
@@ -112,24 +58,29 @@ def _store() -> Store:
     return _stores[url]
 
 
+def _set_torch_threads() -> None:
+    """Apply CDAE_TORCH_THREADS to this process before torch work."""
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
 def load_scan_model(path: Path):
-    """The ScanModel of a registered checkpoint, loaded once per process and kept (LRU of CDAE_MODEL_CACHE)."""
+    """The ScanModel of a registered checkpoint, loaded once per process and kept (the
+    CDAE_MODEL_CACHE most recently used)."""
     key = str(Path(path).resolve())
     if key in _models:
         _models.move_to_end(key)
         return _models[key]
     from pipelines.scans import ScanModel
 
-    threads = os.environ.get("CDAE_TORCH_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    _set_torch_threads()
     t0 = time.perf_counter()
-    model = ScanModel.load(key, device=os.environ.get("CDAE_DEVICE", "auto"), num_steps=settings.ddim_steps)
+    model = ScanModel.load(key, device=settings.device, num_steps=settings.ddim_steps)
     log.info("loaded %s on %s in %.1f s", key, model.device, time.perf_counter() - t0)
     _models[key] = model
-    while len(_models) > _MODEL_CACHE:
+    while len(_models) > settings.model_cache:
         _models.popitem(last=False)
     return model
 
@@ -209,18 +160,16 @@ def _counterfactual(job: JobView, lease: _Lease) -> tuple[list[str], dict[str, A
 
 def _train(job: JobView, lease: _Lease) -> tuple[list[str], dict[str, Any]]:
     from pipelines.registry import register
-    from pipelines.train import TrainConfig, train
+    from pipelines.train import train
+    from pipelines.train_config import TrainConfig
 
-    p = dict(job.params)
+    p = job.params
     job_dir = settings.job_dir(job.id)
     run_dir = job_dir / "run"
     resume = (run_dir / "training.pt").is_file()  # a rerun after a crash continues the saved run
     data = str(job_dir / p["data"]) if p.get("data") else None
-    cfg = TrainConfig(dataset=p["dataset"], out=str(run_dir), steps=p["steps"], minutes=p.get("minutes"),
-                      size=p.get("size"), batch_size=p["batch_size"], lr=p["lr"], n_train=p["n_train"],
-                      seed=p["seed"], device=os.environ.get("CDAE_DEVICE", "auto"), eval_n=p["eval_n"],
-                      grid_rows=p["grid_rows"], eval_steps=p.get("eval_steps", 50), model=p.get("model") or {},
-                      data=data)
+    cfg = TrainConfig.from_parameters(p, out=str(run_dir), device=settings.device, data=data)
+    _set_torch_threads()
     # The optimisation's share done; evaluation after it is the last 10 %.
     path = train(cfg, progress=False, resume=resume, on_progress=lambda f: lease.report(0.9 * f))
     registered = register(path, name=p.get("name") or None, home=settings.home, source=job.id)

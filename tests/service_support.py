@@ -152,7 +152,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-CLI = [sys.executable, "-m", "pipelines.cli"]
+CLI = [sys.executable, "-m", "cdae_cli"]
 
 
 def isolated_env(home: Path, **settings: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipelines.cli import app
+from cdae_cli import app
 from tests.service_support import free_port, system_redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,9 @@ def test_dockerfile_builds_a_non_root_image_with_a_health_check_and_no_secrets()
     assert not any(c.startswith(("tests", "runs", "benchmarks", ".")) for c in copied)  # no data baked in
     for src in copied:
         assert (ROOT / src).exists(), src
+    include = re.search(r"include\s*=\s*\[([^\]]*)\]", (ROOT / "pyproject.toml").read_text()).group(1)
+    packages = {p.strip(' "*') for p in include.split(",") if p.strip()}
+    assert packages and packages <= set(copied), f"packages the image does not copy: {packages - set(copied)}"
 
 
 def test_compose_has_persistent_redis_api_gpu_worker_and_a_volume():

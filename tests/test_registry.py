@@ -87,7 +87,7 @@ def test_cli_train_registers_and_models_list_shows_it(tmp_path, monkeypatch):
     import torch
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from cdae_cli import app
     from synthetic_data.brain import write_dataset
 
     monkeypatch.setenv("CDAE_HOME", str(tmp_path / "home"))

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 import warnings
-from dataclasses import replace
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -114,6 +114,20 @@ def wait_done(svc, job_id: str, key="a", timeout: float = 90) -> dict:
 
 
 # -- no worker needed --------------------------------------------------------------------------
+def test_the_api_process_does_not_import_the_tasks(tmp_path):
+    """The API publishes through service.queue; the Celery tasks (and what they load) stay out."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from service.api import create_app; create_app(sweep=False); "
+            "print(sorted(m for m in sys.modules if m in ('service.worker', 'pipelines.scans', 'pipelines.train')))")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CDAE_")}, "CDAE_HOME": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", res.stdout
+
+
 def test_health_readiness_docs(svc):
     c = svc["client"]
     assert c.get("/healthz").json() == {"status": "ok"}
@@ -195,7 +209,7 @@ BAD_INPUTS = [
     ("out of range", {"interventions": '{"age": 300}'}, None, "age"),
     ("not a number", {"interventions": '{"age": "old"}'}, None, "not a number"),
     ("bad JSON", {"interventions": "{age: 70"}, None, "not valid JSON"),
-    ("no intervention", {"interventions": "{}"}, None, "at least one"),
+    ("no intervention", {"interventions": "{}"}, None, "no interventions given"),
     ("missing interventions", {"model": "brain"}, None, "interventions: Field required"),
     ("unknown model", {"interventions": '{"age": 70}', "model": "liver"}, None, "unknown model 'liver'"),
     ("unknown version", {"interventions": '{"age": 70}', "model": "brain:v9"}, None, "no version"),
@@ -222,7 +236,7 @@ def test_bad_inputs_are_422_with_a_reason(svc, case, data, content, message):
 def test_upload_limit_is_413(svc):
     from service.api import create_app
 
-    small = create_app(replace(svc["settings"], max_upload_bytes=4096), sweep=False)
+    small = create_app(svc["settings"].model_copy(update={"max_upload_mb": 4096 / 2**20}), sweep=False)
     with TestClient(small) as c:
         big = os.urandom(20_000)
         r = c.post("/v1/counterfactuals", headers=svc["a"], files={"file": ("x.nii.gz", big)},
@@ -387,7 +401,7 @@ def test_accepted_while_the_broker_is_down_then_queued_by_the_sweep(svc, worker)
     from service.api import create_app
     from service.sweep import sweep
 
-    down = replace(svc["settings"], broker_url="redis://127.0.0.1:1/0")
+    down = svc["settings"].model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(down, sweep=False)) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("error")
@@ -396,7 +410,7 @@ def test_accepted_while_the_broker_is_down_then_queued_by_the_sweep(svc, worker)
         assert r.status_code == 202, r.text  # the database has it: accepted
     job_id = r.json()["id"]
     assert svc["store"].get_job(job_id).published == 0
-    sweep(svc["store"], replace(svc["settings"], stale_s=0.0), svc["app"].state.send,
+    sweep(svc["store"], svc["settings"].model_copy(update={"stale_s": 0.0}), svc["app"].state.send,
           before_send=svc["app"].state.declare)
     assert wait_done(svc, job_id)["status"] == "succeeded"
 
@@ -453,7 +467,7 @@ def test_broker_lost_queued_jobs_are_requeued(svc):
     sweep sees the broker no longer holds them and sends them again."""
     from service.sweep import broker_held_ids, sweep
 
-    settings = replace(svc["settings"], stale_s=0.0)
+    settings = svc["settings"].model_copy(update={"stale_s": 0.0})
     ids = [submit(svc).json()["id"] for _ in range(3)]
     held = broker_held_ids(settings)
     assert held is not None and set(ids) <= held
@@ -480,7 +494,7 @@ def test_broker_lost_queued_jobs_are_requeued(svc):
 def test_poison_job_fails_with_a_reason_after_max_attempts(svc):
     from service.sweep import sweep
 
-    settings = replace(svc["settings"], stale_s=0.0, max_attempts=2)
+    settings = svc["settings"].model_copy(update={"stale_s": 0.0, "max_attempts": 2})
     store = svc["store"]
     job = store.create_job("counterfactual", store.authenticate(svc["a"]["X-API-Key"]),
                            params={"interventions": {"age": 70}, "input": "input.nii.gz"}, model_ref="brain:v1")
