@@ -33,7 +33,8 @@ import torch
 
 from pipelines.cohort import read_manifest
 from pipelines.mri import intensity_window
-from pipelines.scans import ScanModel, run_batch
+from pipelines.batch import run_batch
+from pipelines.scans import ScanModel
 from pipelines.train import train
 from pipelines.train_config import TINY_MODEL, TrainConfig, test_seed
 from pipelines.volumetry import HistogramVolumetry

@@ -65,6 +65,7 @@ def train(
     data: Optional[Path] = _param("data"),
     graph: Optional[str] = _param("graph"),
     spacing_mm: Optional[float] = _param("spacing_mm"),
+    registration: Optional[str] = _param("registration"),
     compile: bool = typer.Option(False, "--compile", help=parameter_help("compile")),
     distributed: bool = typer.Option(False, "--distributed", help=parameter_help("distributed")),
     slicewise: bool = typer.Option(False, "--slicewise", help=parameter_help("slicewise")),
@@ -91,6 +92,7 @@ def train(
                 labelled_fraction=labelled_fraction,
                 model={} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob},
                 data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
+                registration=registration,
                 distributed=distributed, compile=compile)
         except ValidationError as err:
             # --cond-drop-prob is the one model setting the command takes; the schema checks it inside "model"
@@ -250,13 +252,15 @@ def batch(
     device: str = _DEVICE,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Counterfactuals of many scans; resumable (a rerun skips finished subjects); a failed scan is
-    reported in summary.csv and skipped."""
+    """Counterfactuals of many scans; resumable (a rerun keeps subjects finished for the same
+    request and recomputes the others); a failed scan is reported in summary.csv and skipped.
+    Exit status 1 when any scan failed, 2 for bad input."""
     import csv
 
     from cdae_med.values import parse_assignments
+    from pipelines.batch import run_batch
     from pipelines.cohort import read_manifest, subjects_in_folder
-    from pipelines.scans import ScanModel, run_batch
+    from pipelines.scans import ScanModel
 
     def go():
         if (manifest is None) == (folder is None):
@@ -277,8 +281,12 @@ def batch(
         for r in rows:
             if r["status"] == "failed":
                 typer.echo(f"  failed {r['subject_id']}: {r['error']}", err=True)
+        return counts["failed"], len(rows)
 
-    run(go)
+    failed, total = run(go)
+    if failed:
+        typer.secho(f"error: {failed} of {total} scans failed (see the summary)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 def evaluate(

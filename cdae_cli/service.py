@@ -16,9 +16,9 @@ models_app = typer.Typer(no_args_is_help=True, help="The model registry (CDAE_HO
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service.")
 
 
-def models_list(all_versions: bool = typer.Option(False, "--all", help="Every version, not only the newest."),
+def models_list(all_versions: bool = typer.Option(False, "--all", help="Every version, not only the promoted."),
                 as_json: bool = typer.Option(False, "--json", help="JSON instead of a table.")) -> None:
-    """Registered models: name, version, data set, variables."""
+    """Registered models: name, version, data set, variables; `promoted` marks the version NAME serves."""
     from pipelines.registry import default_home, list_models
 
     models = list_models(all_versions=all_versions)
@@ -30,15 +30,30 @@ def models_list(all_versions: bool = typer.Option(False, "--all", help="Every ve
         return
     for m in models:
         names = ", ".join(v["name"] for v in m.summary()["variables"])
-        typer.echo(f"{m.name}:v{m.version}\t{m.dataset}\t{names}\t{m.path}")
+        typer.echo(f"{m.name}:v{m.version}\t{m.dataset}\t{names}\t{m.path}" + ("\tpromoted" if m.promoted else ""))
 
 
 def models_register(checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
                     name: Optional[str] = typer.Option(None, help="Name [default: the checkpoint's data set].")) -> None:
-    """Register a checkpoint directory as the newest version of NAME."""
-    from pipelines.registry import register
+    """Register a checkpoint directory as the next version of NAME (it serves NAME once promoted;
+    the first version of a name is promoted as it is registered)."""
+    from pipelines.registry import promoted_version, register
 
-    run(lambda: typer.echo(register(checkpoint, name=name).ref))
+    def go():
+        m = register(checkpoint, name=name)
+        typer.echo(m.ref)
+        if not m.promoted:
+            typer.echo(f"{m.name} serves v{promoted_version(m.name)}; `cdae-med models promote {m.ref}` makes "
+                       "this one serve it", err=True)
+
+    run(go)
+
+
+def models_promote(ref: str = typer.Argument(..., help="NAME:vN, the version NAME is to serve.")) -> None:
+    """Make NAME:vN the version that `model=NAME` runs on (also to go back to an older version)."""
+    from pipelines.registry import promote
+
+    run(lambda: typer.echo(f"{promote(ref, by='command line').ref} now serves {ref.partition(':')[0]}"))
 
 
 def _store():
@@ -48,17 +63,36 @@ def _store():
     return Store(get_settings().database_url)
 
 
-def keys_create(name: str = typer.Option(..., help="Who or what the key is for.")) -> None:
+_ROLE = typer.Option("clinician", help="clinician (submit and read its own jobs) or admin (also training "
+                                        "jobs and promoting models).")
+
+
+def keys_create(name: str = typer.Option(..., help="Who or what the key is for."), role: str = _ROLE) -> None:
     """Create an API key; it is printed once and only its hash is stored."""
-    plain, key_id = _store().create_key(name)
-    typer.echo(plain)
-    typer.echo(f"key {key_id} ({name}) created; send it as the X-API-Key header. It is not shown again.", err=True)
+    def go():
+        plain, key_id = _store().create_key(name, role=role)
+        typer.echo(plain)
+        typer.echo(f"key {key_id} ({name}, {role}) created; send it as the X-API-Key header. It is not shown again.",
+                   err=True)
+
+    run(go)
 
 
 def keys_list() -> None:
-    """API keys: id, name, first characters, revoked."""
+    """API keys: id, name, role, first characters, revoked."""
     for k in _store().list_keys():
-        typer.echo(f"{k['id']}\t{k['name']}\t{k['prefix']}...\t{'revoked' if k['revoked'] else 'active'}")
+        typer.echo(f"{k['id']}\t{k['name']}\t{k['role']}\t{k['prefix']}...\t{'revoked' if k['revoked'] else 'active'}")
+
+
+def keys_set_role(key_id: int = typer.Argument(..., help="The key's id (see `keys list`)."),
+                  role: str = typer.Argument(..., help="clinician or admin.")) -> None:
+    """Change a key's role (keys from before roles existed are clinicians)."""
+    def go():
+        if not _store().set_role(key_id, role):
+            fail(f"no key {key_id}")
+        typer.echo(f"key {key_id} is now {role}")
+
+    run(go)
 
 
 def keys_revoke(key_id: int = typer.Argument(..., help="The key's id (see `keys list`).")) -> None:
@@ -98,9 +132,11 @@ def worker(queues: str = typer.Option("counterfactual,train", help="Comma-separa
 def register(app: typer.Typer) -> None:
     models_app.command("list")(models_list)
     models_app.command("register")(models_register)
+    models_app.command("promote")(models_promote)
     keys_app.command("create")(keys_create)
     keys_app.command("list")(keys_list)
     keys_app.command("revoke")(keys_revoke)
+    keys_app.command("set-role")(keys_set_role)
     app.add_typer(models_app, name="models")
     app.add_typer(keys_app, name="keys")
     app.command()(serve)

@@ -84,4 +84,30 @@ def act(model: CausalDiffAE, abduction: Abduction, do: Interventions, propagate:
         for name, block in blocks.items():
             z[:, graph.index(name)] = block
         return z
-    return model.causal(abduction.u, do=blocks)
+    return _propagate(model, abduction, blocks)
+
+
+def _propagate(model: CausalDiffAE, abduction: Abduction, blocks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """z under do(blocks), each descendant recomputed f_i(z_parents) + u_i only for the samples whose
+    parents changed; every other block keeps its factual value bit for bit, so a null intervention
+    gives back exactly the factual z (u_i = z_i - f_i(...) does not round-trip exactly in floating point)."""
+    graph, causal = model.graph, model.causal
+    z = list(abduction.z.unbind(1))
+    changed = {}
+    for name in graph.order:
+        i = graph.index(name)
+        if name in blocks:
+            new = blocks[name].expand_as(z[i]).to(z[i].dtype)
+            changed[name] = (new != z[i]).any(-1)
+            z[i] = new
+        elif name in causal.mechanisms:
+            moved = torch.zeros_like(z[i][:, 0], dtype=torch.bool)
+            for p in graph[name].parents:
+                moved = moved | changed[p]
+            if moved.any():
+                new = causal.mechanism(name, z) + abduction.u[:, i]
+                z[i] = torch.where(moved[:, None], new, z[i])
+            changed[name] = moved
+        else:
+            changed[name] = torch.zeros_like(z[i][:, 0], dtype=torch.bool)
+    return torch.stack(z, dim=1)

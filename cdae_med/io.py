@@ -1,34 +1,82 @@
 """NIfTI in and out, defensively.
 
 Reading checks the header before a single voxel is read (format, dimensions, size, spacing,
-affine), then the data (truncation, NaN/Inf), and names the file in every error. Writing
-builds a fresh header from the array and the affine alone, so free-text fields (descrip,
+affine, and the :class:`ScanLimits`: voxels, bytes and field of view), then the data
+(truncation, NaN/Inf), and names the file in every error. The header is parsed from the file's
+first bytes alone, so a hostile file costs nothing before it is refused: no extension, no
+voxel is read and nothing is inflated. :func:`check_nifti_file` checks the data as well by
+streaming it (gzip inflated in chunks, stopping past what the header describes), so a caller
+that only validates (the API) never holds a volume in memory.
+
+Writing builds a fresh header from the array and the affine alone, so free-text fields (descrip,
 aux_file, intent_name, db_name) and header extensions of an input never reach an output.
 Error messages quote only the file name and structural facts, never header text.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import gzip
+import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-__all__ = ["NiftiError", "Scan", "read_nifti", "write_nifti", "NIFTI_SUFFIXES", "MAX_VOXELS", "MAX_SIDE"]
+__all__ = ["NiftiError", "Scan", "ScanHeader", "ScanLimits", "read_header", "check_nifti_file", "nifti_limits",
+           "read_nifti", "write_nifti", "NIFTI_SUFFIXES", "MAX_VOXELS", "MAX_SIDE", "MAX_VOLUME_BYTES",
+           "MAX_FOV_MM"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# A 1 mm whole-head scan is about 256^3 = 17 M voxels; 512^3 (134 M, 0.5 GB as float32) is the
-# most a single scan may have. Larger headers are refused before any data is read.
+# A 1 mm whole-head scan is about 256^3 = 17 M voxels (64 MiB as float32, 128 MiB as float64,
+# 256 mm across); 512^3 voxels, 256 MiB of data and 512 mm along any axis are the most a single
+# scan may have by default. Larger headers are refused before any data is read.
 MAX_VOXELS = 512**3
 MAX_SIDE = 2048
+MAX_VOLUME_BYTES = 256 * 1024 * 1024
+MAX_FOV_MM = 512.0
+# Header plus extensions (the data start at vox_offset): a DICOM-derived extension is a few
+# hundred kB; more is refused before nibabel would read it into memory.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# Data past what the header describes that a file may carry (some writers pad); more is refused.
+TRAILING_BYTES = 1024 * 1024
 # The direction part of the affine may deviate this much from a rotation (shear, skew) before
 # the scan is refused: resampling a sheared grid silently distorts anatomy.
 ORTHOGONALITY_TOLERANCE = 1e-3
+_CHUNK = 1 << 20
 
 
 class NiftiError(ValueError):
     """A file that is not a usable 3D NIfTI scan; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class ScanLimits:
+    """The largest scan a reader accepts, checked on the header: voxels, bytes of data (voxels x
+    bytes per voxel of the file's data type) and field of view (voxels x spacing along any axis,
+    what resampling to a model's grid costs)."""
+
+    max_voxels: int = MAX_VOXELS
+    max_bytes: int = MAX_VOLUME_BYTES
+    max_fov_mm: float = MAX_FOV_MM
+
+
+_limits: contextvars.ContextVar[ScanLimits] = contextvars.ContextVar("nifti_limits", default=ScanLimits())
+
+
+@contextlib.contextmanager
+def nifti_limits(limits: ScanLimits) -> Iterator[ScanLimits]:
+    """Within the block, :func:`read_nifti` called without ``limits`` applies these: a caller
+    (a worker with its settings) sets them for code that reads scans on its behalf
+    (``pipelines.mri.LoadScand``)."""
+    token = _limits.set(limits)
+    try:
+        yield limits
+    finally:
+        _limits.reset(token)
 
 
 @dataclass
@@ -44,8 +92,35 @@ class Scan:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
+@dataclass(frozen=True)
+class ScanHeader:
+    """What a checked header says of the data: shape (3D), data type, where the data start,
+    the affine, and the scaling nibabel applies on reading (None: none)."""
+
+    name: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    offset: int
+    affine: np.ndarray
+    slope_inter: tuple[float | None, float | None]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def fov_mm(self) -> tuple[float, float, float]:
+        """Extent along each voxel axis in mm (voxels x spacing)."""
+        spacing = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return tuple(float(n * s) for n, s in zip(self.shape, spacing))
+
+
 def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _gzipped(path: Path) -> bool:
+    return str(path).lower().endswith(".gz")  # as nibabel decides
 
 
 def _check_affine(affine: np.ndarray, name: str) -> None:
@@ -62,10 +137,24 @@ def _check_affine(affine: np.ndarray, name: str) -> None:
                          "reslice the scan to an orthogonal grid first")
 
 
-def read_nifti(path: str | Path, max_voxels: int = MAX_VOXELS) -> Scan:
-    """Read one 3D NIfTI-1/2 scan (a 4D file with a single volume is accepted as 3D)."""
+def _parse_header(raw: bytes, name: str):
+    """A nibabel NIfTI-1/2 header from the file's first bytes (no extension is read)."""
     import nibabel as nib
 
+    for klass, size in ((nib.Nifti1Header, 348), (nib.Nifti2Header, 540)):
+        for order in ("little", "big"):
+            if len(raw) >= size and int.from_bytes(raw[:4], order) == size:
+                try:
+                    return klass.from_fileobj(io.BytesIO(raw[:size]))
+                except Exception as err:  # HeaderDataError, ValueError, ...
+                    raise NiftiError(f"{name}: not a readable NIfTI file ({type(err).__name__})") from None
+    raise NiftiError(f"{name}: not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header)")
+
+
+def read_header(path: str | Path, limits: ScanLimits | None = None) -> ScanHeader:
+    """The header of a 3D NIfTI-1/2 scan (a 4D file with a single volume counts as 3D), checked
+    against ``limits`` (default: those of :func:`nifti_limits`) from the file's first bytes."""
+    limits = limits or _limits.get()
     path = Path(path)
     name = path.name
     if not path.is_file():
@@ -73,31 +162,110 @@ def read_nifti(path: str | Path, max_voxels: int = MAX_VOXELS) -> Scan:
     if not is_nifti(path):
         raise NiftiError(f"{name}: not a NIfTI file (expected {' or '.join(NIFTI_SUFFIXES)})")
     try:
-        img = nib.load(path)  # header only; the data is read lazily below
-    except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib/gzip errors, ...
+        with (gzip.open if _gzipped(path) else open)(path, "rb") as f:
+            raw = f.read(540)
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise NiftiError(f"{name}: not a readable NIfTI file ({type(err).__name__})") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise NiftiError(f"{name}: not a NIfTI image")
-    shape = tuple(int(s) for s in img.header.get_data_shape())
+    hdr = _parse_header(raw, name)
+    shape = tuple(int(s) for s in hdr.get_data_shape())
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) == 4:
         raise NiftiError(f"{name}: a 4D series of {shape[3]} volumes; give one 3D volume")
     if len(shape) != 3:
         raise NiftiError(f"{name}: {len(shape)}D image of shape {shape}; a 3D volume is needed")
-    if min(shape) < 1 or max(shape) > MAX_SIDE or int(np.prod(shape, dtype=np.int64)) > max_voxels:
+    if min(shape) < 1 or max(shape) > MAX_SIDE or int(np.prod(shape, dtype=np.int64)) > limits.max_voxels:
         raise NiftiError(f"{name}: dimensions {shape} are outside what a scan can be "
-                         f"(each side 1..{MAX_SIDE}, at most {max_voxels:,} voxels)")
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+                         f"(each side 1..{MAX_SIDE}, at most {limits.max_voxels:,} voxels)")
+    try:
+        dtype = np.dtype(hdr.get_data_dtype())
+    except Exception as err:
+        raise NiftiError(f"{name}: unknown data type ({type(err).__name__})") from None
+    if dtype.kind not in "biuf":
+        raise NiftiError(f"{name}: data type {dtype} is not a scalar intensity (give integers or floats)")
+    header = ScanHeader(name=name, shape=shape, dtype=dtype, offset=int(hdr.get_data_offset()),
+                        affine=np.asarray(hdr.get_best_affine(), dtype=np.float64),
+                        slope_inter=hdr.get_slope_inter())
+    if header.nbytes > limits.max_bytes:
+        raise NiftiError(f"{name}: {header.nbytes / 2**20:,.0f} MiB of data ({shape} voxels of {dtype.itemsize} "
+                         f"bytes) is more than a scan may have (at most {limits.max_bytes / 2**20:,.0f} MiB)")
+    if not 0 <= header.offset <= MAX_HEADER_BYTES:
+        raise NiftiError(f"{name}: the data start at byte {header.offset:,}; a header with its extensions "
+                         f"may take at most {MAX_HEADER_BYTES:,} bytes")
+    zooms = np.asarray(hdr.get_zooms()[:3], dtype=np.float64)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise NiftiError(f"{name}: voxel sizes {tuple(zooms.tolist())} are not positive numbers")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    _check_affine(affine, name)
-    if not str(path).lower().endswith(".gz"):
-        itemsize = img.header.get_data_dtype().itemsize
-        needed = int(img.header["vox_offset"]) + int(np.prod(shape, dtype=np.int64)) * itemsize
-        if path.stat().st_size < needed:
-            raise NiftiError(f"{name}: truncated ({path.stat().st_size:,} bytes, the header needs {needed:,})")
+    _check_affine(header.affine, name)
+    if max(header.fov_mm) > limits.max_fov_mm:
+        fov = " x ".join(f"{v:,.0f}" for v in header.fov_mm)
+        raise NiftiError(f"{name}: a field of view of {fov} mm is larger than a scan may cover (at most "
+                         f"{limits.max_fov_mm:,.0f} mm along any axis); check the voxel sizes")
+    return header
+
+
+def _finite(chunk: np.ndarray, slope_inter: tuple[float | None, float | None]) -> np.ndarray:
+    """Which values stay finite once read as float32 (nibabel's scaling applied)."""
+    slope, inter = slope_inter
+    values = chunk.astype(np.float64)
+    if slope is not None:
+        values = values * slope + (inter or 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.isfinite(values.astype(np.float32))
+
+
+def check_nifti_file(path: str | Path, limits: ScanLimits | None = None) -> ScanHeader:
+    """Check a scan as :func:`read_nifti` would, holding at most a megabyte of it: the header
+    (:func:`read_header`), then the data streamed in chunks (a gzip file inflated chunk by
+    chunk), refusing truncated or corrupt data, NaN/Inf, and data that go on past what the
+    header describes (stopping there: a gzip bomb is never inflated past the limit)."""
+    header = read_header(path, limits)
+    path, name = Path(path), header.name
+    needed, seen, bad = header.nbytes, 0, 0
+    checks_values = header.dtype.kind == "f" or header.slope_inter[0] is not None
+    itemsize, tail = header.dtype.itemsize, b""
+    try:
+        with (gzip.open if _gzipped(path) else open)(path, "rb") as f:
+            skip = header.offset
+            while skip > 0 and (got := len(f.read(min(skip, _CHUNK)))):
+                skip -= got
+            while seen < needed and (chunk := f.read(min(_CHUNK, needed - seen))):
+                seen += len(chunk)
+                if checks_values:
+                    buf = tail + chunk
+                    whole = len(buf) - len(buf) % itemsize
+                    values = np.frombuffer(buf[:whole], dtype=header.dtype)
+                    bad += int(values.size - np.count_nonzero(_finite(values, header.slope_inter)))
+                    tail = buf[whole:]
+            extra = len(f.read(TRAILING_BYTES + 1)) if seen == needed else 0
+    except (OSError, EOFError, zlib.error) as err:
+        raise NiftiError(f"{name}: truncated or corrupt data ({type(err).__name__})") from None
+    if skip > 0 or seen < needed:
+        raise NiftiError(f"{name}: truncated ({header.offset - skip + seen:,} bytes, the header needs "
+                         f"{header.offset + needed:,})")
+    if extra > TRAILING_BYTES:
+        raise NiftiError(f"{name}: more data than its header describes (past {header.offset + needed:,} bytes); "
+                         "not a single scan")
+    if bad:
+        raise NiftiError(f"{name}: {bad:,} voxels are NaN or infinite")
+    return header
+
+
+def read_nifti(path: str | Path, limits: ScanLimits | None = None) -> Scan:
+    """Read one 3D NIfTI-1/2 scan (a 4D file with a single volume is accepted as 3D), its header
+    checked first against ``limits`` (default: those of :func:`nifti_limits`)."""
+    import nibabel as nib
+
+    header = read_header(path, limits)
+    path, name, shape = Path(path), header.name, header.shape
+    if not _gzipped(path) and path.stat().st_size < header.offset + header.nbytes:
+        raise NiftiError(f"{name}: truncated ({path.stat().st_size:,} bytes, the header needs "
+                         f"{header.offset + header.nbytes:,})")
+    try:
+        img = nib.load(path)  # the header again, now with its (bounded) extensions; the data lazily
+    except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib/gzip errors, ...
+        raise NiftiError(f"{name}: not a readable NIfTI file ({type(err).__name__})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise NiftiError(f"{name}: not a NIfTI image")
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, zlib.error, ValueError) as err:
@@ -105,7 +273,7 @@ def read_nifti(path: str | Path, max_voxels: int = MAX_VOXELS) -> Scan:
     if not np.all(np.isfinite(data)):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise NiftiError(f"{name}: {bad:,} voxels are NaN or infinite")
-    return Scan(data=data, affine=affine, name=name)
+    return Scan(data=data, affine=header.affine, name=name)
 
 
 def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:

@@ -139,6 +139,10 @@ class CounterfactualPipeline:
         out = out.float()
         if reconstruction:
             cf, rec = out.chunk(2)
+            # A sample whose latents did not change is its reconstruction bit for bit (the two halves
+            # of a batch can differ in the last float bits), so a null intervention changes nothing.
+            same = (z_cf == abduction.z).flatten(1).all(1)
+            cf = torch.where(same.view(-1, *([1] * (cf.ndim - 1))), rec, cf)
             return cf, rec
         return out, None
 

@@ -120,7 +120,7 @@ def subjects_in_folder(folder: str | Path) -> list[Subject]:
     return subjects
 
 
-def load_cohort(data: str | Path, graph: CausalGraph, prep, progress: bool = True):
+def load_cohort(data: str | Path, graph: CausalGraph, prep, progress: bool = True, reference=None):
     """Images (N, *grid, 1) float32 in [0, 1] on the model's grid and labels (N, n_vars) of a cohort
     (a manifest CSV, or a folder holding ``manifest.csv``), preprocessed as at inference."""
     import numpy as np
@@ -128,15 +128,16 @@ def load_cohort(data: str | Path, graph: CausalGraph, prep, progress: bool = Tru
 
     from cdae_med.io import NiftiError
 
-    from .mri import prepare
+    from .mri import prepare, reference_mask
 
     data = Path(data)
     csv_path = data / "manifest.csv" if data.is_dir() else data
     subjects = read_manifest(csv_path, graph, require_all=True)
     images, problems = [], []
+    mask = reference_mask(reference, prep) if reference is not None else None
     for s in tqdm(subjects, desc="preprocess cohort", unit="scan", disable=not progress):
         try:
-            images.append(prepare(s.path, prep).image[0])
+            images.append(prepare(s.path, prep, reference=reference, mask=mask).image[0])
         except (NiftiError, ValueError) as err:
             problems.append(f"{s.subject_id}: {err}")
     if problems:

@@ -7,6 +7,11 @@ correction (SimpleITK), crop/pad to the model's grid; then its intensities are m
 transforms, so a change computed on the model's grid is carried back onto the input scan's
 own grid (same shape, same affine) by ``Compose.inverse``.
 
+With ``Preprocessing.registration`` set ("rigid" or "affine"), the spatial steps are instead a
+registration to the model's reference (:mod:`pipelines.registration`): the scan is resampled
+onto the model's grid in reference space, whatever its position, orientation and spacing, and
+the change goes back through the inverse transform.
+
 The settings are a :class:`Preprocessing`, stored in the checkpoint (``image.preprocessing``)
 and replayed at inference.
 """
@@ -23,6 +28,8 @@ from monai.transforms import Compose, MapTransform, Orientationd, ResizeWithPadO
 
 from cdae_med.io import Scan, read_nifti
 
+from .registration import Reference, Registration, grid_affine, register, resample_grid
+
 __all__ = ["Preprocessing", "to_slices", "from_slices", "LoadScand", "N4BiasFieldCorrectiond", "PreparedScan", "prepare", "restore_change",
            "intensity_window", "normalise_intensity", "spatial_transforms"]
 
@@ -38,6 +45,13 @@ class Preprocessing:
     percentiles: tuple[float, float] = (0.5, 99.5)
     # A 2D slice-wise model sees the grid as slices along this axis (2: axial, RAS); None: 3D.
     slice_axis: int | None = None
+    # Registration to the model's reference ("rigid" or "affine"); None: orient, resample and crop only.
+    registration: str | None = None
+
+    @property
+    def grid_affine(self) -> np.ndarray:
+        """The model grid in reference space (registered models)."""
+        return grid_affine(self.spacing_mm[0], self.spatial_size[0])
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # as JSON has it
@@ -48,7 +62,7 @@ class Preprocessing:
                    spatial_size=tuple(int(s) for s in data["spatial_size"]),
                    orientation=str(data.get("orientation", "RAS")), n4=bool(data.get("n4", False)),
                    percentiles=tuple(float(p) for p in data.get("percentiles", (0.5, 99.5))),
-                   slice_axis=data.get("slice_axis"))
+                   slice_axis=data.get("slice_axis"), registration=data.get("registration"))
 
 
 class LoadScand(MapTransform):
@@ -133,12 +147,41 @@ class PreparedScan:
     scan: Scan  # the input as read: its data and affine are what outputs are written against
     image: np.ndarray  # float32 (1, *spatial_size) in [0, 1], RAS, the model's spacing
     window: tuple[float, float]  # input intensities mapped to 0 and 1
-    transformed: MetaTensor = field(repr=False)  # carries MONAI's record of the spatial steps
-    transform: Compose = field(repr=False)
+    transformed: MetaTensor | None = field(default=None, repr=False)  # MONAI's record of the spatial steps
+    transform: Compose | None = field(default=None, repr=False)
+    registration: Registration | None = field(default=None, repr=False)  # registered models
+    prep: Preprocessing | None = field(default=None, repr=False)
 
 
-def prepare(path, prep: Preprocessing, transform: Compose | None = None) -> PreparedScan:
-    """``transform``: the spatial steps of ``prep`` built once by a caller that prepares many scans."""
+def reference_mask(reference: Reference, prep: Preprocessing) -> np.ndarray:
+    """The reference's head on the model grid (bool), grown by one voxel: where a registered model's
+    input is kept and its change may fall."""
+    from scipy.ndimage import binary_dilation
+
+    on_grid = resample_grid(reference.mask, reference.affine, prep.grid_affine, prep.spatial_size)
+    return binary_dilation(on_grid > 0.5, iterations=1)
+
+
+def prepare_registered(scan: Scan, prep: Preprocessing, reference: Reference,
+                       mask: np.ndarray | None = None) -> PreparedScan:
+    """A scan registered to ``reference`` and resampled onto the model grid, outside the reference's
+    head set to 0 (skull and neck do not enter the model), intensities windowed as :func:`prepare`."""
+    reg = register(scan, reference, prep.registration, detail_mm=prep.spacing_mm[0])
+    arr = reg.resample(prep.grid_affine, prep.spatial_size)
+    mask = reference_mask(reference, prep) if mask is None else mask
+    window = intensity_window(arr[mask], prep.percentiles)
+    image = normalise_intensity(arr, window) * mask
+    return PreparedScan(scan=scan, image=image[None].astype(np.float32), window=window, registration=reg, prep=prep)
+
+
+def prepare(path, prep: Preprocessing, transform: Compose | None = None, reference: Reference | None = None,
+            mask: np.ndarray | None = None) -> PreparedScan:
+    """``transform``: the spatial steps of ``prep`` built once by a caller that prepares many scans.
+    A registered model's scans need its ``reference`` (and may pass its grid ``mask``, built once)."""
+    if prep.registration is not None:
+        if reference is None:
+            raise ValueError("this model registers scans to its reference, and none was given")
+        return prepare_registered(read_nifti(path), prep, reference, mask)
     transform = transform or spatial_transforms(prep)
     d = transform(LoadScand("image")({"image": str(path)}))
     x: MetaTensor = d["image"]
@@ -153,6 +196,8 @@ def restore_change(prepared: PreparedScan, change: np.ndarray) -> np.ndarray:
     on the input scan's grid, in the input's intensity units, shape ``prepared.scan.data.shape``."""
     change = np.asarray(change, dtype=np.float32).reshape(prepared.image.shape)
     lo, hi = prepared.window
+    if prepared.registration is not None:
+        return prepared.registration.carry_back(change[0] * (hi - lo), prepared.prep.grid_affine)
     t = MetaTensor(torch.from_numpy(change * (hi - lo)), meta=dict(prepared.transformed.meta),
                    applied_operations=list(prepared.transformed.applied_operations))
     # Only the invertible spatial steps are undone; N4 has no inverse to apply.

@@ -1,7 +1,15 @@
-"""The model registry: trained checkpoints filed under a name, newest version wins.
+"""The model registry: trained checkpoints filed under a name, in versions; ``NAME`` means the
+version promoted to serve it.
 
     CDAE_HOME/models/NAME/v1/   checkpoint.json, weights.pt, metrics.json, ...  (+ registry.json)
     CDAE_HOME/models/NAME/v2/   ...
+    CDAE_HOME/models/NAME/promoted.json   {"version": 1, "promoted_at": ..., "by": ...}
+
+A new version serves ``NAME`` only once it is promoted (:func:`promote`, ``cdae-med models
+promote NAME:vN``), never because it is newest. The first version registered under a name is
+promoted as it is registered, so a fresh install serves what it trained. A name registered
+before promotion existed (no ``promoted.json``) serves its newest version until its next
+registration or promotion records one (the next registration records the version it served).
 
 ``CDAE_HOME`` defaults to ``~/.cdae-med``. A version directory is filled beside its final
 place and renamed into it, so a reader never sees half a model and two processes that
@@ -31,12 +39,14 @@ from cdae_med.graph import CausalGraph
 from .settings import RuntimeSettings
 
 __all__ = ["RegistryError", "RegisteredModel", "default_home", "models_dir", "register", "list_models",
-           "resolve", "NAME_RE"]
+           "resolve", "promote", "promoted_version", "NAME_RE"]
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would take a trailing newline
+_VERSION_RE = re.compile(r"^v([1-9][0-9]*)\Z")
+_PROMOTED = "promoted.json"
 # Inference files only; training.pt (optimizer state) stays with the run.
-_COPIED = ("checkpoint.json", "weights.pt", "metrics.json", "counterfactual_grid.png")
+_COPIED = ("checkpoint.json", "weights.pt", "metrics.json", "counterfactual_grid.png", "reference.nii.gz",
+           "reference_mask.nii.gz")
 
 
 class RegistryError(ValueError):
@@ -61,6 +71,7 @@ class RegisteredModel:
     registered_at: float
     source: str | None
     meta: dict[str, Any]  # checkpoint.json
+    promoted: bool = False  # this version serves NAME
 
     @property
     def ref(self) -> str:
@@ -73,7 +84,7 @@ class RegisteredModel:
     def summary(self) -> dict[str, Any]:
         graph = self.meta.get("graph", {})
         return {"name": self.name, "version": self.version, "dataset": self.dataset, "path": str(self.path),
-                "registered_at": self.registered_at, "source": self.source,
+                "registered_at": self.registered_at, "source": self.source, "promoted": self.promoted,
                 "image": self.meta.get("image", {}), "variant": self.meta.get("variant", "causaldiffae"),
                 "variables": [{"name": v["name"], "unit": v.get("unit", ""), "range": v.get("range"),
                                "binary": v.get("binary", False), "parents": v.get("parents", [])}
@@ -98,7 +109,58 @@ def _read(path: Path, name: str, version: int) -> RegisteredModel:
         info = {}
     return RegisteredModel(name=name, version=version, path=path, dataset=str(meta.get("dataset", "")),
                            registered_at=float(info.get("registered_at", path.stat().st_mtime)),
-                           source=info.get("source"), meta=meta)
+                           source=info.get("source"), meta=meta,
+                           promoted=_serving(path.parent, _versions(path.parent.parent, name)) == version)
+
+
+def _recorded(name_dir: Path) -> int | None:
+    try:
+        version = json.loads((name_dir / _PROMOTED).read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) and version >= 1 else None
+
+
+def _serving(name_dir: Path, versions: list[int]) -> int | None:
+    """The version NAME serves: the promoted one, or the newest where none was ever recorded."""
+    recorded = _recorded(name_dir)
+    return recorded if recorded is not None else (versions[-1] if versions else None)
+
+
+def _record_promotion(name_dir: Path, version: int, by: str | None, only_if_none: bool = False) -> bool:
+    """Write promoted.json atomically; with ``only_if_none``, only where there is none yet (the
+    first writer wins). Returns whether it was written."""
+    fd, tmp = tempfile.mkstemp(prefix=".promoted-", dir=name_dir)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"version": version, "promoted_at": time.time(), "by": by}, fh)
+        if not only_if_none:
+            os.replace(tmp, name_dir / _PROMOTED)
+            return True
+        try:
+            os.link(tmp, name_dir / _PROMOTED)  # fails if it exists
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def promoted_version(name: str, *, home: str | Path | None = None) -> int | None:
+    """The version ``name`` serves, or None if it has no versions."""
+    base = models_dir(home)
+    return _serving(base / check_name(name), _versions(base, name))
+
+
+def promote(ref: str, *, home: str | Path | None = None, by: str | None = None) -> RegisteredModel:
+    """Make ``NAME:vN`` the version that ``NAME`` serves (also to go back to an older one)."""
+    name, _, ver = str(ref).partition(":")
+    if not ver:
+        raise RegistryError(f"name the version to promote: {name}:vN")
+    model = resolve(ref, home=home)
+    _record_promotion(model.path.parent, model.version, by)
+    return _read(model.path, model.name, model.version)
 
 
 def _versions(base: Path, name: str) -> list[int]:
@@ -151,11 +213,15 @@ def register(checkpoint_dir: str | Path, name: str | None = None, *, home: str |
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    # A name's first version serves it; a later one waits for promotion. Where no record exists yet
+    # (a registry from before promotion), the version served until now is recorded.
+    pin = max((v for v in _versions(base, name) if v < version), default=version)
+    _record_promotion(base / name, pin, by="registration", only_if_none=True)
     return _read(target, name, version)
 
 
 def list_models(home: str | Path | None = None, all_versions: bool = False) -> list[RegisteredModel]:
-    """Registered models by name; the newest version of each, or every version."""
+    """Registered models by name; the version each name serves, or every version."""
     base = models_dir(home)
     if not base.is_dir():
         return []
@@ -164,7 +230,8 @@ def list_models(home: str | Path | None = None, all_versions: bool = False) -> l
         if not d.is_dir() or not NAME_RE.match(d.name):
             continue
         versions = _versions(base, d.name)
-        for v in (versions if all_versions else versions[-1:]):
+        serving = _serving(d, versions)
+        for v in (versions if all_versions else [v for v in versions if v == serving]):
             out.append(_read(d / f"v{v}", d.name, v))
     return out
 
@@ -186,7 +253,11 @@ def resolve(ref: str | None = None, *, home: str | Path | None = None) -> Regist
         known = [m.name for m in list_models(home)]
         raise RegistryError(f"unknown model {name!r}; registered: {', '.join(known) or 'none'}")
     if not ver:
-        return _read(base / name / f"v{versions[-1]}", name, versions[-1])
+        serving = _serving(base / name, versions)
+        if serving not in versions:
+            raise RegistryError(f"model {name!r}: its promoted version v{serving} is missing; promote one of "
+                                f"{', '.join(f'v{v}' for v in versions)} with `cdae-med models promote {name}:vN`")
+        return _read(base / name / f"v{serving}", name, serving)
     m = re.fullmatch(r"v?([1-9][0-9]*)", ver)
     if not m or int(m.group(1)) not in versions:
         raise RegistryError(f"model {name!r} has no version {ver!r}; versions: "

@@ -16,13 +16,12 @@ Outputs per scan: ``counterfactual.nii.gz``, ``difference.nii.gz`` (counterfactu
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -30,21 +29,20 @@ import torch
 from cdae_med import __version__
 from cdae_med.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 from cdae_med.diffusion import DDIM
-from cdae_med.graph import GraphError
-from cdae_med.io import NiftiError, write_nifti
+from cdae_med.io import NiftiError, ScanLimits, nifti_limits, write_nifti
 from cdae_med.pipeline import CounterfactualPipeline
 from cdae_med.runtime import optimise_for_device, resolve_device
 from cdae_med.values import parse_values
 
-from .cohort import Subject
-from .mri import Preprocessing, PreparedScan, from_slices, prepare, restore_change, spatial_transforms, to_slices
+from .mri import (Preprocessing, PreparedScan, from_slices, prepare, reference_mask, restore_change,
+                  spatial_transforms, to_slices)
+from .registration import Reference, RegistrationError
 
-__all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "run_batch", "orthogonal_preview"]
+__all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "orthogonal_preview"]
 
 log = logging.getLogger("cdae_med")
 
 OUTPUT_FILES = ("counterfactual.nii.gz", "difference.nii.gz", "preview.png", "report.json")
-SUMMARY_FILE = "summary.csv"
 
 
 class ScanError(ValueError):
@@ -63,7 +61,7 @@ class ScanModel:
     """A checkpoint loaded once for many scans (a worker process keeps one)."""
 
     def __init__(self, checkpoint, device: torch.device, num_steps: int = 50, depth: float = 1.0,
-                 guidance: float = 1.0):
+                 guidance: float = 1.0, limits: ScanLimits | None = None):
         self.checkpoint = checkpoint
         model = optimise_for_device(checkpoint.model.to(device).eval(), device)
         self.pipeline = CounterfactualPipeline(model, DDIM(checkpoint.scheduler), checkpoint).to(device)
@@ -73,18 +71,28 @@ class ScanModel:
         if not 0.0 < guidance <= 20.0:
             raise ValueError(f"guidance must be in (0, 20], got {guidance}")
         self.num_steps, self.depth, self.guidance = num_steps, depth, guidance
+        self.limits = limits or ScanLimits()  # the largest scan read, checked on its header before resampling
         prep = checkpoint.image.get("preprocessing")
         if prep is None:
             raise CheckpointError(f"{checkpoint.path} was trained on {checkpoint.dataset!r} images, not on scans: "
                                   "it has no MRI preprocessing record")
         self.preprocessing = Preprocessing.from_dict(prep)
         self.spatial = spatial_transforms(self.preprocessing)
+        # A registered model works in its reference's space, where its reference's head is the mask.
+        self.reference = self.mask = None
+        if self.preprocessing.registration is not None:
+            try:
+                self.reference = Reference.load(checkpoint.path)
+            except (OSError, ValueError, NiftiError) as err:
+                raise CheckpointError(f"{checkpoint.path}: this model registers scans to its reference, "
+                                      f"which cannot be read: {err}") from None
+            self.mask = reference_mask(self.reference, self.preprocessing)
 
     @classmethod
     def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float = 1.0,
-             guidance: float = 1.0) -> "ScanModel":
+             guidance: float = 1.0, limits: ScanLimits | None = None) -> "ScanModel":
         dev = resolve_device(device)
-        return cls(load_checkpoint(checkpoint_dir, map_location=dev), dev, num_steps, depth, guidance)
+        return cls(load_checkpoint(checkpoint_dir, map_location=dev), dev, num_steps, depth, guidance, limits)
 
     # --- inputs ------------------------------------------------------------------------
     def interventions(self, do: Mapping[str, float | str]) -> dict[str, float]:
@@ -95,8 +103,9 @@ class ScanModel:
 
     def prepare(self, path) -> PreparedScan:
         try:
-            return prepare(path, self.preprocessing, self.spatial)
-        except NiftiError as err:
+            with nifti_limits(self.limits):  # read_nifti in pipelines.mri applies them
+                return prepare(path, self.preprocessing, self.spatial, reference=self.reference, mask=self.mask)
+        except (NiftiError, RegistrationError) as err:  # their messages name the file
             raise ScanError(str(err)) from None
         except ValueError as err:
             raise ScanError(f"{Path(path).name}: {err}") from None
@@ -141,7 +150,8 @@ class ScanModel:
         for i, p in enumerate(prepared):
             # The intervention changes the head, not the air around it: decoding noise there would
             # otherwise add intensity to every background voxel and skew any volume read from the output.
-            diff = restore_change(p, change[i] * head_mask(p.image[0]))
+            where = self.mask if self.mask is not None else head_mask(p.image[0])
+            diff = restore_change(p, change[i] * where)
             results.append(_Result(counterfactual=p.scan.data + diff, difference=diff,
                                    factual=dict(zip(graph.names, factual[i].tolist())),
                                    values=dict(zip(graph.names, values[i].tolist()))))
@@ -168,9 +178,15 @@ class ScanModel:
                 value = float(round(min(1.0, max(0.0, value))))
             counterfactual[n] = {"value": value, "unit": graph[n].unit, "role": role}
         ck = self.checkpoint
+        reg = p.registration
+        registration = None if reg is None else {
+            "transform": self.preprocessing.registration, "correlation_with_reference": round(reg.correlation, 4),
+            "field_of_view_coverage": round(reg.coverage, 4),
+            "reference_to_scan_ras": [[round(v, 5) for v in row] for row in reg.matrix_ras.tolist()]}
         return {
             "input": {"file": p.scan.name, "shape": list(p.scan.data.shape),
                       "spacing_mm": [round(s, 4) for s in p.scan.spacing]},
+            **({"registration": registration} if registration else {}),
             "interventions": do,
             "factual": factual,
             "counterfactual": counterfactual,
@@ -179,7 +195,8 @@ class ScanModel:
             "settings": {"ddim_steps": self.num_steps, "depth": self.depth, "guidance": self.guidance,
                          "model_kind": "3D" if self.preprocessing.slice_axis is None else "2D slice-wise",
                          "preprocessing": self.preprocessing.to_dict(),
-                         "output": "input + inverse-preprocessed (counterfactual - reconstruction)"},
+                         "output": "input + (counterfactual - reconstruction) carried back through the inverse "
+                                   + ("registration" if reg is not None else "preprocessing")},
             "files": list(OUTPUT_FILES),
             "seconds": round(seconds, 3),
         }
@@ -213,80 +230,6 @@ def head_mask(image: np.ndarray, threshold: float = 0.02, margin: int = 1) -> np
     from scipy.ndimage import binary_dilation
 
     return binary_dilation(image > threshold, iterations=margin).astype(np.float32)
-
-
-def run_batch(model: ScanModel, subjects: Iterable[Subject], do: Mapping[str, float | str], out_dir,
-              batch_size: int = 4, progress: bool = True) -> Path:
-    """Counterfactuals of many scans, ``batch_size`` at a time, into ``out_dir/SUBJECT_ID/``.
-
-    A subject whose report.json exists is skipped (so a rerun resumes); a subject that fails is
-    recorded with its reason and the batch goes on. Writes ``out_dir/summary.csv``.
-    """
-    from tqdm.auto import tqdm
-
-    do = model.interventions(do)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    subjects = list(subjects)
-    names = model.graph.names
-    rows: dict[str, dict] = {}
-
-    def record(s: Subject, status: str, error: str = "", report: dict | None = None, seconds: float = 0.0):
-        row = {"subject_id": s.subject_id, "input": s.path.name, "status": status, "error": error,
-               "seconds": f"{seconds:.2f}"}
-        for n in names:
-            row[f"cf_{n}"] = f"{report['counterfactual'][n]['value']:.6g}" if report else ""
-        rows[s.subject_id] = row
-
-    pending = []
-    for s in subjects:
-        report_path = out_dir / s.subject_id / "report.json"
-        if report_path.is_file():
-            try:
-                record(s, "done earlier", report=json.loads(report_path.read_text()))
-                continue
-            except (json.JSONDecodeError, KeyError):
-                pass  # a damaged report: do the subject again
-        pending.append(s)
-    bar = tqdm(total=len(subjects), initial=len(subjects) - len(pending), desc="counterfactuals", unit="scan",
-               disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(pending), batch_size):
-        chunk = pending[start:start + batch_size]
-        t0 = time.perf_counter()
-        ready: list[tuple[Subject, PreparedScan, dict]] = []
-        for s in chunk:
-            try:
-                ready.append((s, model.prepare(s.path), model.covariates(s.values)))
-            except (ScanError, GraphError) as err:
-                log.warning("skipped %s: %s", s.subject_id, err)
-                record(s, "failed", str(err))
-                bar.update(1)
-        if not ready:
-            continue
-        try:
-            results = model._infer([p for _, p, _ in ready], do, [g for _, _, g in ready])
-        except (RuntimeError, ValueError) as err:
-            for s, _, _ in ready:
-                record(s, "failed", f"inference failed: {err}")
-            bar.update(len(ready))
-            continue
-        seconds = (time.perf_counter() - t0) / len(ready)
-        for (s, p, given), r in zip(ready, results):
-            try:
-                report = model._report(p, r, do, given, seconds)
-                model._write(out_dir / s.subject_id, p, r, report)
-                record(s, "done", report=report, seconds=seconds)
-            except OSError as err:
-                record(s, "failed", f"could not write outputs: {err}")
-            bar.update(1)
-    bar.close()
-    summary = out_dir / SUMMARY_FILE
-    with open(summary, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["subject_id", "input", "status", "error", "seconds",
-                                                *[f"cf_{n}" for n in names]])
-        writer.writeheader()
-        writer.writerows(rows[s.subject_id] for s in subjects if s.subject_id in rows)
-    return summary
 
 
 def orthogonal_preview(image: np.ndarray, counterfactual: np.ndarray, difference: np.ndarray,

@@ -135,6 +135,8 @@ class _Run:
                         training_state={"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                                         "optimizer": self.opt.state_dict(), "step": self.step,
                                         "elapsed_s": self.elapsed, "config": self._identity()})
+        if self.data.reference is not None:
+            self.data.reference.save(out)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """This rank's share of the step's batch. The order is a function of the step alone, so a
@@ -253,11 +255,11 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False,
 
     run.model.eval()
     metrics: dict[str, Any] = {"steps": run.step, "train_minutes": run.elapsed / 60, "train_images_per_s": rate}
-    if cfg.data is not None or cfg.slicewise:
-        # A cohort has no true counterfactuals to score against; slice-wise models are scored on
-        # whole scans (benchmarks/mri.py).
-        log.info("no end-of-training counterfactual errors for %s; run `cdae-med batch` on held-out scans",
-                 "a cohort" if cfg.data is not None else "a slice-wise model")
+    if cfg.data is not None or cfg.slicewise or cfg.registration:
+        # A cohort has no true counterfactuals to score against; slice-wise and registered models are
+        # scored on whole scans (benchmarks/mri.py, benchmarks/brain_native.py).
+        what = "a cohort" if cfg.data is not None else "a slice-wise model" if cfg.slicewise else "a registered model"
+        log.info("no end-of-training counterfactual errors for %s; run `cdae-med batch` on held-out scans", what)
         run.save(out, metrics)
     else:
         _final_evaluation(run, out, progress, metrics)

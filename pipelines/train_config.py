@@ -31,6 +31,8 @@ VOLUME_MODEL_DEFAULTS = {"unet_attention": (False, False, True)}
 # Settings of the network that the data set decides; a request may not override them.
 _DERIVED_MODEL_SETTINGS = ("spatial_dims", "in_channels", "image_size")
 TEST_SET_SIZE = 1000
+# The largest size or count a model override may set (channels, latent dimensions, blocks).
+MAX_MODEL_SIZE = 4096
 
 
 def test_seed(seed: int) -> int:
@@ -57,7 +59,8 @@ class TrainParameters(BaseModel):
         10.0, gt=0, le=1000,
         description="The causal mechanisms learn at lr x this (see pipelines.train.parameter_groups).")
     n_train: int = Field(10_000, ge=1, le=1_000_000, description="Training images to generate.")
-    seed: int = Field(0, ge=0, description="Seed for data, initialisation and batch order.")
+    # At most 2^32 - 1: the batch order seeds torch with seed x 1,000,003 + epoch, which must stay under 2^64.
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data, initialisation and batch order.")
     gamma: float = Field(1.0, ge=0, description="Weight of the KL and mechanism terms.")
     gamma_warmup: int = Field(200, ge=0, description="Steps over which gamma ramps up from 0.")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="Decay of the weights' moving average.")
@@ -72,6 +75,9 @@ class TrainParameters(BaseModel):
                                                                   "whose labels are used (0-1).")
     slicewise: bool = Field(False, description="Volumes: a 2D model of axial slices instead of a 3D model "
                                                "(n_train then counts slices).")
+    registration: Literal["rigid", "affine"] | None = Field(
+        None, description="Volumes: register every scan to the cohort's reference before the model sees it "
+                          "(rigid keeps head size; see pipelines.registration) [default: none].")
     spacing_mm: float | None = Field(None, gt=0, le=50, description="Volumes: voxel spacing of the model's grid "
                                                                     "in mm [default: the cohort's field of view / size].")
     model: dict[str, Any] = Field(default_factory=dict,
@@ -88,6 +94,8 @@ class TrainParameters(BaseModel):
             self.minutes = None
         if self.slicewise and self.dataset != "brain":
             raise ValueError(f"slicewise applies to volume data sets (brain), not {self.dataset}")
+        if self.registration and self.dataset != "brain":
+            raise ValueError(f"registration applies to volume data sets (brain), not {self.dataset}")
         if self.model:
             from cdae_med.model import CausalDiffAEConfig
 
@@ -97,6 +105,11 @@ class TrainParameters(BaseModel):
                 raise ValueError(f"model: unknown settings {unknown}; known: {sorted(known)}")
             if "variant" in self.model and self.model["variant"] != self.variant:
                 raise ValueError("model: give the variant as 'variant', not inside 'model'")
+            for name, value in self.model.items():  # sizes and counts: the network would not build, or not fit
+                items = value if isinstance(value, (list, tuple)) else [value]
+                if any(isinstance(v, int) and not isinstance(v, bool) and not 1 <= v <= MAX_MODEL_SIZE
+                       for v in items):
+                    raise ValueError(f"model: {name} must be in [1, {MAX_MODEL_SIZE}], got {value}")
         # Build the network's config now, so a setting that cannot work fails before training, not after.
         from cdae_med.model import CausalDiffAEConfig
 

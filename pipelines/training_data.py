@@ -21,7 +21,8 @@ from cdae_med.graph import load_graph
 
 from .cohort import load_cohort
 from .datasets import SyntheticDataset, get_dataset, to_tensor
-from .mri import Preprocessing, to_slices
+from .mri import Preprocessing, prepare_registered, reference_mask, to_slices
+from .registration import Reference
 from .train_config import TrainConfig
 
 log = logging.getLogger("cdae_med")
@@ -39,6 +40,7 @@ class TrainingData:
     labels: torch.Tensor  # (N, n_vars) normalised; zero where hidden
     labelled: torch.Tensor  # (N,) bool: which images keep their labels
     image_meta: dict[str, Any]  # the checkpoint's ``image`` record
+    reference: Reference | None = None  # registered models: the space their scans are registered to
 
 
 def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
@@ -56,7 +58,30 @@ def _preprocessing(cfg: TrainConfig, ds: SyntheticDataset, size: int) -> Preproc
     if ds.spatial_dims != 3:
         return None
     spacing = cfg.spacing_mm or ds.field_of_view_mm / size
-    return Preprocessing(spacing_mm=(spacing,) * 3, spatial_size=(size,) * 3)
+    return Preprocessing(spacing_mm=(spacing,) * 3, spatial_size=(size,) * 3, registration=cfg.registration)
+
+
+REFERENCE_SIZE = 64  # the reference's grid: 3 mm over the brain cohort's 192 mm field of view
+
+
+def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocessing, reference: Reference,
+                        progress: bool):
+    """Generator subjects rendered at twice the model's resolution (a scan is finer than the model),
+    registered to the reference and resampled onto the model grid as a scan at inference is."""
+    from tqdm.auto import tqdm
+
+    from cdae_med.io import Scan
+
+    size = prep.spatial_size[0]
+    render = min(2 * size, 96)
+    samples = ds.generator.sample(cfg.n_train, seed=cfg.seed, size=render)
+    affine = ds.generator.affine(render)
+    mask = reference_mask(reference, prep)
+    images = np.empty((len(samples.images), size, size, size, 1), np.float32)
+    for i in tqdm(range(len(images)), desc="register", unit="scan", disable=not progress):
+        images[i, ..., 0] = prepare_registered(Scan(samples.images[i, ..., 0], affine, f"subject {i}"), prep,
+                                               reference, mask).image[0]
+    return images, samples.labels
 
 
 def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
@@ -73,9 +98,17 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
         what = "--data takes a cohort of NIfTI scans" if cfg.data is not None else "--slicewise applies to volumes"
         raise ValueError(f"{what}; {ds.name} is not a volume data set")
 
+    reference = None
+    if preprocessing is not None and preprocessing.registration is not None:
+        if not hasattr(ds.generator, "reference"):
+            raise ValueError(f"registration needs a reference head; the {ds.name} data set has none")
+        image, mask, affine = ds.generator.reference(REFERENCE_SIZE)
+        reference = Reference(image, mask, affine)
     t0 = time.perf_counter()
     if cfg.data is not None:
-        images, labels = load_cohort(cfg.data, ds.graph, preprocessing, progress=progress)
+        images, labels = load_cohort(cfg.data, ds.graph, preprocessing, progress=progress, reference=reference)
+    elif reference is not None:
+        images, labels = _registered_samples(ds, cfg, preprocessing, reference, progress)
     else:
         # Slice-wise: n_train counts slices, so the number of subjects is n_train / slices per subject.
         n = math.ceil(cfg.n_train / size) if cfg.slicewise else cfg.n_train
@@ -96,4 +129,5 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
             "value_range": [0, 255] if images.dtype == np.uint8 else [0.0, 1.0], "model_range": [-1.0, 1.0]}
     if preprocessing is not None:
         meta["preprocessing"] = preprocessing.to_dict()
-    return TrainingData(dataset=ds, size=size, images=to_tensor(images), labels=y, labelled=labelled, image_meta=meta)
+    return TrainingData(dataset=ds, size=size, images=to_tensor(images), labels=y, labelled=labelled, image_meta=meta,
+                        reference=reference)

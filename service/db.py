@@ -1,104 +1,42 @@
 """Job records and API keys in a SQL database (SQLAlchemy 2): SQLite by default, PostgreSQL by URL.
 
 The database, not the broker, is the record of what was accepted. A job moves
-queued -> running -> succeeded | failed. A worker *claims* a job with one conditional UPDATE
+queued -> running -> succeeded | failed, or to deleted (by its owner; the row stays as a
+tombstone without parameters or results). A worker *claims* a job with one conditional UPDATE
 (queued, or running under a lease that has gone stale), so two deliveries of the same task
 never both run it; while it runs, the worker renews its lease (``heartbeat_at``); it can
 finish the job only while it still holds that lease. Times are Unix seconds (floats) so that
 SQLite and PostgreSQL behave the same.
+
+A key has a role, ``clinician`` (submit and read its own jobs) or ``admin`` (also training
+jobs and promoting models). Workers report in the ``workers`` table (readiness). A database
+made by an earlier version gets the columns added since (:func:`add_missing_columns`); its
+keys become clinicians. An SQLite file is created readable by its owner only.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
+import os
 import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import (JSON, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select,
-                        text, update)
+from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+from sqlalchemy.orm import sessionmaker
+from sqlalchemy.schema import CreateColumn
 
-__all__ = ["Base", "ApiKey", "Job", "Store", "hash_key", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "STATUSES"]
+from .tables import (ADMIN, CLINICIAN, DELETED, FAILED, KEY_PREFIX, QUEUED, ROLES, RUNNING, STATUSES, SUCCEEDED,
+                     ApiKey, Base, Job, JobView, KeyView, WorkerRecord, check_role, hash_key)
 
-QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
-KEY_PREFIX = "cdae_"
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ApiKey(Base):
-    __tablename__ = "api_keys"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(128))
-    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)  # sha256 of the key
-    prefix: Mapped[str] = mapped_column(String(16))  # the key's first characters, to tell keys apart
-    created_at: Mapped[float] = mapped_column(Float)
-    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-class Job(Base):
-    __tablename__ = "jobs"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))  # counterfactual | train
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    progress: Mapped[float] = mapped_column(Float, default=0.0)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
-    model_ref: Mapped[str | None] = mapped_column(String(128), nullable=True)  # NAME:vN, resolved at submit
-    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    files: Mapped[list[str]] = mapped_column(JSON, default=list)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    created_at: Mapped[float] = mapped_column(Float)
-    queued_at: Mapped[float] = mapped_column(Float)  # last time a message was published for it
-    published: Mapped[int] = mapped_column(Integer, default=0)  # messages published for it
-    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims by a worker
-    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
-
-
-def hash_key(plain: str) -> str:
-    # API keys are 256-bit random strings, so one SHA-256 is enough (no password stretching needed).
-    return hashlib.sha256(plain.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class JobView:
-    """A detached copy of a job row."""
-    id: str
-    kind: str
-    status: str
-    progress: float
-    error: str | None
-    key_id: int
-    model_ref: str | None
-    params: dict[str, Any]
-    files: list[str]
-    result: dict[str, Any] | None
-    created_at: float
-    queued_at: float
-    published: int
-    started_at: float | None
-    finished_at: float | None
-    heartbeat_at: float | None
-    attempts: int
-    worker: str | None
-
-    @classmethod
-    def of(cls, job: Job) -> "JobView":
-        return cls(**{f: getattr(job, f) for f in cls.__dataclass_fields__})
-
+__all__ = ["Base", "ApiKey", "Job", "WorkerRecord", "Store", "JobView", "KeyView", "hash_key",
+           "add_missing_columns", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "DELETED", "STATUSES", "CLINICIAN",
+           "ADMIN", "ROLES"]
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
@@ -110,7 +48,7 @@ def _make_engine(url: str) -> Engine:
 
         database = make_url(url).database
         if database and database != ":memory:":
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)  # a fresh CDAE_HOME
+            _private_file(Path(database).expanduser())
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -122,6 +60,54 @@ def _make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def _private_file(path: Path) -> None:
+    """Create the SQLite file (and its folder) for its owner only before SQLite opens it: SQLite
+    gives its -wal and -shm files the database file's mode. An existing file is made private too."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # an empty file is an empty database
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if p.exists():
+            os.chmod(p, 0o600)
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add the columns declared here that an existing table lacks (``create_all`` adds only
+    missing tables), with their server defaults; returns ``table.column`` of each added. Two
+    processes may race: a column the other one added is not an error."""
+    added = []
+    for table in Base.metadata.sorted_tables:
+        insp = inspect(engine)
+        if not insp.has_table(table.name):
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {CreateColumn(column).compile(dialect=engine.dialect)}"
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(ddl))
+                added.append(f"{table.name}.{column.name}")
+            except (OperationalError, ProgrammingError):
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
+    return added
+
+
+def _create_schema(engine: Engine, tries: int = 3) -> None:
+    """The tables and the columns added since; another process doing the same at the same moment
+    makes one attempt fail ("already exists"), so it is tried again (each step checks first)."""
+    for attempt in range(tries):
+        try:
+            Base.metadata.create_all(engine)
+            add_missing_columns(engine)
+            return
+        except DBAPIError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 class Store:
@@ -136,7 +122,7 @@ class Store:
         self.engine = engine
         self.session = sessionmaker(engine, expire_on_commit=False)
         if create:
-            Base.metadata.create_all(engine)
+            _create_schema(engine)
 
     # -- health --------------------------------------------------------------------------
     def ping(self) -> None:
@@ -144,13 +130,14 @@ class Store:
             conn.execute(text("SELECT 1"))
 
     # -- API keys ------------------------------------------------------------------------
-    def create_key(self, name: str) -> tuple[str, int]:
+    def create_key(self, name: str, role: str = CLINICIAN) -> tuple[str, int]:
         """A new key; the plain key is returned once and only its hash is stored."""
         if not name or len(name) > 128:
             raise ValueError("a key needs a name of 1-128 characters")
+        check_role(role)
         plain = KEY_PREFIX + secrets.token_urlsafe(32)
         with self.session.begin() as s:
-            row = ApiKey(name=name, key_hash=hash_key(plain), prefix=plain[:12], created_at=time.time())
+            row = ApiKey(name=name, key_hash=hash_key(plain), prefix=plain[:12], created_at=time.time(), role=role)
             s.add(row)
             s.flush()
             return plain, row.id
@@ -166,10 +153,24 @@ class Store:
                 return None
             return row.id
 
+    def key(self, key_id: int) -> KeyView | None:
+        """The key's name and role, or None for an unknown or revoked key."""
+        with self.session() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None or row.revoked_at is not None:
+                return None
+            return KeyView(row.id, row.name, row.role or CLINICIAN)
+
+    def set_role(self, key_id: int, role: str) -> bool:
+        check_role(role)
+        with self.session.begin() as s:
+            return s.execute(update(ApiKey).where(ApiKey.id == key_id).values(role=role)).rowcount == 1
+
     def list_keys(self) -> list[dict[str, Any]]:
         with self.session() as s:
             return [{"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": k.created_at,
-                     "revoked": k.revoked_at is not None} for k in s.scalars(select(ApiKey).order_by(ApiKey.id))]
+                     "revoked": k.revoked_at is not None, "role": k.role or CLINICIAN}
+                    for k in s.scalars(select(ApiKey).order_by(ApiKey.id))]
 
     def revoke_key(self, key_id: int) -> bool:
         with self.session.begin() as s:
@@ -190,17 +191,43 @@ class Store:
             return JobView.of(job)
 
     def get_job(self, job_id: str, key_id: int | None = None) -> JobView | None:
-        """The job, or None if it does not exist or (with key_id) belongs to another key."""
+        """The job, or None if it does not exist or (with key_id) belongs to another key or was deleted."""
         with self.session() as s:
             job = s.get(Job, job_id)
-            if job is None or (key_id is not None and job.key_id != key_id):
+            if job is None or (key_id is not None and (job.key_id != key_id or job.status == DELETED)):
                 return None
             return JobView.of(job)
 
     def list_jobs(self, key_id: int, limit: int = 100) -> list[JobView]:
         with self.session() as s:
-            rows = s.scalars(select(Job).where(Job.key_id == key_id).order_by(Job.created_at.desc()).limit(limit))
+            rows = s.scalars(select(Job).where(Job.key_id == key_id, Job.status != DELETED)
+                             .order_by(Job.created_at.desc()).limit(limit))
             return [JobView.of(j) for j in rows]
+
+    def delete_job(self, job_id: str, key_id: int) -> JobView | None:
+        """The key's job becomes a tombstone (no parameters, results or files); a worker running it
+        loses its lease. Returns the job as it was, or None if the key has no such job."""
+        with self.session.begin() as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None or job.key_id != key_id or job.status == DELETED:
+                return None
+            before = JobView.of(job)
+            job.status, job.finished_at, job.params, job.result, job.files = DELETED, time.time(), {}, None, []
+            return before
+
+    def to_purge(self, finished_before: float | None) -> list[JobView]:
+        """Jobs whose files are still stored but should not be: deleted ones, and (with a time)
+        those that ended before it."""
+        cond = Job.status == DELETED
+        if finished_before is not None:
+            cond = cond | (Job.status.in_((SUCCEEDED, FAILED)) & (Job.finished_at < finished_before))
+        with self.session() as s:
+            return [JobView.of(j) for j in s.scalars(select(Job).where(Job.purged_at.is_(None), cond))]
+
+    def mark_purged(self, job_id: str) -> None:
+        with self.session.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(purged_at=time.time(), files=[])
+                      .execution_options(synchronize_session=False))
 
     def count_by_status(self) -> dict[str, int]:
         with self.session() as s:
@@ -250,6 +277,33 @@ class Store:
         with self.session.begin() as s:
             r = s.execute(update(Job).where(*cond).values(**values).execution_options(synchronize_session=False))
             return r.rowcount == 1
+
+    # -- workers -------------------------------------------------------------------------
+    def worker_seen(self, worker_id: str, name: str, queues: str) -> None:
+        """Record that this worker is up (insert or renew)."""
+        now = time.time()
+        with self.session.begin() as s:
+            r = s.execute(update(WorkerRecord).where(WorkerRecord.id == worker_id)
+                          .values(seen_at=now, name=name, queues=queues).execution_options(synchronize_session=False))
+            if r.rowcount == 0:
+                s.add(WorkerRecord(id=worker_id, name=name, queues=queues, started_at=now, seen_at=now))
+
+    def worker_gone(self, worker_id: str) -> None:
+        with self.session.begin() as s:
+            s.execute(delete(WorkerRecord).where(WorkerRecord.id == worker_id))
+
+    def workers(self, seen_within_s: float) -> list[dict[str, Any]]:
+        """Workers that reported in the last ``seen_within_s`` seconds."""
+        with self.session() as s:
+            rows = s.scalars(select(WorkerRecord).where(WorkerRecord.seen_at >= time.time() - seen_within_s)
+                             .order_by(WorkerRecord.id))
+            return [{"id": w.id, "name": w.name, "queues": w.queues.split(","), "started_at": w.started_at,
+                     "seen_at": w.seen_at} for w in rows]
+
+    def forget_workers(self, not_seen_for_s: float) -> int:
+        """Drop the records of workers silent this long (killed ones leave theirs)."""
+        with self.session.begin() as s:
+            return s.execute(delete(WorkerRecord).where(WorkerRecord.seen_at < time.time() - not_seen_for_s)).rowcount
 
     # -- the sweep -----------------------------------------------------------------------
     def lost_running(self, stale_s: float) -> list[JobView]:

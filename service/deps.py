@@ -13,11 +13,12 @@ from fastapi import Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from .config import Settings
-from .db import JobView, Store
+from .db import ADMIN, JobView, KeyView, Store
+from .middleware import INVALID_KEY, MISSING_KEY  # the KeyGate's words: the same 401 wherever it comes from
 from .schemas import Accepted
 
-__all__ = ["SettingsDep", "StoreDep", "CeleryDep", "ApiKey", "OwnedJob", "Submit", "api_key", "owned_job",
-           "unprocessable"]
+__all__ = ["SettingsDep", "StoreDep", "CeleryDep", "ApiKey", "AdminKey", "OwnedJob", "Submit", "api_key",
+           "require_role", "owned_job", "unprocessable"]
 
 log = logging.getLogger("cdae_med.service")
 
@@ -47,14 +48,32 @@ CeleryDep = Annotated[Celery, Depends(_celery)]
 def api_key(store: StoreDep, x_api_key: Annotated[str | None, Header(alias="X-API-Key")] = None) -> int:
     """The id of the request's valid API key; 401 without one."""
     if not x_api_key:
-        raise HTTPException(401, "missing X-API-Key header", headers={"WWW-Authenticate": "X-API-Key"})
+        raise HTTPException(401, MISSING_KEY, headers={"WWW-Authenticate": "X-API-Key"})
     key_id = store.authenticate(x_api_key)
     if key_id is None:
-        raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "X-API-Key"})
+        raise HTTPException(401, INVALID_KEY, headers={"WWW-Authenticate": "X-API-Key"})
     return key_id
 
 
 ApiKey = Annotated[int, Depends(api_key)]
+
+
+def require_role(role: str) -> Callable[..., KeyView]:
+    """A dependency: the request's key if it has ``role`` (or a higher one); 403 naming the role
+    it lacks. Every valid key is at least a clinician, so only admin routes need it."""
+    def check(key_id: ApiKey, store: StoreDep) -> KeyView:
+        key = store.key(key_id)
+        if key is None:  # revoked between the two reads
+            raise HTTPException(401, INVALID_KEY, headers={"WWW-Authenticate": "X-API-Key"})
+        if not key.has_role(role):
+            raise HTTPException(403, f"this needs an API key with the {role} role; key {key.name!r} has the "
+                                     f"{key.role} role")
+        return key
+
+    return check
+
+
+AdminKey = Annotated[KeyView, Depends(require_role(ADMIN))]
 
 
 def owned_job(job_id: str, key_id: ApiKey, store: StoreDep) -> JobView:

@@ -11,7 +11,8 @@ from pipelines.train_config import Dataset, TrainParameters
 
 from .db import JobView
 
-__all__ = ["Accepted", "FileLink", "JobOut", "VariableOut", "ModelOut", "TrainRequest", "Problem", "ERRORS"]
+__all__ = ["Accepted", "FileLink", "JobOut", "VariableOut", "ModelOut", "PromoteRequest", "TrainRequest", "Problem",
+           "ERRORS"]
 
 
 class Problem(BaseModel):
@@ -77,6 +78,11 @@ class ModelOut(BaseModel):
     image: dict[str, Any]
     variables: list[VariableOut]
     registered_at: float
+    promoted: bool = Field(description="this version serves model=NAME")
+
+
+class PromoteRequest(BaseModel):
+    model: str = Field(description="NAME:vN, the version that model=NAME is to run on", examples=["brain:v2"])
 
 
 class TrainRequest(TrainParameters):

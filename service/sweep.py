@@ -10,6 +10,10 @@ succeeded or failed with a reason.
   it has waited ``stale_s``. With a Redis broker the queues are read to tell; with another
   broker the message is simply sent again (a duplicate is harmless: the task's claim skips it).
 
+- The files of a deleted job, and of a job that ended more than ``retention_days`` ago (its
+  stored input, outputs and training run), are deleted; the job's record stays, with no files.
+- Records of workers silent for a day are dropped (a killed worker leaves its own).
+
 Several API processes may sweep at once: each change is a conditional UPDATE, so one wins.
 """
 
@@ -18,8 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import threading
+import time
 from typing import Any
 
 from .config import Settings
@@ -28,7 +34,7 @@ from .queue import QUEUES
 
 log = logging.getLogger("cdae_med.service")
 
-__all__ = ["sweep", "broker_held_ids", "Sweeper"]
+__all__ = ["sweep", "purge", "broker_held_ids", "process_gone", "Sweeper"]
 
 _PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: queue name + sep + priority for priorities > 0
 
@@ -71,7 +77,12 @@ def broker_held_ids(settings: Settings, queues: tuple[str, ...] = QUEUES) -> set
 
 def _local_dead(job: JobView) -> bool:
     """The job's worker was a process on this host that has exited."""
-    host, _, pid = (job.worker or "").rpartition(":")
+    return process_gone(job.worker)
+
+
+def process_gone(worker: str | None) -> bool:
+    """``worker`` (host:pid) names a process on this host that has exited."""
+    host, _, pid = (worker or "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
@@ -85,6 +96,19 @@ def _local_dead(job: JobView) -> bool:
             return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+def purge(store: Store, settings: Settings) -> list[str]:
+    """Delete the stored files of deleted jobs and of jobs past retention; returns their ids."""
+    cutoff = time.time() - settings.retention_days * 86400 if settings.retention_days > 0 else None
+    purged = []
+    for job in store.to_purge(cutoff):
+        folder = settings.job_dir(job.id)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():  # else (a file busy on some file systems) the next pass tries again
+            store.mark_purged(job.id)
+            purged.append(job.id)
+    return purged
 
 
 def sweep(store: Store, settings: Settings, send, held: set[str] | None | str = "read",
@@ -123,6 +147,8 @@ def sweep(store: Store, settings: Settings, send, held: set[str] | None | str = 
         if store.touch_queued(job):
             send(job)
             done["requeued_queued"].append(job.id)
+    done["purged"] = purge(store, settings)
+    store.forget_workers(86400.0)
     if any(done.values()):
         log.warning("sweep: %s", {k: len(v) for k, v in done.items()})
     return done

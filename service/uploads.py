@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -21,8 +20,11 @@ from typing import Any, Iterator
 
 from fastapi import HTTPException, UploadFile
 
+from cdae_med.io import NiftiError, ScanLimits, check_nifti_file
+
 from .config import Settings
 from .deps import unprocessable
+from .strict_json import JSONProblem, loads
 
 __all__ = ["json_object", "sniff_nifti", "save_upload", "check_scan", "save_cohort", "new_job_dir"]
 
@@ -48,10 +50,9 @@ def json_object(raw: str | None, field: str, example: str = '{"age": 70}') -> di
     if raw is None or raw.strip() == "":
         return {}
     try:
-        value = json.loads(raw)
-    except ValueError as err:
-        raise unprocessable(f"{field}: not valid JSON ({err.msg} at position {err.pos}); "
-                            f"give an object such as {example}") from None
+        value = loads(raw)
+    except JSONProblem as err:
+        raise unprocessable(f"{field}: {err}; give an object such as {example}") from None
     if not isinstance(value, dict):
         raise unprocessable(f"{field}: must be a JSON object such as {example}, got {type(value).__name__}")
     return value
@@ -94,12 +95,12 @@ def save_upload(upload: UploadFile, job_dir: Path, limit: int, stem: str = "inpu
     return dest
 
 
-def check_scan(path: Path, max_voxels: int, field: str = "file") -> None:
-    """Read the stored volume as the worker will; 422 with the reason if it cannot be used."""
-    from cdae_med.io import NiftiError, read_nifti
-
+def check_scan(path: Path, limits: ScanLimits, field: str = "file") -> None:
+    """Check the stored volume as the worker will read it, its header against ``limits`` first and
+    then its data streamed a megabyte at a time (never the whole volume in memory); 422 with the
+    reason if it cannot be used."""
     try:
-        read_nifti(path, max_voxels=max_voxels)
+        check_nifti_file(path, limits)
     except NiftiError as err:
         msg = str(err).replace(f"{path.name}: ", "", 1)
         raise unprocessable(f"{field}: {msg}") from None
@@ -156,7 +157,7 @@ def save_cohort(manifest: UploadFile, files: list[UploadFile], job_dir: Path, se
             field = f"files[{base}]"
             dest = save_upload(uploads[base], cohort / "scans", settings.max_upload_bytes,
                                stem=f"{len(used):05d}", field=field)
-            check_scan(dest, settings.max_voxels, field=field)
+            check_scan(dest, settings.scan_limits, field=field)
             used[base] = f"scans/{dest.name}"
         row["path"] = used[base]
     with open(cohort / "manifest.csv", "w", newline="") as fh:

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from .config import Settings
 from .db import JobView
-from .deps import OwnedJob, SettingsDep
+from .deps import ApiKey, OwnedJob, SettingsDep
 
 __all__ = ["router", "STATIC_DIR"]
 
@@ -164,7 +164,7 @@ def index():
 
 
 @router.get("/v1/limits", response_model=Limits, summary="Upload limits (checked again by the server)")
-def limits(settings: SettingsDep):
+def limits(_key: ApiKey, settings: SettingsDep):
     return Limits(max_upload_bytes=settings.max_upload_bytes, max_voxels=settings.max_voxels)
 
 
@@ -218,9 +218,11 @@ def slice_info(job: CounterfactualJob, settings: SettingsDep):
             summary="One slice of the input, counterfactual or difference as a PNG (RAS, square mm)")
 def slice_png(job: CounterfactualJob, settings: SettingsDep, volume: Literal["input", "counterfactual", "difference"],
               plane: Literal["axial", "coronal", "sagittal"], index: int,
-              window: float | None = Query(None, gt=0, description="grey: width of the window [auto]; "
-                                                                    "difference: full width [auto]"),
-              level: float | None = Query(None, description="centre of the window [auto; 0 for difference]")):
+              window: float | None = Query(None, gt=0, allow_inf_nan=False,
+                                           description="grey: width of the window [auto]; difference: full width "
+                                                       "[auto]"),
+              level: float | None = Query(None, allow_inf_nan=False,
+                                          description="centre of the window [auto; 0 for difference]")):
     from PIL import Image
 
     ras, spacing = _volume(settings, job, volume)
@@ -241,4 +243,4 @@ def slice_png(job: CounterfactualJob, settings: SettingsDep, volume: Literal["in
     img = img.resize(_size(s.shape, row, col), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
-    return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    return Response(buf.getvalue(), media_type="image/png")  # Cache-Control: no-store (service.middleware)

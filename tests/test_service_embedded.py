@@ -75,7 +75,7 @@ def _wait(client, job_id, timeout=120):
 
 def test_embedded_serve_end_to_end(served, scan_bytes):
     c = served["client"]
-    assert c.get("/readyz").json()["checks"] == {"database": "ok", "broker": "ok"}
+    assert c.get("/readyz").json()["checks"] == {"database": "ok", "broker": "ok", "workers": "ok"}
     home = served["root"] / "home"
     assert (home / "service.db").is_file() and (home / "redis" / "redis.sock").exists()
     assert c.get("/v1/models").json()[0]["name"] == "brain"
@@ -127,9 +127,9 @@ def test_serve_stops_cleanly(served):
     assert proc.wait(timeout=45) == 0
     import psutil
 
-    from service.serve import _answers
+    from service.redis_server import answers
 
-    assert not _answers(served["root"] / "home" / "redis" / "redis.sock")  # the embedded Redis is gone
+    assert not answers(served["root"] / "home" / "redis" / "redis.sock")  # the embedded Redis is gone
     tag = f"embedded-{proc.pid}@"
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if tag in " ".join(p.info["cmdline"] or [])]
     assert not leftovers, [p.info["cmdline"] for p in leftovers]  # and so is the worker

@@ -96,7 +96,9 @@ def site(tmp_path_factory, brain_checkpoint):
 
 @pytest.fixture
 def page(browser, site):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    # Playwright's wait_for_function evaluates its predicate with eval(), which the app's
+    # Content-Security-Policy forbids; test_page_runs_under_its_own_csp checks the page without this.
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, bypass_csp=True)
     pg = context.new_page()
     pg.set_default_timeout(20_000)
     errors: list[str] = []
@@ -357,7 +359,8 @@ def test_slice_endpoint(site):
     assert r.status_code == 422 and "volume" in r.json()["detail"]
     r = c.get(f"/v1/jobs/{job_id}/slices/input/axial/0.png", headers=key, params={"window": -1})
     assert r.status_code == 422
-    assert c.get("/v1/limits").json()["max_upload_bytes"] == int(LIMIT_MB * 1024 * 1024)
+    assert c.get("/v1/limits").status_code == 401  # every /v1 route needs the key (service.middleware.KeyGate)
+    assert c.get("/v1/limits", headers=key).json()["max_upload_bytes"] == int(LIMIT_MB * 1024 * 1024)
 
 
 def test_static_files_ship_in_the_package():
@@ -367,3 +370,17 @@ def test_static_files_ship_in_the_package():
     assert {"index.html", "app.js", "api.js", "graph.js", "style.css"} <= names
     text = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'service\s*=\s*\[[^\]]*static/\*', text), "service/static/* missing from package-data"
+
+
+def test_page_runs_under_its_own_csp(browser, site):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    pg = context.new_page()
+    messages: list[str] = []
+    pg.on("console", lambda m: messages.append(m.text))
+    pg.on("pageerror", lambda e: messages.append(str(e)))
+    response = pg.goto(site["url"] + "/")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    pg.wait_for_load_state("networkidle")
+    assert pg.locator("body").inner_text().strip(), "the page rendered nothing"
+    assert not [m for m in messages if "Content Security Policy" in m or "Refused to" in m], messages
+    context.close()

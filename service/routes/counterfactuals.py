@@ -58,6 +58,6 @@ def submit_counterfactual(
     given = checked_values(registered.graph, given, "covariates")
     with new_job_dir(settings) as (job_id, job_dir):
         path = save_upload(file, job_dir, settings.max_upload_bytes)
-        check_scan(path, settings.max_voxels)
+        check_scan(path, settings.scan_limits)
     return submit("counterfactual", {"interventions": do, "covariates": given, "input": path.name},
                   model_ref=registered.ref, job_id=job_id)

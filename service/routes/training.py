@@ -1,6 +1,8 @@
 """``POST /v1/training-jobs`` (a synthetic data set) and ``POST /v1/training-jobs/cohort``
-(uploaded scans). The parameters are :class:`service.schemas.TrainRequest`, the training
-schema of ``cdae-med train``; the model is registered when the job ends."""
+(uploaded scans), for admin keys only (403 for others). The parameters are
+:class:`service.schemas.TrainRequest`, the training schema of ``cdae-med train``; the model is
+registered when the job ends, and serves ``model=NAME`` only once an admin promotes it (the first
+version of a name is promoted as it is registered)."""
 
 from __future__ import annotations
 
@@ -11,18 +13,21 @@ from pydantic import ValidationError
 
 from pipelines.train_config import describe_validation_error
 
-from ..deps import SettingsDep, Submit, unprocessable
+from ..deps import AdminKey, SettingsDep, Submit, unprocessable
 from ..schemas import ERRORS, Accepted, TrainRequest
+from ..strict_json import StrictJSONRoute
 from ..uploads import json_object, new_job_dir, save_cohort
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1/training-jobs", tags=["training"], responses=ERRORS)
+# StrictJSONRoute: a JSON body with a duplicate key, a huge number or deep nesting is a 422 with the reason.
+router = APIRouter(prefix="/v1/training-jobs", tags=["training"], responses={**ERRORS, 403: ERRORS[401]},
+                   route_class=StrictJSONRoute)
 
 
 @router.post("", status_code=202, response_model=Accepted,
              summary="Submit a training job; the model is registered when it finishes")
-def submit_training(submit: Submit, req: TrainRequest):
+def submit_training(_admin: AdminKey, submit: Submit, req: TrainRequest):
     return submit("train", req.model_dump())
 
 
@@ -37,6 +42,7 @@ def _train_request(params: str) -> TrainRequest:
 @router.post("/cohort", status_code=202, response_model=Accepted,
              summary="Submit a training job on uploaded scans: a manifest CSV and the NIfTI files it names")
 def submit_training_cohort(
+    _admin: AdminKey,
     submit: Submit,
     settings: SettingsDep,
     manifest: Annotated[UploadFile, File(description="CSV: subject_id, path, one column per graph variable")],

@@ -1,0 +1,206 @@
+"""Brain counterfactuals at the scan's own resolution, against the generator's truth.
+
+Held-out generator subjects are rendered at 2 mm (the resolution of a clinical T1, finer than any
+model grid here), written as NIfTI files and sent through the scan pipeline
+(`pipelines.scans.ScanModel.run`, age and sex given as known covariates) under three
+interventions: do(age = age +- 20), do(brain_volume = brain volume -+ 100 ml) and
+do(ventricle_volume = ventricle volume x 1.5 or / 1.5). Every output is compared, at 2 mm, with
+the generator's true counterfactual of the same subject, beside three references that are
+realised on the scan the same way (registered to the cohort's reference, a change on the model
+grid, carried back through the inverse registration onto the 2 mm grid):
+
+- ``copy``: the input unchanged;
+- ``baseline``: a voxelwise linear regression of registered intensity on the graph's variables
+  (fitted on generated subjects), whose change is coefficients x (counterfactual - factual values);
+- ``oracle``: the true counterfactual itself, registered and resampled onto the model grid: the
+  best any model on that grid can do, so model error and realisation error are told apart.
+
+Measured: image MAE (x 255, whole volume) and SSIM; the change of brain and ventricle volume from
+the input, measured on each output by the generator's tissue model
+(`synthetic_data.brain.measure_volumes`), against the true change (the labels' difference), with
+the floor of that measurement (the true counterfactual image measured the same way); the share of
+subjects whose affected volume moves the true way; seconds per scan.
+
+    python benchmarks/brain_native.py --model registered=benchmarks/work/brain32-registered \\
+        [--model unregistered=...] [--n-test 8] [--steps 20] [--n-fit 200]
+
+writes benchmarks/results/brain_native.json (per intervention: image_mae, ssim, volume errors and
+true-direction shares for model, copy, baseline and oracle; the first --model is "model", the
+others are under "other_models").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+
+from cdae_med.io import Scan, read_nifti, write_nifti
+from pipelines.mri import Preprocessing, prepare_registered, reference_mask, restore_change
+from pipelines.registration import Reference
+from pipelines.scans import ScanModel
+from pipelines.train_config import test_seed
+from synthetic_data import brain
+
+ROOT = Path(__file__).resolve().parent
+FINE = 96  # 2 mm over the cohort's 192 mm field of view
+AGE, SEX, BV, VV = (brain.VARIABLES.index(v) for v in ("age", "sex", "brain_volume", "ventricle_volume"))
+INTERVENTIONS = {
+    "age": ("do(age = age + 20 if age < 65 else age - 20)", lambda y: np.where(y[:, AGE] < 65, y[:, AGE] + 20,
+                                                                               y[:, AGE] - 20), BV),
+    "brain_volume": ("do(brain_volume = brain volume - 100 ml if above 1,000 ml else + 100 ml)",
+                     lambda y: np.where(y[:, BV] > 1000, y[:, BV] - 100, y[:, BV] + 100), BV),
+    "ventricle_volume": ("do(ventricle_volume = ventricle volume x 1.5 if under 40 ml else / 1.5)",
+                         lambda y: np.where(y[:, VV] < 40, y[:, VV] * 1.5, y[:, VV] / 1.5), VV),
+}
+
+
+def registered_fit_set(prep: Preprocessing, reference: Reference, n: int, seed: int):
+    """Generated subjects registered onto the model grid as a scan is: (N, X, Y, Z) in [0, 1] and labels."""
+    s = brain.sample(n, seed=seed, size=2 * prep.spatial_size[0])
+    affine = brain.affine(2 * prep.spatial_size[0])
+    mask = reference_mask(reference, prep)
+    images = np.stack([prepare_registered(Scan(v[..., 0], affine, "fit"), prep, reference, mask).image[0]
+                       for v in s.images])
+    return images, s.labels
+
+
+class VoxelwiseLinear:
+    """Intensity at every voxel of the registered grid ~ [1, normalised graph variables]."""
+
+    def fit(self, images: np.ndarray, labels: np.ndarray) -> "VoxelwiseLinear":
+        x = np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
+        self.coef, *_ = np.linalg.lstsq(x, images.reshape(len(images), -1), rcond=None)
+        self.shape = images.shape[1:]
+        return self
+
+    def change(self, labels: np.ndarray, labels_cf: np.ndarray) -> np.ndarray:
+        d = brain.normalise(labels_cf) - brain.normalise(labels)
+        return (d @ self.coef[1:]).reshape(len(labels), *self.shape)
+
+
+def realise(prepared, change_on_grid: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The scan plus a change on the model grid (window units), carried back as the model's is."""
+    return prepared.scan.data + restore_change(prepared, change_on_grid * mask)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT; the first is 'model'")
+    p.add_argument("--n-test", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--n-fit", type=int, default=200, help="subjects the voxelwise baseline is fitted on")
+    p.add_argument("--size", type=int, default=32, help="the reference model grid of baseline and oracle")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", type=Path, default=ROOT / "work" / "brain_native")
+    p.add_argument("--results", type=Path, default=ROOT / "results" / "brain_native.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    models = dict(m.split("=", 1) for m in args.model)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    reference = Reference(*brain.reference(64))
+    prep = Preprocessing(spacing_mm=(brain.FOV_MM / args.size,) * 3, spatial_size=(args.size,) * 3,
+                         registration="rigid")
+    mask = reference_mask(reference, prep)
+    t0 = time.perf_counter()
+    fit_images, fit_labels = registered_fit_set(prep, reference, args.n_fit, seed=4242)
+    baseline = VoxelwiseLinear().fit(fit_images, fit_labels)
+    print(f"baseline fitted on {args.n_fit} registered subjects in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    samples = brain.sample(args.n_test, seed=test_seed(0) + 17, size=FINE)
+    affine = brain.affine(FINE)
+    inputs = []
+    for i, v in enumerate(samples.images[..., 0]):
+        path = args.work / f"sub-{i:02d}.nii.gz"
+        write_nifti(path, v, affine)
+        inputs.append(path)
+    scan_models = {name: ScanModel.load(path, device="cpu", num_steps=args.steps) for name, path in models.items()}
+    prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
+                for i, v in enumerate(samples.images)]
+    seconds = {name: [] for name in models}
+    rows = []
+    for var, (text, target, affected) in INTERVENTIONS.items():
+        targets = target(samples.labels)
+        truth = brain.counterfactual(samples, {var: targets}, size=FINE)
+        outputs: dict[str, list[np.ndarray]] = {"copy": [s[..., 0] for s in samples.images]}
+        outputs["baseline"] = [realise(pp, ch, mask) for pp, ch in
+                               zip(prepared, baseline.change(samples.labels, truth.labels))]
+        outputs["oracle"] = []
+        for pp, t in zip(prepared, truth.images[..., 0]):
+            lo, hi = pp.window
+            on_grid = (pp.registration.resample(prep.grid_affine, prep.spatial_size) - lo) / (hi - lo)
+            t_grid = (pp.registration.resample(prep.grid_affine, prep.spatial_size, data=t) - lo) / (hi - lo)
+            outputs["oracle"].append(realise(pp, t_grid - on_grid, mask))
+        for name, sm in scan_models.items():
+            outs = []
+            for i, path in enumerate(inputs):
+                t1 = time.perf_counter()
+                sm.run(path, {var: float(targets[i])}, args.work / name / var / f"sub-{i:02d}",
+                       covariates={"age": float(samples.labels[i, AGE]), "sex": float(samples.labels[i, SEX])})
+                seconds[name].append(time.perf_counter() - t1)
+                outs.append(read_nifti(args.work / name / var / f"sub-{i:02d}" / "counterfactual.nii.gz").data)
+            outputs[name] = outs
+        # Volumes are compared as changes from the input, measured on both images the same way, so the
+        # segmentation's own bias on a subject cancels: error = |measured change - true change|.
+        true_change = truth.labels[:, [BV, VV]] - samples.labels[:, [BV, VV]]
+        input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
+        floor = np.abs(brain.measure_volumes(truth.images[..., 0], truth.noise, FINE) - input_vol - true_change).mean(0)
+        row = {"intervention": text, "resolution_mm": brain.FOV_MM / FINE, "n": args.n_test,
+               "image_mae": {}, "ssim": {}, "brain_volume_error_ml": {}, "ventricle_volume_error_ml": {},
+               "true_direction_share": {},
+               "volume_measurement_floor_ml": {"brain": float(floor[0]), "ventricles": float(floor[1])}}
+        want = np.sign(truth.labels[:, affected] - samples.labels[:, affected])
+        for name, outs in outputs.items():
+            o = np.stack(outs)
+            t = truth.images[..., 0]
+            vol = brain.measure_volumes(o, samples.noise, FINE)
+            err = np.abs(vol - input_vol - true_change).mean(0)
+            col = 0 if affected == BV else 1
+            row["image_mae"][name] = float(np.abs(o - t).mean() * 255)
+            row["ssim"][name] = float(np.mean([structural_similarity(a, b, data_range=1.0) for a, b in zip(o, t)]))
+            row["brain_volume_error_ml"][name] = float(err[0])
+            row["ventricle_volume_error_ml"][name] = float(err[1])
+            row["true_direction_share"][name] = float(np.mean(np.sign(vol[:, col] - input_vol[:, col]) == want))
+        first = next(iter(models))
+        for key in ("image_mae", "ssim", "brain_volume_error_ml", "ventricle_volume_error_ml", "true_direction_share"):
+            values = row[key]
+            values["model"] = values.pop(first)
+            others = {n: values.pop(n) for n in list(values) if n in models}
+            row.setdefault("other_models", {})
+            for n, v in others.items():
+                row["other_models"].setdefault(n, {})[key] = v
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    result = {
+        "machine": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
+        "models": {name: {"checkpoint": str(path), **_training(path)} for name, path in models.items()},
+        "model": next(iter(models)),
+        "train_cpu_minutes": _training(models[next(iter(models))]).get("train_minutes"),
+        "seconds_per_scan": float(np.mean(seconds[next(iter(models))])),
+        "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
+        "ddim_steps": args.steps, "baseline_fit_subjects": args.n_fit, "reference_grid": args.size,
+        "results": rows,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.results}")
+
+
+def _training(path) -> dict:
+    meta = json.loads((Path(path) / "checkpoint.json").read_text())
+    metrics = meta.get("metrics", {})
+    prep = meta.get("image", {}).get("preprocessing", {})
+    return {"steps": meta.get("step"), "train_minutes": metrics.get("train_minutes"),
+            "registration": prep.get("registration"), "grid": prep.get("spatial_size")}
+
+
+if __name__ == "__main__":
+    main()
