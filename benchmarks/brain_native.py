@@ -25,8 +25,8 @@ subjects whose affected volume moves the true way; seconds per scan.
         [--model unregistered=...] [--n-test 8] [--steps 20] [--n-fit 200]
 
 writes benchmarks/results/brain_native.json (per intervention: image_mae, ssim, volume errors and
-true-direction shares for model, copy, baseline and oracle; the first --model is "model", the
-others are under "other_models").
+true-direction shares for model, copy, baseline and oracle, under "interventions"; the first
+--model is "model", the others are under "other_models").
 """
 
 from __future__ import annotations
@@ -169,13 +169,15 @@ def main() -> None:
             row["ventricle_volume_error_ml"][name] = float(err[1])
             row["true_direction_share"][name] = float(np.mean(np.sign(vol[:, col] - input_vol[:, col]) == want))
         first = next(iter(models))
+        row["other_models"] = {}
         for key in ("image_mae", "ssim", "brain_volume_error_ml", "ventricle_volume_error_ml", "true_direction_share"):
             values = row[key]
             values["model"] = values.pop(first)
-            others = {n: values.pop(n) for n in list(values) if n in models}
-            row.setdefault("other_models", {})
-            for n, v in others.items():
-                row["other_models"].setdefault(n, {})[key] = v
+            for n in [n for n in list(values) if n in models]:
+                row["other_models"].setdefault(n, {})[key] = values.pop(n)
+        # the model's share as the number, every method's beside it
+        row["true_direction_share_by_method"] = row["true_direction_share"]
+        row["true_direction_share"] = row["true_direction_share_by_method"]["model"]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -187,7 +189,7 @@ def main() -> None:
         "seconds_per_scan": float(np.mean(seconds[next(iter(models))])),
         "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
         "ddim_steps": args.steps, "baseline_fit_subjects": args.n_fit, "reference_grid": args.size,
-        "results": rows,
+        "interventions": rows,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2) + "\n")

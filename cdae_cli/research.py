@@ -155,6 +155,8 @@ def counterfactual(
     steps: int = _STEPS,
     depth: float = typer.Option(1.0, help="Inversion depth in (0, 1]."),
     guidance: float = typer.Option(1.0, help="Guidance weight (1 = plain conditional decoding)."),
+    out_of_range: str = typer.Option("flag", help="Scans: an intervention outside the training range is "
+                                                  "flagged in the report (flag) or refused (refuse)."),
     device: str = _DEVICE,
 ) -> None:
     """Counterfactual of one image or scan under do(...); prints a JSON report of the values it implies."""
@@ -170,7 +172,8 @@ def counterfactual(
                 raise UserError("a scan's counterfactual needs --out-dir DIR (it writes four files)")
             from pipelines.scans import ScanModel
 
-            model = ScanModel.load(checkpoint, device=device, num_steps=steps, depth=depth, guidance=guidance)
+            model = ScanModel.load(checkpoint, device=device, num_steps=steps, depth=depth, guidance=guidance,
+                                   out_of_range=out_of_range)
             given = parse_assignments(covariates.split(","), "--covariates") if covariates else {}
             report = model.run(input, do_map, out_dir, covariates=given)
             typer.echo(json.dumps(report, indent=2))

@@ -86,6 +86,9 @@ class Scan:
     data: np.ndarray  # float32 (X, Y, Z), voxel order of the file
     affine: np.ndarray  # float64 (4, 4), voxel -> world (mm, RAS+ world as NIfTI defines it)
     name: str  # the file name, for messages
+    stored_dtype: np.dtype | None = None  # the file's data type, which outputs keep where they can
+    scaled: bool = False  # the file stores scaled integers (scl_slope / scl_inter)
+    xform_codes: tuple[int, int] = (1, 1)  # qform_code, sform_code (1 scanner, 2 aligned, 3 Talairach, 4 MNI)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -273,19 +276,36 @@ def read_nifti(path: str | Path, limits: ScanLimits | None = None) -> Scan:
     if not np.all(np.isfinite(data)):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise NiftiError(f"{name}: {bad:,} voxels are NaN or infinite")
-    return Scan(data=data, affine=header.affine, name=name)
+    slope, inter = header.slope_inter
+    scaled = (slope not in (None, 1.0)) or (inter not in (None, 0.0))
+    codes = (int(img.header["qform_code"]), int(img.header["sform_code"]))
+    return Scan(data=data, affine=header.affine, name=name, stored_dtype=header.dtype, scaled=scaled,
+                xform_codes=codes)
 
 
-def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:
-    """Write float32 ``data`` on ``affine`` with a fresh header (units mm, qform = sform)."""
+def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, like: Scan | None = None) -> Path:
+    """Write ``data`` on ``affine`` with a fresh header (units mm, qform = sform; no text field of
+    any input). ``like``: the scan the data stand for, whose data type (integers rounded and
+    clipped to the type's range; a scaled type as a scaled integer) and qform/sform codes the file
+    keeps; without it, float32 and "scanner" codes."""
     import nibabel as nib
 
     path = Path(path)
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    img.header.set_data_dtype(np.float32)
+    data = np.asarray(data, dtype=np.float32)
+    dtype = np.dtype(np.float32)
+    codes = (1, 1)
+    if like is not None:
+        codes = tuple(c if 0 <= c <= 4 else 1 for c in like.xform_codes)
+        if like.stored_dtype is not None and like.stored_dtype.kind in "iu":
+            dtype = like.stored_dtype
+            if not like.scaled:  # stored as the integers they are: round, and clip to what the type holds
+                info = np.iinfo(dtype)
+                data = np.clip(np.rint(data), info.min, info.max).astype(dtype)
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img.header.set_data_dtype(dtype)  # a scaled type: nibabel chooses scl_slope / scl_inter to fit the data
     img.header.set_xyzt_units(xyz="mm")
-    img.set_qform(affine, code="scanner")
-    img.set_sform(affine, code="scanner")
+    img.set_qform(affine, code=int(codes[0]))
+    img.set_sform(affine, code=int(codes[1]))
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written under a temporary name and renamed, so a crash never leaves a half-written output;
     # the temporary name keeps the suffix because nibabel picks gzip from it.

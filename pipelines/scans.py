@@ -42,6 +42,7 @@ __all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "orthogonal_preview"]
 
 log = logging.getLogger("cdae_med")
 
+OUT_OF_RANGE = ("flag", "refuse")  # what an intervention outside the training range gets
 OUTPUT_FILES = ("counterfactual.nii.gz", "difference.nii.gz", "preview.png", "report.json")
 
 
@@ -61,7 +62,12 @@ class ScanModel:
     """A checkpoint loaded once for many scans (a worker process keeps one)."""
 
     def __init__(self, checkpoint, device: torch.device, num_steps: int = 50, depth: float = 1.0,
-                 guidance: float = 1.0, limits: ScanLimits | None = None):
+                 guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag"):
+        if out_of_range not in OUT_OF_RANGE:
+            raise ValueError(f"out_of_range must be one of {OUT_OF_RANGE}, got {out_of_range!r}")
+        self.out_of_range = out_of_range
+        # The values the model was trained on (checkpoints from before the record have none).
+        self.training_ranges = {k: tuple(v) for k, v in checkpoint.image.get("training_ranges", {}).items()}
         self.checkpoint = checkpoint
         model = optimise_for_device(checkpoint.model.to(device).eval(), device)
         self.pipeline = CounterfactualPipeline(model, DDIM(checkpoint.scheduler), checkpoint).to(device)
@@ -90,13 +96,27 @@ class ScanModel:
 
     @classmethod
     def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float = 1.0,
-             guidance: float = 1.0, limits: ScanLimits | None = None) -> "ScanModel":
+             guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag") -> "ScanModel":
         dev = resolve_device(device)
-        return cls(load_checkpoint(checkpoint_dir, map_location=dev), dev, num_steps, depth, guidance, limits)
+        return cls(load_checkpoint(checkpoint_dir, map_location=dev), dev, num_steps, depth, guidance, limits,
+                   out_of_range)
 
     # --- inputs ------------------------------------------------------------------------
     def interventions(self, do: Mapping[str, float | str]) -> dict[str, float]:
-        return parse_values(self.graph, do, what="interventions", allow_empty=False)
+        """Checked interventions; with ``out_of_range="refuse"`` one outside the training range is an error."""
+        values = parse_values(self.graph, do, what="interventions", allow_empty=False)
+        outside = self.outside_training(values)
+        if outside and self.out_of_range == "refuse":
+            raise ScanError("; ".join(f"do({n}={values[n]:g}) is outside the values this model was trained on "
+                                      f"[{lo:g}, {hi:g}] {self.graph[n].unit}".rstrip() for n, (lo, hi) in outside.items())
+                            + " (out_of_range=refuse)")
+        return values
+
+    def outside_training(self, values: Mapping[str, float]) -> dict[str, tuple[float, float]]:
+        """The variables whose value lies outside the training range, with that range."""
+        return {n: self.training_ranges[n] for n, v in values.items()
+                if n in self.training_ranges and not self.training_ranges[n][0] <= v <= self.training_ranges[n][1]
+                and not self.graph[n].binary}
 
     def covariates(self, given: Mapping[str, float | str] | None) -> dict[str, float]:
         return parse_values(self.graph, given, what="covariates")
@@ -178,7 +198,19 @@ class ScanModel:
                 value = float(round(min(1.0, max(0.0, value))))
             counterfactual[n] = {"value": value, "unit": graph[n].unit, "role": role}
         ck = self.checkpoint
+        warnings = []
+        for n, (lo, hi) in self.outside_training({k: e["value"] for k, e in factual.items()}).items():
+            factual[n]["outside_training_range"] = True
+            warnings.append(f"factual {n} = {factual[n]['value']:.4g} is outside the training range [{lo:g}, {hi:g}]"
+                            f"{' (' + factual[n]['source'] + ')' if factual[n]['source'] != 'given' else ''}")
+        for n, (lo, hi) in self.outside_training(do).items():
+            counterfactual[n]["outside_training_range"] = True
+            warnings.append(f"do({n}={do[n]:g}) is outside the training range [{lo:g}, {hi:g}]: the model extrapolates")
         reg = p.registration
+        floor = ck.image.get("registration_correlation_p01")
+        if reg is not None and floor is not None and reg.correlation < floor:
+            warnings.append(f"the scan matches the model's reference less well (correlation {reg.correlation:.2f}) "
+                            f"than 99 % of the training scans ({floor:.2f}): unlike the cohort")
         registration = None if reg is None else {
             "transform": self.preprocessing.registration, "correlation_with_reference": round(reg.correlation, 4),
             "field_of_view_coverage": round(reg.coverage, 4),
@@ -187,6 +219,7 @@ class ScanModel:
             "input": {"file": p.scan.name, "shape": list(p.scan.data.shape),
                       "spacing_mm": [round(s, 4) for s in p.scan.spacing]},
             **({"registration": registration} if registration else {}),
+            "warnings": warnings,
             "interventions": do,
             "factual": factual,
             "counterfactual": counterfactual,
@@ -203,7 +236,8 @@ class ScanModel:
 
     def _write(self, out_dir: Path, p: PreparedScan, r: _Result, report: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_nifti(out_dir / "counterfactual.nii.gz", r.counterfactual, p.scan.affine)
+        # The counterfactual keeps the input's data type and space codes; the difference is signed: float32.
+        write_nifti(out_dir / "counterfactual.nii.gz", r.counterfactual, p.scan.affine, like=p.scan)
         write_nifti(out_dir / "difference.nii.gz", r.difference, p.scan.affine)
         orthogonal_preview(p.scan.data, r.counterfactual, r.difference, p.scan.affine).save(out_dir / "preview.png")
         # The report goes last: its presence marks a finished subject for a resumed batch.

@@ -78,10 +78,11 @@ def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocess
     affine = ds.generator.affine(render)
     mask = reference_mask(reference, prep)
     images = np.empty((len(samples.images), size, size, size, 1), np.float32)
+    correlations = np.empty(len(images))
     for i in tqdm(range(len(images)), desc="register", unit="scan", disable=not progress):
-        images[i, ..., 0] = prepare_registered(Scan(samples.images[i, ..., 0], affine, f"subject {i}"), prep,
-                                               reference, mask).image[0]
-    return images, samples.labels
+        p = prepare_registered(Scan(samples.images[i, ..., 0], affine, f"subject {i}"), prep, reference, mask)
+        images[i, ..., 0], correlations[i] = p.image[0], p.registration.correlation
+    return images, samples.labels, correlations
 
 
 def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
@@ -98,7 +99,7 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
         what = "--data takes a cohort of NIfTI scans" if cfg.data is not None else "--slicewise applies to volumes"
         raise ValueError(f"{what}; {ds.name} is not a volume data set")
 
-    reference = None
+    reference, correlations = None, None
     if preprocessing is not None and preprocessing.registration is not None:
         if not hasattr(ds.generator, "reference"):
             raise ValueError(f"registration needs a reference head; the {ds.name} data set has none")
@@ -108,7 +109,7 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
     if cfg.data is not None:
         images, labels = load_cohort(cfg.data, ds.graph, preprocessing, progress=progress, reference=reference)
     elif reference is not None:
-        images, labels = _registered_samples(ds, cfg, preprocessing, reference, progress)
+        images, labels, correlations = _registered_samples(ds, cfg, preprocessing, reference, progress)
     else:
         # Slice-wise: n_train counts slices, so the number of subjects is n_train / slices per subject.
         n = math.ceil(cfg.n_train / size) if cfg.slicewise else cfg.n_train
@@ -125,9 +126,16 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
     y[~labelled] = 0.0  # the hidden labels cannot leak into training
     if cfg.labelled_fraction < 1.0:
         log.info("weak supervision: labels for %d of %d training images", int(labelled.sum()), len(y))
-    meta = {"channels": ds.channels, "size": [size] * ds.spatial_dims, "spatial_dims": ds.spatial_dims,
+    # The values the model saw (labelled images only): the scan code flags estimates and interventions
+    # outside them, where the model extrapolates.
+    seen = labels[labelled.numpy()] if labelled.any() else labels
+    ranges = {n: [float(seen[:, i].min()), float(seen[:, i].max())] for i, n in enumerate(ds.graph.names)}
+    meta = {"training_ranges": ranges,
+            "channels": ds.channels, "size": [size] * ds.spatial_dims, "spatial_dims": ds.spatial_dims,
             "value_range": [0, 255] if images.dtype == np.uint8 else [0.0, 1.0], "model_range": [-1.0, 1.0]}
     if preprocessing is not None:
         meta["preprocessing"] = preprocessing.to_dict()
+    if correlations is not None:  # how well training scans matched the reference: below this, a scan is unusual
+        meta["registration_correlation_p01"] = float(np.percentile(correlations, 1))
     return TrainingData(dataset=ds, size=size, images=to_tensor(images), labels=y, labelled=labelled, image_meta=meta,
                         reference=reference)

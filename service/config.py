@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -54,6 +55,9 @@ class Settings(RuntimeSettings):
                                                            "coarser).")
     model_cache: int = Field(2, ge=1, description="Models a worker process keeps loaded (least recently used "
                                                   "go first).")
+    out_of_range: Literal["flag", "refuse"] = Field(
+        "flag", description="An intervention outside the values the model was trained on: flag it in the "
+                            "report (the model extrapolates) or refuse the job.")
     retention_days: float = Field(30.0, ge=0, description="A finished job's stored input and outputs are deleted "
                                                           "by the sweep this many days after it ended; its record "
                                                           "stays (0 = keep them).")

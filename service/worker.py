@@ -90,7 +90,7 @@ def load_scan_model(path: Path):
     _set_torch_threads()
     t0 = time.perf_counter()
     model = ScanModel.load(key, device=settings.device, num_steps=settings.ddim_steps,
-                           limits=settings.scan_limits)
+                           limits=settings.scan_limits, out_of_range=settings.out_of_range)
     log.info("loaded %s on %s in %.1f s", key, model.device, time.perf_counter() - t0)
     _models[key] = model
     while len(_models) > settings.model_cache:

@@ -419,3 +419,39 @@ def test_age_intervention_moves_brain_volume_on_the_output(tmp_path):
     assert np.abs(change).mean() > 0.4 * np.abs(true_change).mean(), (change.round(1), true_change.round(1))
     # closer to the true counterfactual's brain volume than returning the input unchanged
     assert np.abs(change - true_change).mean() < 0.75 * np.abs(true_change).mean()
+
+
+def test_outputs_keep_the_inputs_data_type_and_space_codes(tmp_path, cohort, scan_model):
+    src = read_nifti(cohort / "sub-00000.nii.gz")
+    for dtype, scale in ((np.int16, 1000.0), (np.uint8, 255.0)):
+        img = nib.Nifti1Image(np.rint(src.data * scale).astype(dtype), src.affine)
+        img.header.set_data_dtype(dtype)
+        img.set_qform(src.affine, code=4)  # MNI
+        img.set_sform(src.affine, code=2)  # aligned
+        path = tmp_path / f"{np.dtype(dtype).name}.nii.gz"
+        nib.save(img, path)
+        scan_model.run(path, {"age": 90}, tmp_path / np.dtype(dtype).name, covariates={"age": 40})
+        out = nib.load(tmp_path / np.dtype(dtype).name / "counterfactual.nii.gz")
+        assert out.get_data_dtype() == dtype
+        assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (4, 2)
+        data = np.asarray(out.dataobj)
+        assert data.min() >= np.iinfo(dtype).min and data.max() <= np.iinfo(dtype).max
+        diff = nib.load(tmp_path / np.dtype(dtype).name / "difference.nii.gz")
+        assert diff.get_data_dtype() == np.float32  # signed, so never the input's unsigned type
+
+
+def test_values_outside_the_training_range_are_flagged_or_refused(tmp_path, cohort, brain_checkpoint):
+    model = ScanModel.load(brain_checkpoint, device="cpu", num_steps=2)
+    lo, hi = model.training_ranges["age"]  # the generator draws ages in [40, 90]
+    assert 40 <= lo < hi <= 90
+    path = cohort / "sub-00000.nii.gz"
+    report = model.run(path, {"age": 25}, tmp_path / "flag", covariates={"age": 95})
+    assert report["counterfactual"]["age"]["outside_training_range"] is True
+    assert report["factual"]["age"]["outside_training_range"] is True
+    assert any("do(age=25) is outside the training range" in w for w in report["warnings"])
+    inside = model.run(path, {"age": (lo + hi) / 2}, tmp_path / "in", covariates={"age": (lo + hi) / 2})
+    assert not inside["warnings"] and "outside_training_range" not in inside["counterfactual"]["age"]
+    strict = ScanModel.load(brain_checkpoint, device="cpu", num_steps=2, out_of_range="refuse")
+    with pytest.raises(ScanError, match=r"do\(age=25\) is outside the values this model was trained on"):
+        strict.run(path, {"age": 25}, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
