@@ -116,8 +116,10 @@ class CounterfactualPipeline:
     @torch.no_grad()
     def act(self, abduction: Abduction, interventions: Mapping[str, object], propagate: bool = True) -> torch.Tensor:
         """The counterfactual z under ``interventions`` (scalars or one value per sample, own units)."""
-        b = abduction.u.shape[0]
-        checked = parse_values(self.graph, interventions, allow_empty=False, n=b)
+        checked = parse_values(self.graph, interventions, allow_empty=False, n=abduction.u.shape[0])
+        return self._act(abduction, checked, propagate)
+
+    def _act(self, abduction: Abduction, checked: Mapping[str, object], propagate: bool) -> torch.Tensor:
         return act(self.model, abduction, {k: torch.as_tensor(v) for k, v in checked.items()}, propagate)
 
     @torch.no_grad()
@@ -186,9 +188,10 @@ class CounterfactualPipeline:
                  procedure: str = "ddim", generator: torch.Generator | None = None,
                  progress: Progress | None = None) -> CounterfactualOutput:
         """Counterfactuals of ``images`` (B, C, *spatial) in [-1, 1] under ``interventions``."""
-        parse_values(self.graph, interventions, allow_empty=False, n=images.shape[0])  # before the costly steps
+        # checked before the costly steps, once
+        checked = parse_values(self.graph, interventions, allow_empty=False, n=images.shape[0])
         ab = self.abduct(images, observed, num_steps, depth, procedure, generator, progress)
-        z_cf = self.act(ab, interventions, propagate=procedure == "ddim")
+        z_cf = self._act(ab, checked, propagate=procedure == "ddim")
         cf, rec = self.decode(ab, z_cf, guidance, reference, reconstruction, progress)
         return CounterfactualOutput(images=cf, reconstruction=rec, factual_values=self.read_values(ab.z),
                                     counterfactual_values=self.read_values(z_cf), z=z_cf, abduction=ab)

@@ -83,7 +83,8 @@ class ScanModel:
             raise CheckpointError(f"{checkpoint.path} was trained on {checkpoint.dataset!r} images, not on scans: "
                                   "it has no MRI preprocessing record")
         self.preprocessing = Preprocessing.from_dict(prep)
-        self.spatial = spatial_transforms(self.preprocessing)
+        # MONAI's spatial steps, built once; a registered model resamples through its registration instead
+        self.spatial = spatial_transforms(self.preprocessing) if self.preprocessing.registration is None else None
         # A registered model works in its reference's space, where its reference's head is the mask.
         self.reference = self.mask = None
         if self.preprocessing.registration is not None:

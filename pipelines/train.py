@@ -37,7 +37,7 @@ __all__ = ["train", "TrainConfig", "TINY_MODEL", "TEST_SET_SIZE", "test_seed", "
 
 log = logging.getLogger("cdae_med")
 
-# End-of-training evaluation of volumes is capped: about 50 s per counterfactual at 32^3 on a CPU.
+# End-of-training evaluation of volumes is capped: a volume's counterfactual costs tens of seconds on a CPU.
 VOLUME_EVAL_CAP = {"eval_n": 4, "grid_rows": 3}
 
 

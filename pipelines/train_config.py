@@ -25,8 +25,8 @@ Variant = Literal["causaldiffae", "diffae", "label_conditional"]
 TINY_MODEL = {"latent_dim": 4, "encoder_channels": (16, 32), "unet_channels": (32, 32, 32),
               "unet_attention": (False, False, True), "mechanism_hidden": 16}
 
-# Volumes: self-attention only at the coarsest level, which costs a quarter of attention at the two
-# lower levels per denoiser pass at 32^3 on a CPU (benchmarks/results/speed.json).
+# Volumes: self-attention only at the coarsest level; at the lower levels it dominates the cost of a
+# volume denoiser pass on a CPU (docs/design-notes.md, "Attention in volume models").
 VOLUME_MODEL_DEFAULTS = {"unet_attention": (False, False, True)}
 # Settings of the network that the data set decides; a request may not override them.
 _DERIVED_MODEL_SETTINGS = ("spatial_dims", "in_channels", "image_size")

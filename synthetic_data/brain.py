@@ -672,9 +672,9 @@ def measure_volumes(images: np.ndarray, noise: Mapping, size: int = DEFAULT_SIZE
     intensity scale and bias field, each voxel split into two classes by partial volume (between CSF
     and grey matter below the grey-matter level, brain above it), and ventricles the CSF inside the
     subject's ventricle region (the template's ventricles grown by ``_VENT_ROI_MM``, mapped into the
-    subject's head as the renderer maps them, before its ventricle warp). Measured on the generator's
-    own images it comes within a few per cent of their labels; it is meant for differences between
-    images of the same subject (benchmarks/brain_native.py reports its floor)."""
+    subject's head as the renderer maps them, before its ventricle warp). It is biased on an absolute
+    volume, so it is meant for differences between images of the same subject
+    (benchmarks/brain_native.py reports its floor)."""
     size = _check_size(size)
     noise = _check_noise(noise, len(images))
     tpl = _template()

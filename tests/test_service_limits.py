@@ -309,7 +309,7 @@ def test_no_key_is_a_401_before_the_body_is_sent(api_process):
 
 def test_the_api_process_grows_little_on_hostile_uploads(api_process, svc, files):
     """Each hostile file, and three 1 GiB bombs at once: the API's resident memory grows by far
-    under 100 MB (issue 15 measured 2.2 GB for one bomb), and /healthz stays quick meanwhile."""
+    under 100 MB (it once read the whole inflated volume), and /healthz stays quick meanwhile."""
     import httpx
     import psutil
 
