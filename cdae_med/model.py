@@ -26,6 +26,10 @@
   channels per group) lets every level read z; the default stays MONAI's 32, which measured
   better on the Pendulum main job (docs/design-notes.md, "GroupNorm"). Networks whose levels are
   all 32 channels wide (the tests' tiny one) need 8.
+- ``conditioning`` = "scale_shift" instead feeds the same embedding as a scale and shift of the
+  features *after* GroupNorm (h = GN(h) (1 + s) + b), as the paper's AdaGN and DiffAE
+  (Preechakul et al. 2022) do, and as diffusers' ``resnet_time_scale_shift="scale_shift"``; a
+  scale survives the normalisation at any number of groups.
 - Conditioning can be dropped (a learned null embedding) with probability ``cond_drop_prob``
   during training; that gives the unconditional model used for guidance.
 
@@ -53,6 +57,7 @@ from typing import Any, Mapping
 import torch
 from monai.networks.blocks import Convolution
 from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 from torch import nn
 
 from .graph import CausalGraph
@@ -60,6 +65,7 @@ from .graph import CausalGraph
 __all__ = ["CausalDiffAEConfig", "CausalDiffAE", "CausalLayer", "Encoder", "kl_normal", "VARIANTS"]
 
 VARIANTS = ("causaldiffae", "diffae", "label_conditional")
+CONDITIONING = ("add", "scale_shift")
 
 
 @dataclass
@@ -80,8 +86,12 @@ class CausalDiffAEConfig:
     # Which model: see the module docstring. Checkpoints written before variants existed lack the
     # field and load as "causaldiffae", which is what they are.
     variant: str = "causaldiffae"
+    # How the (t, z) embedding enters each ResBlock (module docstring); older checkpoints are "add".
+    conditioning: str = "add"
 
     def __post_init__(self) -> None:
+        if self.conditioning not in CONDITIONING:
+            raise ValueError(f"unknown conditioning {self.conditioning!r}; available: {', '.join(CONDITIONING)}")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown model variant {self.variant!r}; available: {', '.join(VARIANTS)}")
         if self.spatial_dims not in (2, 3):
@@ -187,6 +197,42 @@ class CausalLayer(nn.Module):
         return torch.stack(u, dim=1)
 
 
+class ScaleShiftResnetBlock(DiffusionUNetResnetBlock):
+    """MONAI's diffusion ResBlock with adaptive group normalisation: the embedding gives a scale and
+    a shift of the normalised features, h = GN(h) (1 + s) + b, instead of a sum before GN."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, temb_channels: int, out_channels: int | None = None,
+                 up: bool = False, down: bool = False, norm_num_groups: int = 32, norm_eps: float = 1e-6):
+        super().__init__(spatial_dims, in_channels, temb_channels, out_channels, up, down, norm_num_groups, norm_eps)
+        self.time_emb_proj = nn.Linear(temb_channels, 2 * self.out_channels)
+
+    @classmethod
+    def like(cls, block: DiffusionUNetResnetBlock) -> "ScaleShiftResnetBlock":
+        return cls(block.spatial_dims, block.channels, block.emb_channels, block.out_channels, block.up,
+                   block.down, block.norm1.num_groups, block.norm1.eps)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.nonlinearity(self.norm1(x))
+        if self.upsample is not None:
+            x, h = self.upsample(x), self.upsample(h)
+        elif self.downsample is not None:
+            x, h = self.downsample(x), self.downsample(h)
+        h = self.conv1(h)
+        scale, shift = self.time_emb_proj(self.nonlinearity(emb)).view(
+            h.shape[0], 2, self.out_channels, *([1] * self.spatial_dims)).unbind(1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.nonlinearity(h))
+        return self.skip_connection(x) + h
+
+
+def use_scale_shift(unet: nn.Module) -> None:
+    """Replace every diffusion ResBlock of ``unet`` by a :class:`ScaleShiftResnetBlock` of the same shape."""
+    for name, module in list(unet.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is DiffusionUNetResnetBlock:
+                setattr(module, child_name, ScaleShiftResnetBlock.like(child))
+
+
 class ConditionEmbedding(nn.Module):
     """z (B, n*d + 1) -> embedding added to the UNet's timestep embedding.
 
@@ -240,6 +286,8 @@ class CausalDiffAE(nn.Module):
             num_class_embeds=1,  # replaced below by the continuous z embedding
         )
         self.unet.class_embedding = ConditionEmbedding(n * cfg.latent_dim, cfg.unet_channels[0] * 4)
+        if cfg.conditioning == "scale_shift":
+            use_scale_shift(self.unet)
 
     @property
     def n_vars(self) -> int:
@@ -295,10 +343,12 @@ class CausalDiffAE(nn.Module):
         return self.label_latent(y_norm.to(u.dtype)) * has[:, None, None], has
 
     def loss(self, x0: torch.Tensor, y_norm: torch.Tensor | None, scheduler, gamma: float,
-             labelled: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             labelled: torch.Tensor | None = None, weighting: str = "uniform", snr_gamma: float = 5.0,
+             timestep_sampling: str = "uniform") -> dict[str, torch.Tensor]:
         """The objective of the configured variant on a batch.
 
-        CausalDiffAE: eps-MSE + gamma * (KL(q(z|x0,y) || p(z|y)) + KL(q(u|x0) || N(0, I)) +
+        CausalDiffAE: denoising MSE (of eps or v, as the scheduler's ``prediction_type`` says; weighted
+        over timesteps by ``weighting``, see :meth:`cdae_med.diffusion.DDIM.loss_weights`) + gamma * (KL(q(z|x0,y) || p(z|y)) + KL(q(u|x0) || N(0, I)) +
         mechanism_loss), each averaged over latent dimensions; only mechanism_loss trains the
         mechanisms. ``labelled`` (B,) bool marks samples whose labels are
         known; the label-prior term is taken over those only. DiffAE drops the label term (labels
@@ -311,13 +361,15 @@ class CausalDiffAE(nn.Module):
         mean, logvar = self.encode(x0)
         u = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         z, has_condition = self.training_condition(u, y_norm, labelled)
-        t = torch.randint(0, scheduler.num_train_timesteps, (b,), device=x0.device)
+        t = scheduler.sample_timesteps(b, x0.device, timestep_sampling)
         noise = torch.randn_like(x0)
         x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
         keep = (torch.rand(b, device=x0.device) >= self.config.cond_drop_prob).to(x0.dtype)
         keep = keep * has_condition.to(x0.dtype)
-        eps = self.denoise(x_t, t, z, keep)
-        mse = torch.mean((eps.float() - noise.float()) ** 2)
+        output = self.denoise(x_t, t, z, keep)
+        err = ((output.float() - scheduler.target(x0, noise, t).float()) ** 2).flatten(1).mean(1)
+        weights = scheduler.loss_weights(t, weighting, snr_gamma)
+        mse = err.mean() if weights is None else (err * weights).mean()
         if variant == "label_conditional":
             kl_u = torch.zeros((), device=x0.device)
         else:

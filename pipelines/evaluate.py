@@ -78,26 +78,36 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
     # Effectiveness and error against the true counterfactual, for do() on every variable
     variables = graph.names
     eval_set = test[:n]
-    eff = {v: {m: [] for m in variables} for v in variables}
+    # Each cell also for three references: the input unchanged ("copy"), the generator's true
+    # counterfactual image (the predictors' own error, the floor of any model) and the values the
+    # counterfactual latents stand for ("latent": what the decoder was asked to draw).
+    kinds = ("model", "copy", "truth", "latent")
+    eff = {k: {v: {m: [] for m in variables} for v in variables} for k in kinds}
     img_err = {v: [] for v in variables}
     bar = tqdm(total=n * len(variables), desc="counterfactuals", unit="img", disable=not progress)
     for s in range(0, n, batch_size):
         batch = eval_set[s:s + batch_size]
         x0 = to_tensor(batch.images)
         ab = pipe.abduct(x0, num_steps=num_steps, depth=depth, procedure=procedure, generator=gen)
+        pred_copy = predictors.predict(x0.to(dev))
         for v_i, v in enumerate(variables):
             targets = random_targets(ds, v, n, seed + v_i)[s:s + batch_size]
-            x_cf, _ = pipe.decode(ab, pipe.act(ab, {v: targets}, propagate=procedure == "ddim"), guidance, reference)
+            z_cf = pipe.act(ab, {v: targets}, propagate=procedure == "ddim")
+            x_cf, _ = pipe.decode(ab, z_cf, guidance, reference)
             truth = ds.counterfactual(batch, {v: targets}, size)
-            pred = predictors.predict(x_cf)
-            for m_i, m in enumerate(variables):
-                eff[v][m].append(np.stack([pred[:, m_i], truth.labels[:, m_i]], 1))
-            img_err[v].append((len(x0), image_errors(x_cf, to_tensor(truth.images).to(dev))))
+            x_true = to_tensor(truth.images).to(dev)
+            preds = {"model": predictors.predict(x_cf), "copy": pred_copy, "truth": predictors.predict(x_true),
+                     "latent": pipe.read_values(z_cf).cpu().double().numpy()}
+            for k in kinds:
+                for m_i, m in enumerate(variables):
+                    eff[k][v][m].append(np.stack([preds[k][:, m_i], truth.labels[:, m_i]], 1))
+            img_err[v].append((len(x0), image_errors(x_cf, x_true)))
             bar.update(len(x0))
     bar.close()
-    result["effectiveness"] = {
-        f"do({v})": {m: effectiveness_mae(*np.concatenate(eff[v][m]).T, graph, m) for m in variables}
-        for v in variables}
+    cells = {k: {f"do({v})": {m: effectiveness_mae(*np.concatenate(eff[k][v][m]).T, graph, m) for m in variables}
+                 for v in variables} for k in kinds}
+    result["effectiveness"] = cells["model"]
+    result["effectiveness_references"] = {k: cells[k] for k in kinds[1:]}
     result["true_counterfactual_error"] = {
         f"do({v})": {k: float(sum(w * e[k] for w, e in img_err[v]) / n) for k in ("mae", "psnr", "ssim")}
         for v in variables}
@@ -162,6 +172,16 @@ def markdown_tables(result: dict, variables: tuple[str, ...]) -> str:
     for m in variables:
         lines.append(f"| {m} | " + " | ".join(
             f"{result['effectiveness'][f'do({v})'][m]['mae_normalised']:.3f}" for v in variables) + " |")
+    references = result.get("effectiveness_references", {})
+    if references:
+        lines += ["", "The same cells for references: the input unchanged (copy), the true counterfactual image "
+                      "(the predictors' own error) and the values the counterfactual latents stand for (latent); "
+                      "each entry copy / truth / latent:", "",
+                  "| measured | " + " | ".join(f"do({v})" for v in variables) + " |", "|---|" + "---|" * len(variables)]
+        for m in variables:
+            lines.append(f"| {m} | " + " | ".join(" / ".join(
+                f"{references[k][f'do({v})'][m]['mae_normalised']:.3f}" for k in ("copy", "truth", "latent"))
+                for v in variables) + " |")
     lines += ["", "Own units:", "", "| measured | unit | " + " | ".join(f"do({v})" for v in variables) + " |",
               "|---|---|" + "---|" * len(variables)]
     for m in variables:

@@ -145,7 +145,7 @@ class ScanModel:
         observed = {name: torch.tensor([c.get(name, float("nan")) for c in covariates],
                                        dtype=torch.float32).repeat_interleave(per)
                     for name in graph.names if any(name in c for c in covariates)}
-        total, done = 2 * self.num_steps + 1, 0
+        total, done = 2 * len(self.pipeline.scheduler.timesteps(self.num_steps, self.depth)), 0
 
         def tick(_n: int = 1) -> None:
             nonlocal done

@@ -21,7 +21,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from cdae_med.checkpoint import CheckpointError, load_training_state, save_checkpoint
-from cdae_med.diffusion import DDIM
+from cdae_med.diffusion import DDIM, DDIMConfig
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
 from cdae_med.pipeline import CounterfactualPipeline
 from cdae_med.runtime import autocast, maybe_compile, optimise_for_device, resolve_device
@@ -80,8 +80,8 @@ class TrainingObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x0, y, ddim, gamma, labelled=None):
-        return self.model.loss(x0, y, ddim, gamma, labelled=labelled)
+    def forward(self, x0, y, ddim, gamma, labelled=None, **recipe):
+        return self.model.loss(x0, y, ddim, gamma, labelled=labelled, **recipe)
 
 
 
@@ -101,20 +101,28 @@ class _Run:
         self.objective = maybe_compile(objective, device, cfg.compile)
         self.ema = AveragedModel(self.model, avg_fn=ema_avg(cfg.ema_decay), use_buffers=True)
         self.opt = torch.optim.AdamW(parameter_groups(self.model, cfg), lr=cfg.lr, weight_decay=0.0)
-        self.scheduler = DDIM().to(device)
+        # a function of the step alone, so a resumed run continues the same ramp
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, self._warmup)
+        self.scheduler = DDIM(DDIMConfig(prediction_type=cfg.prediction_type)).to(device)
+        self.recipe = {"weighting": cfg.loss_weighting, "snr_gamma": cfg.snr_gamma,
+                       "timestep_sampling": cfg.timestep_sampling}
         self.step, self.elapsed = 0, 0.0
+
+    def _warmup(self, step: int) -> float:
+        return min(1.0, (step + 1) / max(1, self.cfg.lr_warmup))
 
     def _identity(self) -> dict[str, Any]:
         """What a resumed run must share with the saved one."""
         cfg = self.cfg
         return {"dataset": cfg.dataset, "model": cfg.model, "variant": cfg.variant,
-                "labelled_fraction": cfg.labelled_fraction}
+                "labelled_fraction": cfg.labelled_fraction, "prediction_type": cfg.prediction_type}
 
     def resume(self, out: Path) -> None:
         state = load_training_state(out)
         if state is None:
             raise CheckpointError(f"--resume: no training state in {out}; start without --resume")
-        saved = {"variant": "causaldiffae", "labelled_fraction": 1.0, **state["config"]}
+        saved = {"variant": "causaldiffae", "labelled_fraction": 1.0, "prediction_type": "epsilon",
+                 **state["config"]}
         if saved != self._identity():
             raise CheckpointError(f"--resume: {out} was trained with another data set or model settings")
         self.model.load_state_dict(state["model"])
@@ -125,6 +133,9 @@ class _Run:
             raise CheckpointError(f"--resume: the optimiser state in {out} is from an older version "
                                   f"of cdae-med ({e}); start without --resume") from e
         self.step, self.elapsed = state["step"], state["elapsed_s"]
+        self.lr_schedule.last_epoch = self.step
+        for group, base in zip(self.opt.param_groups, self.lr_schedule.base_lrs):
+            group["lr"] = base * self._warmup(self.step)
         log.info("resumed from step %d (%.1f min trained)", self.step, self.elapsed / 60)
 
     def save(self, out: Path, metrics: dict | None = None) -> None:
@@ -172,11 +183,12 @@ class _Run:
             x0, y, labelled = self.batch()
             gamma = cfg.gamma * min(1.0, (self.step + 1) / max(1, cfg.gamma_warmup))
             with autocast(self.device):
-                losses = self.objective(x0, y, self.scheduler, gamma, labelled=labelled)
+                losses = self.objective(x0, y, self.scheduler, gamma, labelled=labelled, **self.recipe)
             self.opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
+            self.lr_schedule.step()
             self.ema.update_parameters(self.model)
             self.step += 1
             seen += len(x0)

@@ -63,7 +63,18 @@ class TrainParameters(BaseModel):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data, initialisation and batch order.")
     gamma: float = Field(1.0, ge=0, description="Weight of the KL and mechanism terms.")
     gamma_warmup: int = Field(200, ge=0, description="Steps over which gamma ramps up from 0.")
+    lr_warmup: int = Field(0, ge=0, le=1_000_000, description="Steps over which the learning rate ramps up "
+                                                               "linearly from 0.")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="Decay of the weights' moving average.")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "epsilon", description="What the denoiser predicts: the noise (epsilon) or the velocity (v_prediction).")
+    loss_weighting: Literal["uniform", "min_snr"] = Field(
+        "uniform", description="Weighting of the denoising loss over timesteps: uniform or min_snr "
+                               "(min-SNR-gamma, Hang et al. 2023).")
+    snr_gamma: float = Field(5.0, gt=0, le=1000, description="gamma of the min_snr weighting.")
+    timestep_sampling: Literal["uniform", "stratified"] = Field(
+        "uniform", description="How training timesteps are drawn: uniform, or stratified (one per equal "
+                               "slice of the schedule within a batch).")
     eval_n: int = Field(32, ge=0, le=10_000, description="Test images scored against true counterfactuals at the end.")
     eval_steps: int = Field(50, ge=2, le=1000, description="DDIM steps of the end-of-training evaluation.")
     eval_depth: float = Field(1.0, gt=0, le=1, description="Inversion depth of the end-of-training evaluation.")

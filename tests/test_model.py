@@ -81,10 +81,10 @@ def test_one_code_path_for_2d_and_3d(spatial_dims):
 def test_the_denoiser_reads_z_and_t(spatial_dims):
     """MONAI's ResBlock adds the embedding before a GroupNorm; with one channel per group (the old
     32 groups on 32 channels) the norm erased it and the denoiser ignored z and t altogether."""
-    def sensitivity(groups):
+    def sensitivity(groups, conditioning="add"):
         torch.manual_seed(0)
         cfg = CausalDiffAEConfig(spatial_dims=spatial_dims, in_channels=1, image_size=(16,) * spatial_dims,
-                                 unet_norm_groups=groups, **TINY_MODEL)
+                                 unet_norm_groups=groups, conditioning=conditioning, **TINY_MODEL)
         unet = CausalDiffAE(load_graph("brain"), cfg).eval()
         for m in unet.unet.modules():  # MONAI zero-initialises the output convolution: give it weights
             if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
@@ -101,6 +101,12 @@ def test_the_denoiser_reads_z_and_t(spatial_dims):
     assert dz > 0.005 and dt > 0.005, (dz, dt)
     dz32, dt32 = sensitivity(32)
     assert dz32 < 1e-5 and dt32 < 1e-5, (dz32, dt32)  # one channel per group: erased
+    # a scale and shift after the norm (AdaGN) survives it at any number of groups
+    for groups in (8, 32):
+        dz_ss, dt_ss = sensitivity(groups, "scale_shift")
+        assert dz_ss > 0.005 and dt_ss > 0.005, (groups, dz_ss, dt_ss)
+    with pytest.raises(ValueError, match="conditioning"):
+        CausalDiffAEConfig(conditioning="film")
     with pytest.raises(ValueError, match="unet_norm_groups"):
         CausalDiffAEConfig(unet_channels=(32, 48, 48), unet_norm_groups=32)
 

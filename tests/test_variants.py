@@ -103,9 +103,9 @@ def test_training_hides_labels_at_the_asked_fraction(tmp_path, monkeypatch):
     seen = []
     original = CausalDiffAE.loss
 
-    def spy(self, x0, y_norm, scheduler, gamma, labelled=None):
+    def spy(self, x0, y_norm, scheduler, gamma, labelled=None, **recipe):
         seen.append((y_norm.clone(), None if labelled is None else labelled.clone()))
-        return original(self, x0, y_norm, scheduler, gamma, labelled)
+        return original(self, x0, y_norm, scheduler, gamma, labelled, **recipe)
 
     monkeypatch.setattr(CausalDiffAE, "loss", spy)
     cfg = TrainConfig(dataset="pendulum", out=str(tmp_path / "weak"), steps=4, minutes=None, size=16, batch_size=64,
