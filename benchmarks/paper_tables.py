@@ -1,10 +1,17 @@
 """The paper's DCI and effectiveness tables, reproduced on our data sets beside its published numbers.
 
     python benchmarks/paper_tables.py --smoke                  # minutes: plumbing check, tiny models
-    python benchmarks/paper_tables.py [--minutes 20]           # the CPU budget: about 5 h on 2 cores (estimate)
-    python benchmarks/paper_tables.py --minutes 60 --device cuda --eval-n 256   # a GPU budget
+    python benchmarks/paper_tables.py --datasets pendulum --models causaldiffae --part --threads 1 &
+    python benchmarks/paper_tables.py --datasets morphomnist --models causaldiffae --part --threads 1 &
+    python benchmarks/paper_tables.py --combine results/paper_tables_*_*.json   # into paper_tables.json
 
-For each data set (Pendulum, Morpho-MNIST) it trains, with the same code and one switch each:
+A part is one data set and some of its models, sized to fit one sitting; two parts run side by
+side with one torch thread each. CausalDiffAE trains for ``--minutes`` (45), each baseline for
+``--baseline-minutes`` (15), all with the training recipe ``--recipe`` (a name of
+``benchmarks/recipes.py``'s RECIPES, "+"-joined; results/recipes.md says why the default).
+
+For each data set (Pendulum, Morpho-MNIST, CausalCircuit) it trains, with the same code and one
+switch each:
 
 - ``causaldiffae``: CausalDiffAE, every training label used;
 - ``diffae``: no causal layer, no label prior (``--variant diffae``);
@@ -16,8 +23,11 @@ then evaluates each with ``pipelines.evaluate.evaluate`` (DCI, effectiveness for
 intervened) pair, composition, reversibility, error against the true counterfactual), evaluates
 ``causaldiffae`` a second time with the original code's counterfactual procedure (fresh noise, no
 propagation), and sweeps the guidance weight omega on ``causaldiffae_weak`` (classifier-free "null"
-reference, as the paper). Writes ``benchmarks/results/paper_tables{_smoke}.json`` and ``.md`` and
-the omega figures; checkpoints and evaluations go under ``benchmarks/work/``.
+reference, as the paper) when the weak model is trained. Writes
+``benchmarks/results/paper_tables{_smoke}.json`` and ``.md`` and the omega figures; checkpoints and
+evaluations go under ``benchmarks/work/``. Per data set the JSON holds ``budget`` (training samples of
+our CausalDiffAE beside the paper's, CPU minutes), ``dci`` and ``cells`` (ours beside the paper's)
+and ``rows`` (every model and procedure, the baselines included).
 
 The smoke budget trains tiny models for a few dozen steps: its numbers test the plumbing and say
 nothing about the method. The paper's numbers are from ../shared/reference/FACTS.md.
@@ -46,6 +56,7 @@ PAPER = {
             "shadow_len": {"angle": 0.136, "light": 0.322, "shadow_len": 0.492, "shadow_pos": 0.082},
             "shadow_pos": {"angle": 0.146, "light": 0.303, "shadow_len": 0.064, "shadow_pos": 0.471},
         },
+        "train_samples": 35_000 * 32 * 5,
     },
     "morphomnist": {
         "dci": 0.993,
@@ -53,11 +64,16 @@ PAPER = {
             "thickness": {"thickness": 0.392, "intensity": 0.309},
             "intensity": {"thickness": 0.503, "intensity": 0.256},
         },
+        "train_samples": 14_000 * 32 * 5,
     },
+    # The paper reports CausalCircuit's DCI only, no effectiveness cells.
+    "circuit": {"dci": 0.999, "effectiveness": None, "train_samples": 20_000 * 32 * 5},
 }
+# Training samples of the paper's checkpoints: steps x batch 32 x 5 processes (FACTS.md).
 PAPER_DIFFAE_DCI = 0.35  # quoted without a data set in FACTS.md
 
 
+MODELS = ("causaldiffae", "diffae", "label_conditional", "causaldiffae_weak")
 ROWS = {  # table row -> (model run, evaluation procedure)
     "CausalDiffAE (ours: DDIM inversion, descendants recomputed)": ("causaldiffae", "ddim"),
     "CausalDiffAE, original code's procedure (fresh noise, no propagation)": ("causaldiffae", "original"),
@@ -71,17 +87,21 @@ def budget(args) -> dict:
     if args.smoke:
         from pipelines.train_config import TINY_MODEL
 
-        return {"name": "smoke", "steps": args.smoke_steps, "minutes": None, "batch_size": 16, "n_train": 256,
-                "size": {"pendulum": 16, "morphomnist": 32}, "model": TINY_MODEL, "lr": 1e-3,
+        return {"name": "smoke", "steps": args.smoke_steps, "minutes": None, "baseline_minutes": None,
+                "batch_size": 16, "n_train": 256, "recipe": args.recipe,
+                "size": {"pendulum": 16, "morphomnist": 32, "circuit": 16}, "model": TINY_MODEL, "lr": 1e-3,
                 "eval_n": 4, "ddim_steps": 5, "n_dci": 60, "n_composition": 2, "predictor_n_train": 256,
                 "sweep_n": 2, "omegas": [0.0, 1.0, 3.0]}
-    return {"name": "full", "steps": 100_000, "minutes": args.minutes, "batch_size": 32, "n_train": 10_000,
-            "size": {"pendulum": 32, "morphomnist": 32}, "model": {"unet_norm_groups": args.norm_groups}, "lr": 3e-4,
+    return {"name": "full", "steps": 100_000, "minutes": args.minutes, "baseline_minutes": args.baseline_minutes,
+            "batch_size": 32, "n_train": 10_000, "recipe": args.recipe,
+            "size": {"pendulum": 32, "morphomnist": 32, "circuit": 32}, "model": {}, "lr": 3e-4,
             "eval_n": args.eval_n, "ddim_steps": args.ddim_steps, "n_dci": 500, "n_composition": 16,
             "predictor_n_train": 8000, "sweep_n": max(8, args.eval_n // 2), "omegas": args.omegas}
 
 
 def run_dataset(ds: str, b: dict, args, work: Path) -> dict:
+    from recipes import recipe_overrides
+
     from cdae_med.checkpoint import load_checkpoint
     from pipelines.evaluate import evaluate
     from pipelines.guidance_sweep import guidance_sweep
@@ -95,24 +115,31 @@ def run_dataset(ds: str, b: dict, args, work: Path) -> dict:
         "causaldiffae_weak": dict(variant="causaldiffae", labelled_fraction=args.labelled_fraction,
                                   model={"cond_drop_prob": 0.5}),
     }
+    recipe = recipe_overrides(b["recipe"]) if b["recipe"] else {}
     trained = {}
-    for name, switch in runs.items():
+    for name in args.models:
+        switch = dict(runs[name])
         out = work / ds / name
-        model = {**b["model"], **switch.pop("model", {})}
-        cfg = TrainConfig(dataset=ds, out=str(out), steps=b["steps"], minutes=b["minutes"], size=b["size"][ds],
+        model = {**b["model"], **recipe.get("model", {}), **switch.pop("model", {})}
+        minutes = b["minutes"] if name == "causaldiffae" else b["baseline_minutes"]
+        cfg = TrainConfig(dataset=ds, out=str(out), steps=b["steps"], minutes=minutes, size=b["size"][ds],
                           batch_size=b["batch_size"], lr=b["lr"], n_train=b["n_train"], device=args.device,
                           eval_n=0, eval_steps=b["ddim_steps"], grid_rows=2 if args.smoke else 6,
-                          gamma_warmup=20 if args.smoke else 200, model=model, **switch)
+                          gamma_warmup=20 if args.smoke else 200, model=model,
+                          **{k: v for k, v in recipe.items() if k != "model"}, **switch)
         if not (args.skip_train and (out / "checkpoint.json").is_file()):
             print(f"[{ds}] training {name} ...", flush=True)
             train(cfg, progress=not args.quiet)
         ck = load_checkpoint(out)
         trained[name] = {"checkpoint": str(out), "variant": ck.variant, "steps": ck.step,
+                         "train_samples": ck.step * b["batch_size"], "recipe": b["recipe"],
                          "train_minutes": ck.metrics.get("train_minutes"),
                          "labelled_fraction": ck.training.get("labelled_fraction", 1.0),
                          "cond_drop_prob": ck.model.config.cond_drop_prob}
     rows = {}
     for row, (name, procedure) in ROWS.items():
+        if name not in trained:
+            continue
         print(f"[{ds}] evaluating {row} ...", flush=True)
         t0 = time.perf_counter()
         res = evaluate(trained[name]["checkpoint"], work / ds / "evaluations" / f"{name}_{procedure}",
@@ -121,12 +148,39 @@ def run_dataset(ds: str, b: dict, args, work: Path) -> dict:
                        predictor_n_train=b["predictor_n_train"], progress=not args.quiet)
         rows[row] = {"model": trained[name], "procedure": procedure, "evaluation": res,
                      "eval_seconds": time.perf_counter() - t0}
+    if "causaldiffae_weak" not in trained:
+        return {"rows": rows}
     print(f"[{ds}] guidance sweep ...", flush=True)
     sweep = guidance_sweep(trained["causaldiffae_weak"]["checkpoint"], work / ds / "guidance_sweep",
                            omegas=b["omegas"], reference="null", n=b["sweep_n"], num_steps=b["ddim_steps"],
                            n_composition=b["n_composition"], device=args.device,
                            predictor_n_train=b["predictor_n_train"], progress=not args.quiet)
     return {"rows": rows, "guidance_sweep": sweep}
+
+
+OURS = "CausalDiffAE (ours: DDIM inversion, descendants recomputed)"
+
+
+def summarise(ds: str, data: dict) -> dict:
+    """The data set's headline: our CausalDiffAE's budget, DCI and cells beside the paper's (from ``rows``)."""
+    paper = PAPER[ds]
+    out = {**data}
+    if OURS not in data["rows"]:
+        return out
+    row = data["rows"][OURS]
+    ev, model = row["evaluation"], row["model"]
+    names = list(ev["effectiveness"])
+    variables = [k[3:-1] for k in names]
+    out["budget"] = {"train_samples": model["train_samples"], "paper_train_samples": paper["train_samples"],
+                     "cpu_minutes": model["train_minutes"], "steps": model["steps"], "recipe": model.get("recipe")}
+    out["dci"] = {"paper": paper["dci"], "ours": ev["dci"]}
+    eff = paper["effectiveness"]
+    out["cells"] = [{"measured": m, "intervened": v, "paper": eff[m][v] if eff else None,
+                     "ours": ev["effectiveness"][f"do({v})"][m]["mae_normalised"],
+                     **{k: ref[f"do({v})"][m]["mae_normalised"]
+                        for k, ref in ev.get("effectiveness_references", {}).items()}}
+                    for m in variables for v in variables]
+    return out
 
 
 def _f(x, digits=3):
@@ -138,7 +192,10 @@ def markdown(results: dict) -> str:
     lines = [f"# Paper tables ({'SMOKE budget: plumbing only, not a result' if b['name'] == 'smoke' else 'full budget'})",
              "", f"Machine: {results['machine']}. Written by `benchmarks/paper_tables.py` in "
                  f"{results['seconds'] / 60:.1f} min.", "",
-             f"Budget per model: {b['steps']} steps" + (f" or {b['minutes']} min" if b["minutes"] else "") +
+             f"Budget per model: {b['steps']} steps" + (f" or {b['minutes']} min (CausalDiffAE), "
+                                                        f"{b.get('baseline_minutes')} min (the others)"
+                                                        if b["minutes"] else "") +
+             f", recipe {b.get('recipe') or 'defaults'}" +
              f", batch {b['batch_size']}, {b['n_train']} training images, model "
              f"{'tiny (tests TINY_MODEL)' if b['name'] == 'smoke' else 'default, ' + str(b['model'])}; evaluation on {b['eval_n']} test images per "
              f"intervention, {b['ddim_steps']} DDIM steps, DCI on {b['n_dci']} images, composition/reversibility on "
@@ -150,6 +207,7 @@ def markdown(results: dict) -> str:
              ""]
     for ds, data in results["datasets"].items():
         paper = PAPER[ds]
+        data = summarise(ds, data)
         rows = data["rows"]
         names = list(rows)
         short = {r: f"({i + 1})" for i, r in enumerate(names)}
@@ -165,12 +223,18 @@ def markdown(results: dict) -> str:
                   + " |", "",
                   "Effectiveness: MAE of the anti-causal predictor on the counterfactual against the true "
                   "counterfactual label, normalised units (lower is better):", "",
-                  "| measured | intervention | paper CausalDiffAE | " + " | ".join(short[r] for r in names) + " |",
-                  "|---|---|---|" + "---|" * len(names)]
-        for m, row in paper["effectiveness"].items():
-            for v, p in row.items():
+                  "| measured | intervention | paper CausalDiffAE | " + " | ".join(short[r] for r in names)
+                  + " | copy the input | true counterfactual image |",
+                  "|---|---|---|" + "---|" * (len(names) + 2)]
+        first = rows[names[0]]["evaluation"]
+        variables = [k[3:-1] for k in first["effectiveness"]]
+        refs = first.get("effectiveness_references", {})
+        for m in variables:
+            for v in variables:
+                p = paper["effectiveness"][m][v] if paper["effectiveness"] else None
                 ours = [rows[r]["evaluation"]["effectiveness"][f"do({v})"][m]["mae_normalised"] for r in names]
-                lines.append(f"| {m} | do({v}) | {p} | " + " | ".join(_f(x) for x in ours) + " |")
+                ref = [refs[k][f"do({v})"][m]["mae_normalised"] if k in refs else None for k in ("copy", "truth")]
+                lines.append(f"| {m} | do({v}) | {_f(p)} | " + " | ".join(_f(x) for x in ours + ref) + " |")
         lines += ["", "Composition (null intervention k times), reversibility (do and back) and error against "
                       "the true counterfactual image, mean absolute pixel difference 0-255 (lower is better):", "",
                   "| | composition k=1 | k=10 | " + " | ".join(
@@ -182,7 +246,10 @@ def markdown(results: dict) -> str:
             tce = sum(e["mae"] for e in ev["true_counterfactual_error"].values()) / len(ev["true_counterfactual_error"])
             lines.append(f"| {short[r]} | {_f(ev['composition'].get('k=1'), 2)} | {_f(ev['composition'].get('k=10'), 2)} | "
                          + " | ".join(_f(x, 2) for x in ev["reversibility"].values()) + f" | {_f(tce, 2)} |")
-        sw = data["guidance_sweep"]
+        sw = data.get("guidance_sweep")
+        if sw is None:
+            lines.append("")
+            continue
         lines += ["", f"Guidance weight omega on the weakly supervised model ({sw['reference']} reference, "
                       f"n = {sw['n']}); figure `{ds}_guidance_sweep{'_smoke' if b['name'] == 'smoke' else ''}.png`:", "",
                   "| omega | effectiveness, intervened variable | effectiveness, all cells | composition k=1 | k=10 |",
@@ -198,14 +265,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny models, a few dozen steps: minutes, plumbing only")
     p.add_argument("--smoke-steps", type=int, default=60)
-    p.add_argument("--minutes", type=float, default=20.0, help="training minutes per model (full budget)")
-    p.add_argument("--eval-n", type=int, default=64, help="test images per intervention (full budget)")
+    p.add_argument("--minutes", type=float, default=45.0, help="training minutes of CausalDiffAE (full budget)")
+    p.add_argument("--baseline-minutes", type=float, default=15.0,
+                   help="training minutes of each other model (full budget)")
+    p.add_argument("--recipe", default="v_prediction",
+                   help="training recipe of every model: names of benchmarks/recipes.py's RECIPES joined by '+' "
+                        "('' for the training defaults)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--eval-n", type=int, default=128, help="test images per intervention (full budget)")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--omegas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
     p.add_argument("--labelled-fraction", type=float, default=0.1)
-    p.add_argument("--norm-groups", type=int, default=8,
-                   help="UNet GroupNorm groups (full budget); 8 lets every level read z, the measured run used it")
-    p.add_argument("--datasets", nargs="+", default=["pendulum", "morphomnist"], choices=list(PAPER))
+    p.add_argument("--datasets", nargs="+", default=list(PAPER), choices=list(PAPER))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads; 1 is far faster than 2 on a 2-core machine that others share")
@@ -244,12 +315,14 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     figure_suffix = suffix
     if args.part:
-        suffix += "_" + "_".join(args.datasets)
+        suffix += "_" + "_".join(args.datasets) + "_" + "_".join(args.models)
+    results["datasets"] = {ds: summarise(ds, data) for ds, data in results["datasets"].items()}
     (args.results / f"paper_tables{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.results / f"paper_tables{suffix}.md").write_text(markdown(results))
     for ds in results["datasets"]:
-        shutil.copy(work / ds / "guidance_sweep" / "guidance_sweep.png",
-                    args.results / f"{ds}_guidance_sweep{figure_suffix}.png")
+        if "guidance_sweep" in results["datasets"][ds]:
+            shutil.copy(work / ds / "guidance_sweep" / "guidance_sweep.png",
+                        args.results / f"{ds}_guidance_sweep{figure_suffix}.png")
     print(markdown(results))
     print(f"wrote {args.results / f'paper_tables{suffix}.json'} and .md in {results['seconds'] / 60:.1f} min")
 
@@ -262,8 +335,13 @@ def combine(parts: list[Path], out_dir: Path) -> None:
         raise SystemExit("the parts were run with different budgets; combine only parts of one run")
     results = {**loaded[0], "datasets": {}, "seconds": max(r["seconds"] for r in loaded),
                "machine": loaded[0]["machine"] + f", {len(parts)} processes side by side"}
-    for r in loaded:
-        results["datasets"].update(r["datasets"])
+    for r in loaded:  # parts may split one data set's models: merge their rows
+        for ds, data in r["datasets"].items():
+            merged = results["datasets"].setdefault(ds, {"rows": {}})
+            merged["rows"].update(data["rows"])
+            if "guidance_sweep" in data:
+                merged["guidance_sweep"] = data["guidance_sweep"]
+    results["datasets"] = {ds: summarise(ds, data) for ds, data in results["datasets"].items()}
     suffix = "_smoke" if results["budget"]["name"] == "smoke" else ""
     (out_dir / f"paper_tables{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / f"paper_tables{suffix}.md").write_text(markdown(results))

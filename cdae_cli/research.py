@@ -52,6 +52,12 @@ def train(
     size: Optional[int] = _param("size"),
     batch_size: int = _param("batch_size"),
     lr: float = _param("lr"),
+    lr_warmup: int = _param("lr_warmup"),
+    prediction_type: str = _param("prediction_type"),
+    loss_weighting: str = _param("loss_weighting"),
+    timestep_sampling: str = _param("timestep_sampling"),
+    conditioning: Optional[str] = typer.Option(None, help="How z enters the denoiser's blocks: scale_shift "
+                                                           "(AdaGN) or add [default: scale_shift]."),
     n_train: int = _param("n_train"),
     seed: int = _param("seed"),
     device: str = _param("device"),
@@ -87,16 +93,20 @@ def train(
         try:
             cfg = TrainConfig(
                 dataset=dataset, out=str(out or Path("runs") / dataset), steps=steps, minutes=minutes, size=size,
-                batch_size=batch_size, lr=lr, n_train=n_train, seed=seed, device=device, eval_n=eval_n,
+                batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, prediction_type=prediction_type,
+                loss_weighting=loss_weighting, timestep_sampling=timestep_sampling,
+                n_train=n_train, seed=seed, device=device, eval_n=eval_n,
                 mnist_dir=str(mnist_dir) if mnist_dir else None, variant=variant,
                 labelled_fraction=labelled_fraction,
-                model={} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob},
+                model={**({} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob}),
+                       **({} if conditioning is None else {"conditioning": conditioning})},
                 data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
                 registration=registration,
                 distributed=distributed, compile=compile)
         except ValidationError as err:
-            # --cond-drop-prob is the one model setting the command takes; the schema checks it inside "model"
-            message = describe_validation_error(err, names=_FLAGS).replace("model: cond_drop_prob", "--cond-drop-prob")
+            # --cond-drop-prob and --conditioning are model settings; the schema checks them inside "model"
+            message = (describe_validation_error(err, names=_FLAGS).replace("model: cond_drop_prob", "--cond-drop-prob")
+                       .replace("model: unknown conditioning", "unknown --conditioning"))
             raise UserError(message) from None
         path = pipelines.train.train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":

@@ -29,7 +29,7 @@ from cdae_med.runtime import autocast, maybe_compile, optimise_for_device, resol
 from .distributed import Ranks, any_rank, check_in_sync, init_distributed, shutdown
 from .evaluate_cf import counterfactual_errors
 from .figures import counterfactual_grid
-from .train_config import TINY_MODEL, VOLUME_MODEL_DEFAULTS, TEST_SET_SIZE, TrainConfig, test_seed
+from .train_config import MODEL_DEFAULTS, TINY_MODEL, VOLUME_MODEL_DEFAULTS, TEST_SET_SIZE, TrainConfig, test_seed
 from .training_data import TrainingData, labelled_mask, load_training_data
 
 __all__ = ["train", "TrainConfig", "TINY_MODEL", "TEST_SET_SIZE", "test_seed", "parameter_groups", "build_model",
@@ -67,7 +67,7 @@ def ema_avg(decay: float):
 
 def build_model(cfg: TrainConfig, data: TrainingData) -> CausalDiffAE:
     ds = data.dataset
-    defaults = VOLUME_MODEL_DEFAULTS if ds.spatial_dims == 3 else {}
+    defaults = {**MODEL_DEFAULTS, **(VOLUME_MODEL_DEFAULTS if ds.spatial_dims == 3 else {})}
     mcfg = CausalDiffAEConfig(**{"spatial_dims": ds.spatial_dims, "in_channels": ds.channels, "variant": cfg.variant,
                                  "image_size": (data.size,) * ds.spatial_dims, **defaults, **cfg.model})
     return CausalDiffAE(ds.graph, mcfg)

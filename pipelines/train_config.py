@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["DATASET_NAMES", "Dataset", "Variant", "TrainParameters", "TrainConfig", "TINY_MODEL", "VOLUME_MODEL_DEFAULTS", "TEST_SET_SIZE",
+__all__ = ["DATASET_NAMES", "Dataset", "Variant", "TrainParameters", "TrainConfig", "TINY_MODEL", "MODEL_DEFAULTS", "VOLUME_MODEL_DEFAULTS", "TEST_SET_SIZE",
            "test_seed", "parameter_help", "parameter_default", "describe_validation_error"]
 
 DATASET_NAMES = ("pendulum", "morphomnist", "circuit", "brain")
@@ -25,6 +25,10 @@ Variant = Literal["causaldiffae", "diffae", "label_conditional"]
 TINY_MODEL = {"latent_dim": 4, "encoder_channels": (16, 32), "unet_channels": (32, 32, 32),
               "unet_attention": (False, False, True), "mechanism_hidden": 16}
 
+# What a new model is built with where CausalDiffAEConfig's own default is kept for the checkpoints
+# written before the setting existed: scale-shift conditioning measured best with v-prediction
+# (benchmarks/results/recipes.md).
+MODEL_DEFAULTS = {"conditioning": "scale_shift"}
 # Volumes: self-attention only at the coarsest level; at the lower levels it dominates the cost of a
 # volume denoiser pass on a CPU (docs/design-notes.md, "Attention in volume models").
 VOLUME_MODEL_DEFAULTS = {"unet_attention": (False, False, True)}
@@ -67,7 +71,8 @@ class TrainParameters(BaseModel):
                                                                "linearly from 0.")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="Decay of the weights' moving average.")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
-        "epsilon", description="What the denoiser predicts: the noise (epsilon) or the velocity (v_prediction).")
+        "v_prediction", description="What the denoiser predicts: the velocity (v_prediction, measured better in "
+                                    "benchmarks/results/recipes.md) or the noise (epsilon).")
     loss_weighting: Literal["uniform", "min_snr"] = Field(
         "uniform", description="Weighting of the denoising loss over timesteps: uniform or min_snr "
                                "(min-SNR-gamma, Hang et al. 2023).")
@@ -128,7 +133,8 @@ class TrainParameters(BaseModel):
         size = self.size or 32  # every data set's default side
         try:
             CausalDiffAEConfig(**{"spatial_dims": dims, "image_size": (size,) * dims,
-                                  **(VOLUME_MODEL_DEFAULTS if dims == 3 else {}), **self.model, "variant": self.variant})
+                                  **MODEL_DEFAULTS, **(VOLUME_MODEL_DEFAULTS if dims == 3 else {}), **self.model,
+                                  "variant": self.variant})
         except (TypeError, ValueError) as err:
             raise ValueError(f"model: {err}") from None
         return self

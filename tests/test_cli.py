@@ -123,3 +123,7 @@ def test_train_rejects_values_the_schema_bounds(tmp_path):
     assert r.exit_code == 2 and "--labelled-fraction must be in [0, 1], got 1.5" in r.output
     r = run("train", "--size", 20, "--out", tmp_path)  # caught before any data is generated
     assert r.exit_code == 2 and "multiple of 8" in r.output
+    r = run("train", "--conditioning", "film", "--out", tmp_path)
+    assert r.exit_code == 2 and "unknown --conditioning 'film'" in r.output
+    r = run("train", "--prediction-type", "sample", "--out", tmp_path)
+    assert r.exit_code == 2 and "--prediction-type" in r.output and "v_prediction" in r.output
