@@ -45,7 +45,7 @@ def test_encoder_learns_the_labels(tiny_checkpoint, test_batch):
 
 def test_ddim_inversion_reconstructs(tiny_checkpoint, test_batch):
     ckpt = load_checkpoint(tiny_checkpoint)
-    model, ddim = ckpt.model, DDIM()
+    model, ddim = ckpt.model, DDIM(ckpt.scheduler)
     images, _ = test_batch
     x0 = to_tensor(images)
     ab = abduct(model, ddim, x0, num_steps=50)
@@ -55,7 +55,7 @@ def test_ddim_inversion_reconstructs(tiny_checkpoint, test_batch):
         fresh = ddim.decode(lambda x, t: model.denoise(x, t, ab.z), torch.randn_like(ab.x_t), num_steps=50)
     rec_mae = np.abs(to_uint8(rec).astype(float) - images).mean()
     fresh_mae = np.abs(to_uint8(fresh).astype(float) - images).mean()
-    # 5.26 measured on the 250-step tiny model. (Below 3 before the GroupNorm fix, when this denoiser
+    # 5.26 measured on the 250-step eps tiny model with plain inversion. (Below 3 before the GroupNorm fix, when this denoiser
     # could not read t at all: a t-independent eps inverts almost exactly, a barely trained
     # t-dependent one less so; 4.34 with 100 steps.)
     assert rec_mae < 6.0, f"reconstruction MAE {rec_mae:.2f}/255"
@@ -174,7 +174,9 @@ def test_checkpoint_records_the_scheduler_and_old_checkpoints_still_load(tiny_ch
     from cdae_med.diffusion import DDIMConfig
 
     meta = json.loads((tiny_checkpoint / META).read_text())
-    assert meta["scheduler"] == DDIMConfig().to_dict() and "beta_start" not in meta["model"]
+    # what training writes: the default schedule, the training default v-prediction
+    assert meta["scheduler"] == DDIMConfig(prediction_type="v_prediction").to_dict()
+    assert "beta_start" not in meta["model"]
     # a checkpoint written before the scheduler had its own section kept it in the model config
     old = tmp_path / "old"
     shutil.copytree(tiny_checkpoint, old)

@@ -239,6 +239,8 @@ def test_guidance_sweep_moves_with_omega_when_z_matters(trained_path, tmp_path, 
         return 0.5 * x_t + (keep * z[:, 0].mean(-1))[:, None, None, None] * pattern
 
     monkeypatch.setattr(CausalDiffAE, "denoise", denoise)
+    # the stub predicts eps, whatever the checkpoint's prediction type
+    monkeypatch.setattr(DDIM, "to_epsilon", lambda self, output, x_t, t: output)
     monkeypatch.setenv("CDAE_HOME", str(tmp_path / "home"))
     res = guidance_sweep(trained_path, tmp_path / "sweep", omegas=(0.0, 1.0), reference="null", n=2, num_steps=3,
                          n_composition=1, device="cpu", predictor_n_train=128, progress=False)
