@@ -207,7 +207,6 @@ def markdown(results: dict) -> str:
              ""]
     for ds, data in results["datasets"].items():
         paper = PAPER[ds]
-        data = summarise(ds, data)
         rows = data["rows"]
         names = list(rows)
         short = {r: f"({i + 1})" for i, r in enumerate(names)}

@@ -227,7 +227,7 @@ class ScaleShiftResnetBlock(DiffusionUNetResnetBlock):
 
 def use_scale_shift(unet: nn.Module) -> None:
     """Replace every diffusion ResBlock of ``unet`` by a :class:`ScaleShiftResnetBlock` of the same shape."""
-    for name, module in list(unet.named_modules()):
+    for module in list(unet.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is DiffusionUNetResnetBlock:
                 setattr(module, child_name, ScaleShiftResnetBlock.like(child))
