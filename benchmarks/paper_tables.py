@@ -315,7 +315,8 @@ def main() -> None:
     figure_suffix = suffix
     if args.part:
         suffix += "_" + "_".join(args.datasets) + "_" + "_".join(args.models)
-    results["datasets"] = {ds: summarise(ds, data) for ds, data in results["datasets"].items()}
+    merged = results["datasets"]
+    results["datasets"] = {ds: summarise(ds, merged[ds]) for ds in PAPER if ds in merged}
     (args.results / f"paper_tables{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.results / f"paper_tables{suffix}.md").write_text(markdown(results))
     for ds in results["datasets"]:
@@ -340,7 +341,8 @@ def combine(parts: list[Path], out_dir: Path) -> None:
             merged["rows"].update(data["rows"])
             if "guidance_sweep" in data:
                 merged["guidance_sweep"] = data["guidance_sweep"]
-    results["datasets"] = {ds: summarise(ds, data) for ds, data in results["datasets"].items()}
+    merged = results["datasets"]
+    results["datasets"] = {ds: summarise(ds, merged[ds]) for ds in PAPER if ds in merged}
     suffix = "_smoke" if results["budget"]["name"] == "smoke" else ""
     (out_dir / f"paper_tables{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / f"paper_tables{suffix}.md").write_text(markdown(results))
