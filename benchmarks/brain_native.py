@@ -85,6 +85,34 @@ class VoxelwiseLinear:
         return (d @ self.coef[1:]).reshape(len(labels), *self.shape)
 
 
+def score(outputs: dict[str, list[np.ndarray]], samples, truth, affected: int, input_vol: np.ndarray,
+          ssim: bool = True) -> dict[str, dict[str, float]]:
+    """Every method's outputs (2 mm volumes) against the true counterfactual: image MAE (x 255), SSIM,
+    brain and ventricle volume errors (ml) and the share of subjects whose ``affected`` volume moves
+    the true way.
+
+    Volumes are compared as changes from the input, measured on both images the same way, so the
+    segmentation's own bias on a subject cancels: error = |measured change - true change|.
+    """
+    t = truth.images[..., 0]
+    true_change = truth.labels[:, [BV, VV]] - samples.labels[:, [BV, VV]]
+    want = np.sign(truth.labels[:, affected] - samples.labels[:, affected])
+    col = 0 if affected == BV else 1
+    row = {"image_mae": {}, **({"ssim": {}} if ssim else {}), "brain_volume_error_ml": {},
+           "ventricle_volume_error_ml": {}, "true_direction_share": {}}
+    for name, outs in outputs.items():
+        o = np.stack(outs)
+        vol = brain.measure_volumes(o, samples.noise, FINE)
+        err = np.abs(vol - input_vol - true_change).mean(0)
+        row["image_mae"][name] = float(np.abs(o - t).mean() * 255)
+        if ssim:
+            row["ssim"][name] = float(np.mean([structural_similarity(a, b, data_range=1.0) for a, b in zip(o, t)]))
+        row["brain_volume_error_ml"][name] = float(err[0])
+        row["ventricle_volume_error_ml"][name] = float(err[1])
+        row["true_direction_share"][name] = float(np.mean(np.sign(vol[:, col] - input_vol[:, col]) == want))
+    return row
+
+
 def realise(prepared, change_on_grid: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The scan plus a change on the model grid (window units), carried back as the model's is."""
     return prepared.scan.data + restore_change(prepared, change_on_grid * mask)
@@ -147,27 +175,12 @@ def main() -> None:
                 seconds[name].append(time.perf_counter() - t1)
                 outs.append(read_nifti(args.work / name / var / f"sub-{i:02d}" / "counterfactual.nii.gz").data)
             outputs[name] = outs
-        # Volumes are compared as changes from the input, measured on both images the same way, so the
-        # segmentation's own bias on a subject cancels: error = |measured change - true change|.
         true_change = truth.labels[:, [BV, VV]] - samples.labels[:, [BV, VV]]
         input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
         floor = np.abs(brain.measure_volumes(truth.images[..., 0], truth.noise, FINE) - input_vol - true_change).mean(0)
         row = {"intervention": text, "resolution_mm": brain.FOV_MM / FINE, "n": args.n_test,
-               "image_mae": {}, "ssim": {}, "brain_volume_error_ml": {}, "ventricle_volume_error_ml": {},
-               "true_direction_share": {},
+               **score(outputs, samples, truth, affected, input_vol),
                "volume_measurement_floor_ml": {"brain": float(floor[0]), "ventricles": float(floor[1])}}
-        want = np.sign(truth.labels[:, affected] - samples.labels[:, affected])
-        for name, outs in outputs.items():
-            o = np.stack(outs)
-            t = truth.images[..., 0]
-            vol = brain.measure_volumes(o, samples.noise, FINE)
-            err = np.abs(vol - input_vol - true_change).mean(0)
-            col = 0 if affected == BV else 1
-            row["image_mae"][name] = float(np.abs(o - t).mean() * 255)
-            row["ssim"][name] = float(np.mean([structural_similarity(a, b, data_range=1.0) for a, b in zip(o, t)]))
-            row["brain_volume_error_ml"][name] = float(err[0])
-            row["ventricle_volume_error_ml"][name] = float(err[1])
-            row["true_direction_share"][name] = float(np.mean(np.sign(vol[:, col] - input_vol[:, col]) == want))
         first = next(iter(models))
         row["other_models"] = {}
         for key in ("image_mae", "ssim", "brain_volume_error_ml", "ventricle_volume_error_ml", "true_direction_share"):
