@@ -121,6 +121,8 @@ def main() -> None:
     p.add_argument("--depths", type=float, nargs="+", default=[1.0, 0.6, 0.3])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--n-test", type=int, default=8)
+    p.add_argument("--test-offset", type=int, default=17,
+                   help="held-out subjects: test_seed(0) + this (17: brain_native.py's subjects)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps over the full depth")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=ROOT / "work" / "brain_latent")
@@ -148,7 +150,7 @@ def main() -> None:
             models[name] = train(c, y, ddim, minutes, seed)
             print(f"{name}: {models[name][1]} steps", flush=True)
 
-    samples = brain.sample(args.n_test, seed=test_seed(0) + 17, size=FINE)
+    samples = brain.sample(args.n_test, seed=test_seed(0) + args.test_offset, size=FINE)
     affine = brain.affine(FINE)
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
@@ -196,7 +198,7 @@ def main() -> None:
               flush=True)
     result = {
         "machine": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
-        "grid": SIZE, "fit_subjects": len(images), "fit": args.fit, "k": args.k,
+        "grid": SIZE, "test_seed": test_seed(0) + args.test_offset, "fit_subjects": len(images), "fit": args.fit, "k": args.k,
         "explained_variance": {str(k): float(v.explained_variance_ratio_.sum()) for k, v in pcas.items()},
         "train_cpu_minutes": args.minutes, "train_steps": {name: m[1] for name, m in models.items()},
         "ddim_steps": args.steps, "depths": args.depths,
