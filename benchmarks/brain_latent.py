@@ -45,7 +45,7 @@ from sklearn.decomposition import PCA
 from torch import nn
 
 from brain_native import (FINE, INTERVENTIONS, Preprocessing, Reference, Scan, VoxelwiseLinear, brain, prepare_registered,
-                          realise, reference_mask, registered_fit_set, score, test_seed)
+                          oracle_change, realise, reference_mask, registered_fit_set, score, test_seed)
 from cdae_med.diffusion import DDIM, DDIMConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -173,9 +173,7 @@ def main() -> None:
                    "baseline": [realise(pp, ch, mask) for pp, ch in
                                 zip(prepared, baseline.change(samples.labels, truth.labels))]}
         for pp, t in zip(prepared, truth.images[..., 0]):
-            lo, hi = pp.window
-            change = ((pp.registration.resample(prep.grid_affine, prep.spatial_size, data=t) - lo) / (hi - lo)
-                      - (pp.registration.resample(prep.grid_affine, prep.spatial_size) - lo) / (hi - lo))
+            change = oracle_change(pp, prep, t)
             outputs["oracle"].append(realise(pp, change, mask))
             for k in args.ceiling_k:
                 comp = pcas[k].components_
@@ -190,7 +188,7 @@ def main() -> None:
                 change = pca.inverse_transform(both[len(c_in):].numpy()) - pca.inverse_transform(both[:len(c_in)].numpy())
                 seconds.append((time.perf_counter() - t0) / len(c_in))
                 outputs[f"{name}_depth{depth:g}"] = [realise(pp, on_grid(ch), mask)
-                                                               for pp, ch in zip(prepared, change)]
+                                                     for pp, ch in zip(prepared, change)]
         row = {"intervention": text, "resolution_mm": brain.FOV_MM / FINE, "n": args.n_test,
                **score(outputs, samples, truth, affected, input_vol, ssim=False)}
         rows.append(row)

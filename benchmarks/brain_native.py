@@ -113,6 +113,13 @@ def score(outputs: dict[str, list[np.ndarray]], samples, truth, affected: int, i
     return row
 
 
+def oracle_change(prepared, prep: Preprocessing, truth: np.ndarray) -> np.ndarray:
+    """The true counterfactual's change on the model grid (window units), registered as the scan is."""
+    lo, hi = prepared.window
+    grid = (prep.grid_affine, prep.spatial_size)
+    return (prepared.registration.resample(*grid, data=truth) - prepared.registration.resample(*grid)) / (hi - lo)
+
+
 def realise(prepared, change_on_grid: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The scan plus a change on the model grid (window units), carried back as the model's is."""
     return prepared.scan.data + restore_change(prepared, change_on_grid * mask)
@@ -160,12 +167,8 @@ def main() -> None:
         outputs: dict[str, list[np.ndarray]] = {"copy": [s[..., 0] for s in samples.images]}
         outputs["baseline"] = [realise(pp, ch, mask) for pp, ch in
                                zip(prepared, baseline.change(samples.labels, truth.labels))]
-        outputs["oracle"] = []
-        for pp, t in zip(prepared, truth.images[..., 0]):
-            lo, hi = pp.window
-            on_grid = (pp.registration.resample(prep.grid_affine, prep.spatial_size) - lo) / (hi - lo)
-            t_grid = (pp.registration.resample(prep.grid_affine, prep.spatial_size, data=t) - lo) / (hi - lo)
-            outputs["oracle"].append(realise(pp, t_grid - on_grid, mask))
+        outputs["oracle"] = [realise(pp, oracle_change(pp, prep, t), mask)
+                             for pp, t in zip(prepared, truth.images[..., 0])]
         for name, sm in scan_models.items():
             outs = []
             for i, path in enumerate(inputs):

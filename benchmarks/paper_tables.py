@@ -183,6 +183,11 @@ def summarise(ds: str, data: dict) -> dict:
     return out
 
 
+def summarise_all(datasets: dict) -> dict:
+    """Every data set's summary (``summarise``), in the paper's order."""
+    return {ds: summarise(ds, datasets[ds]) for ds in PAPER if ds in datasets}
+
+
 def _f(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -315,8 +320,7 @@ def main() -> None:
     figure_suffix = suffix
     if args.part:
         suffix += "_" + "_".join(args.datasets) + "_" + "_".join(args.models)
-    merged = results["datasets"]
-    results["datasets"] = {ds: summarise(ds, merged[ds]) for ds in PAPER if ds in merged}
+    results["datasets"] = summarise_all(results["datasets"])
     (args.results / f"paper_tables{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.results / f"paper_tables{suffix}.md").write_text(markdown(results))
     for ds in results["datasets"]:
@@ -341,8 +345,7 @@ def combine(parts: list[Path], out_dir: Path) -> None:
             merged["rows"].update(data["rows"])
             if "guidance_sweep" in data:
                 merged["guidance_sweep"] = data["guidance_sweep"]
-    merged = results["datasets"]
-    results["datasets"] = {ds: summarise(ds, merged[ds]) for ds in PAPER if ds in merged}
+    results["datasets"] = summarise_all(results["datasets"])
     suffix = "_smoke" if results["budget"]["name"] == "smoke" else ""
     (out_dir / f"paper_tables{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / f"paper_tables{suffix}.md").write_text(markdown(results))
