@@ -58,6 +58,9 @@ def train(
     timestep_sampling: str = _param("timestep_sampling"),
     conditioning: Optional[str] = typer.Option(None, help="How z enters the denoiser's blocks: scale_shift "
                                                            "(AdaGN) or add [default: scale_shift]."),
+    latent_components: Optional[int] = typer.Option(
+        None, help="Run the diffusion on this many principal components of the (registered) images, with MLP "
+                   "networks, instead of a UNet on the images [default: 0, the UNet]."),
     n_train: int = _param("n_train"),
     seed: int = _param("seed"),
     device: str = _param("device"),
@@ -99,14 +102,16 @@ def train(
                 mnist_dir=str(mnist_dir) if mnist_dir else None, variant=variant,
                 labelled_fraction=labelled_fraction,
                 model={**({} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob}),
-                       **({} if conditioning is None else {"conditioning": conditioning})},
+                       **({} if conditioning is None else {"conditioning": conditioning}),
+                       **({} if latent_components is None else {"latent_components": latent_components})},
                 data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
                 registration=registration,
                 distributed=distributed, compile=compile)
         except ValidationError as err:
             # --cond-drop-prob and --conditioning are model settings; the schema checks them inside "model"
             message = (describe_validation_error(err, names=_FLAGS).replace("model: cond_drop_prob", "--cond-drop-prob")
-                       .replace("model: unknown conditioning", "unknown --conditioning"))
+                       .replace("model: unknown conditioning", "unknown --conditioning")
+                       .replace("model: latent_components", "--latent-components"))
             raise UserError(message) from None
         path = pipelines.train.train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":

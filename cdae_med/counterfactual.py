@@ -24,6 +24,9 @@ from .model import CausalDiffAE
 __all__ = ["Abduction", "abduct", "act"]
 
 Interventions = Mapping[str, "float | torch.Tensor"]
+# In normalised units: an intervened value this close to the factual read-out is a null intervention
+# (a value printed to float32 precision and read back still counts).
+NULL_TOLERANCE = 1e-5
 
 
 @dataclass
@@ -41,7 +44,9 @@ def abduct(model: CausalDiffAE, ddim: DDIM, x0: torch.Tensor, num_steps: int = 5
            observed: Mapping[str, torch.Tensor] | None = None) -> Abduction:
     """``observed`` maps a variable to its known factual values (B,) in its own units, NaN where
     unknown: those latent blocks are set from the label prior instead of being estimated from the
-    image, and u is re-derived (u_i = z_i - f_i(z_parents)) so that z stays the SCM's output."""
+    image, and u is re-derived (u_i = z_i - f_i(z_parents)) so that z stays the SCM's output.
+    The noise code is in the diffusion's space (:meth:`CausalDiffAE.to_latent`)."""
+    x0 = model.to_latent(x0)
     u, _ = model.encode(x0)
     z = model.causal(u)
     if observed:
@@ -78,7 +83,12 @@ def act(model: CausalDiffAE, abduction: Abduction, do: Interventions, propagate:
         if value_t.numel() not in (1, b):
             raise GraphError(f"do({name}) has {value_t.numel()} values for a batch of {b}")
         y = var.normalise(value_t.expand(b))
-        blocks[name] = model.label_latent(y)
+        # A value equal to what the factual block reads as (the model's own estimate, as a report
+        # gives it) keeps that block: a null intervention must change nothing, and writing the value
+        # into every dimension of the block would.
+        factual = abduction.z[:, graph.index(name)]
+        same = (model.latent_to_label(factual) - y).abs() <= NULL_TOLERANCE
+        blocks[name] = torch.where(same[:, None], factual, model.label_latent(y).to(factual.dtype))
     if not propagate:
         z = abduction.z.clone()
         for name, block in blocks.items():

@@ -61,6 +61,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 from torch import nn
 
 from .graph import CausalGraph
+from .latent import LinearAutoencoder, VectorDenoiser, VectorEncoder
 
 __all__ = ["CausalDiffAEConfig", "CausalDiffAE", "CausalLayer", "Encoder", "kl_normal", "VARIANTS"]
 
@@ -88,6 +89,11 @@ class CausalDiffAEConfig:
     variant: str = "causaldiffae"
     # How the (t, z) embedding enters each ResBlock (module docstring); older checkpoints are "add".
     conditioning: str = "add"
+    # > 0: the diffusion runs on this many principal components of the image, with MLP encoder and
+    # denoiser (cdae_med.latent); the UNet and convolution settings above are then unused.
+    latent_components: int = 0
+    latent_hidden: int = 256
+    latent_depth: int = 2
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONING:
@@ -99,15 +105,17 @@ class CausalDiffAEConfig:
         self.image_size = tuple(int(s) for s in self.image_size)
         if len(self.image_size) != self.spatial_dims:
             raise ValueError(f"image_size {self.image_size} does not have {self.spatial_dims} dimensions")
+        if self.latent_components < 0 or self.latent_hidden < 1 or self.latent_depth < 1:
+            raise ValueError("latent_components must be >= 0, latent_hidden and latent_depth >= 1")
         factor = 2 ** max(len(self.encoder_channels), len(self.unet_channels) - 1)
-        if any(s % factor for s in self.image_size):
+        if not self.latent_components and any(s % factor for s in self.image_size):
             raise ValueError(f"every image dimension must be a multiple of {factor}, got {self.image_size}")
         self.encoder_channels = tuple(self.encoder_channels)
         self.unet_channels = tuple(self.unet_channels)
         self.unet_attention = tuple(bool(a) for a in self.unet_attention)
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
-        if any(c % self.unet_norm_groups for c in self.unet_channels):
+        if not self.latent_components and any(c % self.unet_norm_groups for c in self.unet_channels):
             raise ValueError(f"unet_channels {self.unet_channels} must be multiples of unet_norm_groups "
                              f"({self.unet_norm_groups})")
 
@@ -271,9 +279,16 @@ class CausalDiffAE(nn.Module):
         cfg = config or CausalDiffAEConfig()
         self.graph, self.config = graph, cfg
         n = len(graph)
-        self.encoder = Encoder(cfg, n)
         self.causal = CausalLayer(graph, cfg.latent_dim, cfg.mechanism_hidden,
                                   mechanisms=cfg.variant == "causaldiffae")
+        self.first_stage = None
+        if cfg.latent_components:
+            k = cfg.latent_components
+            self.first_stage = LinearAutoencoder(k, (cfg.in_channels, *cfg.image_size))
+            self.encoder = VectorEncoder(k, n, cfg.latent_dim, cfg.latent_hidden)
+            self.denoiser = VectorDenoiser(k, n * cfg.latent_dim, cfg.latent_hidden, cfg.latent_depth)
+            return
+        self.encoder = Encoder(cfg, n)
         self.unet = DiffusionModelUNet(
             spatial_dims=cfg.spatial_dims,
             in_channels=cfg.in_channels,
@@ -297,9 +312,20 @@ class CausalDiffAE(nn.Module):
     def variant(self) -> str:
         return self.config.variant
 
+    # --- the space the diffusion runs in ------------------------------------------------
+    def to_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> what the encoder reads and the diffusion noises: the images themselves, or
+        their coefficients (B, k) under the linear first stage."""
+        return images if self.first_stage is None else self.first_stage.encode(images)
+
+    def from_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_latent`."""
+        return x if self.first_stage is None else self.first_stage.decode(x)
+
     # --- latents ------------------------------------------------------------------------
     def encode(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior q(u | x0): mean and log-variance, (B, n, d)."""
+        """Posterior q(u | x0): mean and log-variance, (B, n, d); ``x0`` in the diffusion's space
+        (:meth:`to_latent`)."""
         return self.encoder(x0)
 
     def label_latent(self, y_norm: torch.Tensor) -> torch.Tensor:
@@ -323,7 +349,10 @@ class CausalDiffAE(nn.Module):
             keep = x_t.new_ones(b) if keep is None else keep.to(x_t.dtype)
         if t.ndim == 0:
             t = t.expand(b)
-        return self.unet(x_t, timesteps=t, class_labels=torch.cat([flat, keep[:, None]], dim=1))
+        cond = torch.cat([flat, keep[:, None]], dim=1)
+        if self.first_stage is not None:
+            return self.denoiser(x_t, t, cond)
+        return self.unet(x_t, timesteps=t, class_labels=cond)
 
     # --- training -----------------------------------------------------------------------
     def training_condition(self, u: torch.Tensor, y_norm: torch.Tensor | None,
@@ -356,6 +385,8 @@ class CausalDiffAE(nn.Module):
         """
         b = x0.shape[0]
         variant = self.config.variant
+        with torch.no_grad():
+            x0 = self.to_latent(x0)  # images, or their coefficients under the (fixed) first stage
         if variant == "diffae":
             y_norm = None  # no label prior: the one switch that makes it DiffAE, with no mechanisms
         mean, logvar = self.encode(x0)

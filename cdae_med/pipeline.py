@@ -107,9 +107,10 @@ class CounterfactualPipeline:
         images = images.to(self.device)
         with autocast(self.device):
             if procedure == "original":
-                u, _ = self.model.encode(images)
-                noise = torch.randn(images.shape, generator=generator, dtype=torch.float32)
-                return Abduction(u=u, z=self.model.causal(u), x_t=noise.to(images.device, images.dtype),
+                x = self.model.to_latent(images)
+                u, _ = self.model.encode(x)
+                noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+                return Abduction(u=u, z=self.model.causal(u), x_t=noise.to(x.device, x.dtype),
                                  num_steps=num_steps, depth=depth)
             return abduct(self.model, self.scheduler, images, num_steps, depth, progress, observed=observed)
 
@@ -137,7 +138,8 @@ class CounterfactualPipeline:
         with autocast(self.device):
             # Images live in [-1, 1]; out-of-range values would be amplified by a next inversion (see
             # the composition figures in benchmarks/results/paper_tables.md).
-            out = self.scheduler.decode(eps, x_t, abduction.num_steps, abduction.depth, progress).clamp(-1, 1)
+            out = self.model.from_latent(
+                self.scheduler.decode(eps, x_t, abduction.num_steps, abduction.depth, progress)).clamp(-1, 1)
         out = out.float()
         if reconstruction:
             cf, rec = out.chunk(2)

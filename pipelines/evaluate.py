@@ -71,7 +71,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
 
     # DCI on the posterior-mean causal latents
     x_all = to_tensor(test.images)
-    z = torch.cat([model.causal(model.encode(x_all[i:i + 256].to(dev))[0]).flatten(1).float().cpu()
+    z = torch.cat([model.causal(model.encode(model.to_latent(x_all[i:i + 256].to(dev)))[0]).flatten(1).float().cpu()
                    for i in range(0, len(x_all), 256)])
     result["dci"] = dci_disentanglement(z[:n_dci].numpy(), graph.normalise(test.labels[:n_dci])) if n_dci else None
 

@@ -90,7 +90,13 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, data: TrainingData, device: torch.device, ranks: Ranks):
         self.cfg, self.data, self.device, self.ranks = cfg, data, device, ranks
-        self.model = optimise_for_device(build_model(cfg, data).to(device), device)
+        model = build_model(cfg, data)
+        if model.first_stage is not None:
+            # fitted once on the training images, before the weights' average copies the model
+            share = model.first_stage.fit(data.images, seed=cfg.seed)
+            log.info("linear first stage: %d principal components hold %.1f %% of the training images' variance",
+                     model.first_stage.k, 100 * share)
+        self.model = optimise_for_device(model.to(device), device)
         if ranks.enabled:
             # Same initial weights on every rank (DDP also broadcasts rank 0's), different diffusion noise.
             torch.manual_seed(cfg.seed + 7919 * ranks.rank)

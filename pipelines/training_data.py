@@ -8,10 +8,14 @@ volume cut into axial slices for a 2D slice-wise model (``TrainConfig.slicewise`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,16 +68,38 @@ def _preprocessing(cfg: TrainConfig, ds: SyntheticDataset, size: int) -> Preproc
 REFERENCE_SIZE = 64  # the reference's grid: 3 mm over the brain cohort's 192 mm field of view
 
 
+def _registered_cache(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocessing, render: int) -> Path:
+    """Where the registered subjects of this data set, count, seed and preprocessing are kept: one
+    registration costs about a second here, so a second model trained on the same subjects reuses them."""
+    from cdae_med import __version__
+
+    from .settings import RuntimeSettings
+
+    key = json.dumps({"dataset": ds.name, "n": cfg.n_train, "seed": cfg.seed, "render": render,
+                      "reference": REFERENCE_SIZE, "preprocessing": prep.to_dict(), "version": __version__},
+                     sort_keys=True)
+    return RuntimeSettings().home / "cache" / "registered" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
+
+
 def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocessing, reference: Reference,
                         progress: bool):
     """Generator subjects rendered at twice the model's resolution (a scan is finer than the model),
-    registered to the reference and resampled onto the model grid as a scan at inference is."""
+    registered to the reference and resampled onto the model grid as a scan at inference is; read from
+    :func:`_registered_cache` where an earlier run made them."""
     from tqdm.auto import tqdm
 
     from cdae_med.io import Scan
 
     size = prep.spatial_size[0]
     render = min(2 * size, 96)
+    cache = _registered_cache(ds, cfg, prep, render)
+    if cache.is_file():
+        try:
+            with np.load(cache) as d:
+                log.info("registered training subjects read from %s", cache)
+                return d["images"], d["labels"], d["correlations"]
+        except (OSError, ValueError, KeyError) as err:  # a damaged cache is made again
+            log.warning("ignoring the unreadable cache %s: %s", cache, err)
     samples = ds.generator.sample(cfg.n_train, seed=cfg.seed, size=render)
     affine = ds.generator.affine(render)
     mask = reference_mask(reference, prep)
@@ -82,6 +108,10 @@ def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocess
     for i in tqdm(range(len(images)), desc="register", unit="scan", disable=not progress):
         p = prepare_registered(Scan(samples.images[i, ..., 0], affine, f"subject {i}"), prep, reference, mask)
         images[i, ..., 0], correlations[i] = p.image[0], p.registration.correlation
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.npz")  # written beside, renamed: never half a file
+    np.savez(tmp, images=images, labels=samples.labels, correlations=correlations)
+    os.replace(tmp, cache)
     return images, samples.labels, correlations
 
 

@@ -1,0 +1,135 @@
+"""The networks of a CausalDiffAE whose diffusion runs in a linear latent space.
+
+A 32^3 volume UNet takes seconds per step on a CPU and, after half an hour, draws a change no
+closer to the truth than the untouched scan (``benchmarks/results/brain_native.json``). Registered
+brains, though, vary mostly along few directions: 64 principal components hold 87 % of the
+variance of registered 32^3 subjects, and the generator's true counterfactual change projected on
+them still beats copying the input by a wide margin (``benchmarks/results/brain_latent.json``).
+So, as latent diffusion does with its autoencoder (Rombach et al. 2022), the diffusion model runs
+in a small space that a fixed first stage maps to and from the image:
+
+- :class:`LinearAutoencoder`: the first stage, whitened principal components of the training
+  images (fitted once, with scikit-learn's PCA, before training; buffers, not trained). Voxels that
+  never vary over the training set (outside a registered reference's head) keep their value.
+- :class:`VectorEncoder`: q(u | c) from the coefficients c, an MLP with the two heads of the image
+  encoder (mean and log-variance, (B, n, d)).
+- :class:`VectorDenoiser`: the denoiser's output for (c_t, t, z): residual MLP blocks, each
+  LayerNorm then a scale and a shift by the (t, z) embedding, the scale-shift conditioning that
+  measured best for the UNet (``benchmarks/results/recipes.md``).
+
+The causal layer, the label prior and the losses are the CausalDiffAE's (:mod:`cdae_med.model`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["LinearAutoencoder", "VectorEncoder", "VectorDenoiser"]
+
+
+class LinearAutoencoder(nn.Module):
+    """x (B, *shape) <-> c (B, k): c = (x - mean)[varying] W^T / scale, x = mean + (c scale) W on the
+    varying voxels. ``fit`` sets the buffers; an unfitted one refuses to run."""
+
+    def __init__(self, k: int, shape: tuple[int, ...]):
+        super().__init__()
+        self.k, self.shape = k, tuple(shape)
+        n = math.prod(self.shape)
+        self.register_buffer("mean", torch.zeros(n))
+        # 1.0 where the training images vary; float, not bool, so that a weight average over
+        # buffers (torch.optim.swa_utils.AveragedModel) leaves it as it is
+        self.register_buffer("varying", torch.zeros(n))
+        self.register_buffer("components", torch.zeros(k, 0))
+        self.register_buffer("scale", torch.ones(k))
+
+    @property
+    def fitted(self) -> bool:
+        return self.components.shape[1] > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The number of varying voxels is the fit's: take the saved shape before copying.
+        key = prefix + "components"
+        if key in state_dict:
+            self.components = torch.empty_like(state_dict[key], dtype=self.components.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, seed: int = 0) -> float:
+        """Principal components of ``images`` (N, *shape); returns the share of variance they hold."""
+        from sklearn.decomposition import PCA
+
+        x = images.reshape(len(images), -1).float()
+        if x.shape[1] != self.mean.numel():
+            raise ValueError(f"images of {tuple(images.shape[1:])} voxels for a first stage of shape {self.shape}")
+        if len(x) <= self.k:
+            raise ValueError(f"{self.k} principal components need more than {self.k} training images, got {len(x)}")
+        mean = x.mean(0)
+        varying = (x - mean).abs().amax(0) > 1e-6
+        pca = PCA(self.k, whiten=True, random_state=seed).fit(x[:, varying].numpy())
+        self.mean = mean
+        self.varying = varying.float()
+        self.components = torch.as_tensor(pca.components_, dtype=torch.float32)
+        self.scale = torch.as_tensor(pca.explained_variance_, dtype=torch.float32).sqrt()
+        self.mean[varying] = torch.as_tensor(pca.mean_, dtype=torch.float32)
+        return float(pca.explained_variance_ratio_.sum())
+
+    def _check(self) -> None:
+        if not self.fitted:
+            raise RuntimeError("the linear first stage has not been fitted (LinearAutoencoder.fit)")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self._check()
+        d = x.reshape(len(x), -1).to(self.mean.dtype) - self.mean
+        return d[:, self.varying.bool()] @ self.components.T / self.scale
+
+    def decode(self, c: torch.Tensor) -> torch.Tensor:
+        self._check()
+        out = self.mean.expand(len(c), -1).clone()
+        out[:, self.varying.bool()] += (c.to(self.scale.dtype) * self.scale) @ self.components
+        return out.view(len(c), *self.shape)
+
+
+class VectorEncoder(nn.Module):
+    """c (B, k) -> (mean, log-variance) of q(u | c), (B, n_vars, latent_dim) each."""
+
+    def __init__(self, k: int, n_vars: int, latent_dim: int, hidden: int):
+        super().__init__()
+        self.n_vars, self.latent_dim = n_vars, latent_dim
+        self.net = nn.Sequential(nn.Linear(k, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 2 * n_vars * latent_dim))
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.net(c).view(len(c), 2, self.n_vars, self.latent_dim)
+        return h[:, 0], h[:, 1].clamp(-10.0, 5.0)
+
+
+class VectorDenoiser(nn.Module):
+    """The denoiser's output for c_t (B, k) at t (B,) under the condition (B, cond_features + 1) whose last
+    column is the keep flag (0: a learned null condition, the unconditional model)."""
+
+    def __init__(self, k: int, cond_features: int, hidden: int, depth: int):
+        super().__init__()
+        self.inp = nn.Linear(k, hidden)
+        self.time = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.cond = nn.Sequential(nn.Linear(cond_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.null = nn.Parameter(torch.zeros(hidden))
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden, elementwise_affine=False) for _ in range(depth))
+        self.scale_shift = nn.ModuleList(nn.Linear(hidden, 2 * hidden) for _ in range(depth))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+                                  for _ in range(depth))
+        self.out = nn.Linear(hidden, k)
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(32) / 32), persistent=False)
+
+    def forward(self, c_t: torch.Tensor, t: torch.Tensor, cond_and_keep: torch.Tensor) -> torch.Tensor:
+        a = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
+        cond, keep = cond_and_keep[:, :-1], cond_and_keep[:, -1:]
+        e = self.time(torch.cat([a.sin(), a.cos()], 1)) + keep * self.cond(cond) + (1 - keep) * self.null
+        e = nn.functional.silu(e)
+        h = self.inp(c_t)
+        for norm, ss, mlp in zip(self.norms, self.scale_shift, self.mlps):
+            scale, shift = ss(e).chunk(2, 1)
+            h = h + mlp(norm(h) * (1 + scale) + shift)
+        return self.out(h)
