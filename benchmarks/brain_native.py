@@ -45,7 +45,8 @@ from cdae_med.io import Scan, read_nifti, write_nifti
 from pipelines.mri import Preprocessing, prepare_registered, reference_mask, restore_change
 from pipelines.registration import Reference
 from pipelines.scans import ScanModel
-from pipelines.train_config import test_seed
+from pipelines.train_config import TrainConfig, test_seed
+from pipelines.training_data import load_training_data
 from synthetic_data import brain
 
 ROOT = Path(__file__).resolve().parent
@@ -130,7 +131,12 @@ def main() -> None:
     p.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT; the first is 'model'")
     p.add_argument("--n-test", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--depth", type=float, default=1.0, help="inversion depth of the models")
     p.add_argument("--n-fit", type=int, default=200, help="subjects the voxelwise baseline is fitted on")
+    p.add_argument("--fit-seed", type=int, default=None,
+                   help="fit the baseline on the registered training subjects of `cdae-med train --dataset brain "
+                        "--registration rigid --n-train N-FIT --seed FIT-SEED` (read from its cache, so the model's "
+                        "own subjects) [default: 4242, rendered here]")
     p.add_argument("--size", type=int, default=32, help="the reference model grid of baseline and oracle")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=ROOT / "work" / "brain_native")
@@ -145,7 +151,13 @@ def main() -> None:
                          registration="rigid")
     mask = reference_mask(reference, prep)
     t0 = time.perf_counter()
-    fit_images, fit_labels = registered_fit_set(prep, reference, args.n_fit, seed=4242)
+    if args.fit_seed is None:
+        fit_images, fit_labels = registered_fit_set(prep, reference, args.n_fit, seed=4242)
+    else:
+        data = load_training_data(TrainConfig(dataset="brain", size=args.size, registration="rigid",
+                                              n_train=args.n_fit, seed=args.fit_seed))
+        fit_images = ((data.images[:, 0] + 1) / 2).numpy()
+        fit_labels = data.dataset.graph.denormalise(data.labels.numpy())
     baseline = VoxelwiseLinear().fit(fit_images, fit_labels)
     print(f"baseline fitted on {args.n_fit} registered subjects in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -156,7 +168,8 @@ def main() -> None:
         path = args.work / f"sub-{i:02d}.nii.gz"
         write_nifti(path, v, affine)
         inputs.append(path)
-    scan_models = {name: ScanModel.load(path, device="cpu", num_steps=args.steps) for name, path in models.items()}
+    scan_models = {name: ScanModel.load(path, device="cpu", num_steps=args.steps, depth=args.depth)
+                   for name, path in models.items()}
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
     seconds = {name: [] for name in models}
@@ -204,7 +217,8 @@ def main() -> None:
         "train_cpu_minutes": _training(models[next(iter(models))]).get("train_minutes"),
         "seconds_per_scan": float(np.mean(seconds[next(iter(models))])),
         "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
-        "ddim_steps": args.steps, "baseline_fit_subjects": args.n_fit, "reference_grid": args.size,
+        "ddim_steps": args.steps, "depth": args.depth, "baseline_fit_subjects": args.n_fit, "baseline_fit_seed": args.fit_seed or 4242,
+        "reference_grid": args.size,
         "interventions": rows,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)

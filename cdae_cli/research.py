@@ -29,6 +29,10 @@ def _param(name: str, *flags: str):
 
 # options several commands share
 _CHECKPOINT = typer.Option(..., help="Checkpoint directory written by `cdae-med train`.")
+_SCAN_CHECKPOINT = typer.Option(None, help="Checkpoint directory written by `cdae-med train` [default for scans: "
+                                           "the registered model --model].")
+_SCAN_MODEL = typer.Option("brain", "--model", help="Scans: the registered model NAME or NAME:vN to use when no "
+                                                    "--checkpoint is given (brain: the one cdae-med ships).")
 _STEPS = typer.Option(50, help="DDIM steps.")
 _DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
 _QUIET = typer.Option(False, "--quiet", help="No progress bars.")
@@ -155,8 +159,21 @@ def data_generate(
     run(go)
 
 
+def _scan_checkpoint(checkpoint: Path | None, model: str) -> Path:
+    """The checkpoint a scan command runs: the one given, or the registered model's."""
+    if checkpoint is not None:
+        return checkpoint
+    from pipelines.registry import RegistryError, resolve
+
+    try:
+        return resolve(model).path
+    except RegistryError as err:
+        raise UserError(str(err)) from None
+
+
 def counterfactual(
-    checkpoint: Path = _CHECKPOINT,
+    checkpoint: Optional[Path] = _SCAN_CHECKPOINT,
+    model: str = _SCAN_MODEL,
     do: List[str] = typer.Option(..., "--do", help="Intervention variable=value in the variable's units; repeatable."),
     out: Optional[Path] = typer.Option(None, help="Images: the output PNG."),
     out_dir: Optional[Path] = typer.Option(None, help="Scans: folder for counterfactual.nii.gz, difference.nii.gz, "
@@ -187,15 +204,17 @@ def counterfactual(
                 raise UserError("a scan's counterfactual needs --out-dir DIR (it writes four files)")
             from pipelines.scans import ScanModel
 
-            model = ScanModel.load(checkpoint, device=device, num_steps=steps, depth=depth, guidance=guidance,
-                                   out_of_range=out_of_range)
+            scans = ScanModel.load(_scan_checkpoint(checkpoint, model), device=device, num_steps=steps, depth=depth,
+                                   guidance=guidance, out_of_range=out_of_range)
             given = parse_assignments(covariates.split(","), "--covariates") if covariates else {}
-            report = model.run(input, do_map, out_dir, covariates=given)
+            report = scans.run(input, do_map, out_dir, covariates=given)
             typer.echo(json.dumps(report, indent=2))
             typer.echo(f"wrote {', '.join(report['files'])} to {out_dir}", err=True)
             return
         if out is None:
             raise UserError("an image's counterfactual needs --out FILE.png")
+        if checkpoint is None:
+            raise UserError("an image's counterfactual needs --checkpoint DIR (the registered models are for scans)")
         _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps, depth, guidance, device)
 
     run(go)
@@ -257,7 +276,8 @@ def _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps,
 
 
 def batch(
-    checkpoint: Path = typer.Option(..., help="Checkpoint directory of a model trained on scans."),
+    checkpoint: Optional[Path] = _SCAN_CHECKPOINT,
+    model: str = _SCAN_MODEL,
     do: List[str] = typer.Option(..., "--do", help="Intervention variable=value, the same for every scan; repeatable."),
     out_dir: Path = typer.Option(..., help="Output folder: one sub-folder per subject and summary.csv."),
     manifest: Optional[Path] = typer.Option(None, help="CSV with subject_id, path and optional columns of known "
@@ -286,11 +306,11 @@ def batch(
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         do_map = parse_assignments(do, "--do")
-        model = ScanModel.load(checkpoint, device=device, num_steps=steps, guidance=guidance)
-        do_values = model.interventions(do_map)
-        subjects = (read_manifest(manifest, model.graph, require_all=False) if manifest is not None
+        scans = ScanModel.load(_scan_checkpoint(checkpoint, model), device=device, num_steps=steps, guidance=guidance)
+        do_values = scans.interventions(do_map)
+        subjects = (read_manifest(manifest, scans.graph, require_all=False) if manifest is not None
                     else subjects_in_folder(folder))
-        summary = run_batch(model, subjects, do_values, out_dir, batch_size=batch_size, progress=not quiet)
+        summary = run_batch(scans, subjects, do_values, out_dir, batch_size=batch_size, progress=not quiet)
         with open(summary, newline="") as fh:
             rows = list(csv.DictReader(fh))
         counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "done earlier", "failed")}

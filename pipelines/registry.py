@@ -39,7 +39,7 @@ from cdae_med.graph import CausalGraph
 from .settings import RuntimeSettings
 
 __all__ = ["RegistryError", "RegisteredModel", "default_home", "models_dir", "register", "list_models",
-           "resolve", "promote", "promoted_version", "NAME_RE"]
+           "resolve", "shipped_models", "SHIPPED", "promote", "promoted_version", "NAME_RE"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" would take a trailing newline
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)\Z")
@@ -47,6 +47,10 @@ _PROMOTED = "promoted.json"
 # Inference files only; training.pt (optimizer state) stays with the run.
 _COPIED = ("checkpoint.json", "weights.pt", "metrics.json", "counterfactual_grid.png", "reference.nii.gz",
            "reference_mask.nii.gz")
+
+
+# Trained models that ship as package data (each directory's README.md says how it was made).
+SHIPPED = {"brain": Path(__file__).resolve().parent / "models" / "brain"}
 
 
 class RegistryError(ValueError):
@@ -236,9 +240,33 @@ def list_models(home: str | Path | None = None, all_versions: bool = False) -> l
     return out
 
 
+def shipped_models() -> dict[str, Path]:
+    """The models that come with cdae-med (package data, ``pipelines/models/NAME``), by name."""
+    return {name: path for name, path in SHIPPED.items() if (path / "checkpoint.json").is_file()}
+
+
+def _register_shipped(name: str, home: str | Path | None) -> bool:
+    """File the shipped model ``name`` as the first version of that name where it is not registered
+    yet: a fresh install serves it without training. Returns whether it did."""
+    path = shipped_models().get(name)
+    if path is None or _versions(models_dir(home), name):
+        return False
+    from cdae_med import __version__
+
+    register(path, name, home=home, source=f"shipped with cdae-med {__version__}")
+    return True
+
+
 def resolve(ref: str | None = None, *, home: str | Path | None = None) -> RegisteredModel:
-    """``NAME``, ``NAME:vN`` or ``NAME:N``; None = the only registered model (an error if several)."""
+    """``NAME``, ``NAME:vN`` or ``NAME:N``; None = the only registered model (an error if several).
+    A shipped model (:func:`shipped_models`) is registered the first time it is asked for, by name or,
+    in a registry that holds nothing yet, as None."""
     base = models_dir(home)
+    if ref is None and not list_models(home):
+        for name in shipped_models():
+            _register_shipped(name, home)
+    if ref is not None:
+        _register_shipped(str(ref).partition(":")[0], home)
     if ref is None:
         models = list_models(home)
         if not models:

@@ -95,6 +95,12 @@ class ScanModel:
                                       f"which cannot be read: {err}") from None
             self.mask = reference_mask(self.reference, self.preprocessing)
 
+    @property
+    def model_kind(self) -> str:
+        k = self.checkpoint.model.config.latent_components
+        kind = "3D" if self.preprocessing.slice_axis is None else "2D slice-wise"
+        return f"{kind}, diffusion on {k} principal components" if k else kind
+
     @classmethod
     def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float = 1.0,
              guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag") -> "ScanModel":
@@ -227,7 +233,7 @@ class ScanModel:
             "model": {"checkpoint": str(ck.path), "dataset": ck.dataset, "training_steps": ck.step,
                       "graph": list(graph.names), "format_version": FORMAT_VERSION, "cdae_med_version": __version__},
             "settings": {"ddim_steps": self.num_steps, "depth": self.depth, "guidance": self.guidance,
-                         "model_kind": "3D" if self.preprocessing.slice_axis is None else "2D slice-wise",
+                         "model_kind": self.model_kind,
                          "preprocessing": self.preprocessing.to_dict(),
                          "output": "input + (counterfactual - reconstruction) carried back through the inverse "
                                    + ("registration" if reg is not None else "preprocessing")},
@@ -267,36 +273,60 @@ def head_mask(image: np.ndarray, threshold: float = 0.02, margin: int = 1) -> np
     return binary_dilation(image > threshold, iterations=margin).astype(np.float32)
 
 
+# The preview's difference colours saturate at this share of the input's intensity range (its 0.5-99.5
+# percentiles): one fixed scale, so that two previews compare and no change is stretched to look large.
+PREVIEW_DIFFERENCE_SCALE = 0.15
+
+
 def orthogonal_preview(image: np.ndarray, counterfactual: np.ndarray, difference: np.ndarray,
                        affine: np.ndarray, cell_px: int = 160):
     """PNG of the middle axial, coronal and sagittal slices (rows) of input, counterfactual and
-    difference (columns), shown in RAS whatever the file's voxel order; the difference in
-    red (brighter in the counterfactual) and blue (darker)."""
+    difference (columns), shown in RAS whatever the file's voxel order; the difference in red
+    (brighter in the counterfactual) and blue (darker) on the fixed scale
+    :data:`PREVIEW_DIFFERENCE_SCALE`, drawn as a labelled colour bar under the grid."""
     import nibabel as nib
+    from PIL import Image, ImageDraw
 
     from .figures import image_grid
 
     ornt = nib.orientations.io_orientation(affine)
     vols = [nib.orientations.apply_orientation(v, ornt) for v in (image, counterfactual, difference)]
     lo, hi = np.percentile(vols[0], (0.5, 99.5))
-    scale = max(float(np.percentile(np.abs(vols[2]), 99.9)), 1e-6 * max(hi - lo, 1e-12))
+    scale = PREVIEW_DIFFERENCE_SCALE * max(float(hi - lo), 1e-12)
 
     def grey(s):
         return (np.clip((s - lo) / max(hi - lo, 1e-12), 0, 1) * 255).astype(np.uint8)[..., None].repeat(3, -1)
 
-    def signed(s):
+    def signed(s, anatomy=None):
+        # tinted over a faint copy of the input, so that a change is seen where it lies
         t = np.clip(s / scale, -1, 1)
-        rgb = np.full(s.shape + (3,), 255.0)
+        faint = 0.0 if anatomy is None else 70.0 * np.clip((anatomy - lo) / max(hi - lo, 1e-12), 0, 1)
+        rgb = np.repeat((255.0 - faint * (1 - np.abs(t)))[..., None], 3, -1)
         rgb[..., 1] -= 255 * np.abs(t)
         rgb[..., 0] -= 255 * np.clip(-t, 0, 1)
         rgb[..., 2] -= 255 * np.clip(t, 0, 1)
-        return rgb.astype(np.uint8)
+        return np.clip(rgb, 0, 255).astype(np.uint8)
 
     def slices(v):
         x, y, z = (n // 2 for n in v.shape)
         return [np.rot90(v[:, :, z]), np.rot90(v[:, y, :]), np.rot90(v[x, :, :])]
 
     planes = [slices(v) for v in vols]
-    cells = [[grey(planes[0][k]), grey(planes[1][k]), signed(planes[2][k])] for k in range(3)]
-    return image_grid(cells, ["input", "counterfactual", f"difference (+-{scale:.3g})"], cell_px=cell_px,
+    cells = [[grey(planes[0][k]), grey(planes[1][k]), signed(planes[2][k], planes[0][k])] for k in range(3)]
+    grid = image_grid(cells, ["input", "counterfactual", "counterfactual - input"], cell_px=cell_px,
                       row_labels=["axial", "coronal", "sagittal"])
+    # the colour bar: -scale .. +scale under the difference column
+    pct = round(100 * PREVIEW_DIFFERENCE_SCALE)
+    bar_h, x0 = 12, grid.width - cell_px - 2
+    out = Image.new("RGB", (grid.width, grid.height + bar_h + 32), "white")
+    out.paste(grid, (0, 0))
+    ramp = signed(np.linspace(-scale, scale, cell_px)[None].repeat(bar_h, 0))
+    out.paste(Image.fromarray(ramp), (x0, grid.height + 2))
+    draw = ImageDraw.Draw(out)
+    y = grid.height + bar_h + 4
+    draw.text((x0, y), f"-{pct}%", fill="black")
+    draw.text((x0 + cell_px // 2 - 3, y), "0", fill="black")
+    draw.text((x0 + cell_px - 24, y), f"+{pct}%", fill="black")
+    draw.text((4, y + 14), f"difference: +-{pct} % of the input's intensity range (+-{scale:.3g}) saturates",
+              fill="black")
+    return out
