@@ -43,6 +43,7 @@ from skimage.metrics import structural_similarity
 
 from cdae_med.io import Scan, read_nifti, write_nifti
 from pipelines.mri import Preprocessing, prepare_registered, reference_mask, restore_change
+from pipelines.realisation import deformation_change
 from pipelines.registration import Reference
 from pipelines.scans import ScanModel
 from pipelines.train_config import TrainConfig, test_seed
@@ -126,9 +127,16 @@ def realise(prepared, change_on_grid: np.ndarray, mask: np.ndarray) -> np.ndarra
     return prepared.scan.data + restore_change(prepared, change_on_grid * mask)
 
 
+def realise_deformation(prepared, change_on_grid: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The scan plus a change on the model grid realised as a model's is with ``realisation="deformation"``."""
+    return prepared.scan.data + deformation_change(prepared, prepared.image[0], change_on_grid, mask)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT; the first is 'model'")
+    p.add_argument("--model", action="append", required=True,
+                   help="NAME=CHECKPOINT[@REALISATION] (intensity or deformation, pipelines.realisation); the first "
+                        "is 'model'")
     p.add_argument("--n-test", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--depth", type=float, default=1.0, help="inversion depth of the models")
@@ -137,13 +145,16 @@ def main() -> None:
                    help="fit the baseline on the registered training subjects of `cdae-med train --dataset brain "
                         "--registration rigid --n-train N-FIT --seed FIT-SEED` (read from its cache, so the model's "
                         "own subjects) [default: 4242, rendered here]")
+    p.add_argument("--test-offset", type=int, default=17,
+                   help="held-out subjects: test_seed(0) + this (17: the reported ones; choose settings on others)")
     p.add_argument("--size", type=int, default=32, help="the reference model grid of baseline and oracle")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=ROOT / "work" / "brain_native")
     p.add_argument("--results", type=Path, default=ROOT / "results" / "brain_native.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    models = dict(m.split("=", 1) for m in args.model)
+    specs = {name: spec.partition("@") for name, spec in (m.split("=", 1) for m in args.model)}
+    models = {name: path for name, (path, _, _) in specs.items()}
     args.work.mkdir(parents=True, exist_ok=True)
 
     reference = Reference(*brain.reference(64))
@@ -161,15 +172,16 @@ def main() -> None:
     baseline = VoxelwiseLinear().fit(fit_images, fit_labels)
     print(f"baseline fitted on {args.n_fit} registered subjects in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    samples = brain.sample(args.n_test, seed=test_seed(0) + 17, size=FINE)
+    samples = brain.sample(args.n_test, seed=test_seed(0) + args.test_offset, size=FINE)
     affine = brain.affine(FINE)
     inputs = []
     for i, v in enumerate(samples.images[..., 0]):
         path = args.work / f"sub-{i:02d}.nii.gz"
         write_nifti(path, v, affine)
         inputs.append(path)
-    scan_models = {name: ScanModel.load(path, device="cpu", num_steps=args.steps, depth=args.depth)
-                   for name, path in models.items()}
+    scan_models = {name: ScanModel.load(path, device="cpu", num_steps=args.steps, depth=args.depth,
+                                        realisation=realisation or None)
+                   for name, (path, _, realisation) in specs.items()}
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
     seconds = {name: [] for name in models}
@@ -182,6 +194,8 @@ def main() -> None:
                                zip(prepared, baseline.change(samples.labels, truth.labels))]
         outputs["oracle"] = [realise(pp, oracle_change(pp, prep, t), mask)
                              for pp, t in zip(prepared, truth.images[..., 0])]
+        outputs["oracle_deformation"] = [realise_deformation(pp, oracle_change(pp, prep, t), mask)
+                                         for pp, t in zip(prepared, truth.images[..., 0])]
         for name, sm in scan_models.items():
             outs = []
             for i, path in enumerate(inputs):
@@ -212,12 +226,14 @@ def main() -> None:
 
     result = {
         "machine": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
-        "models": {name: {"checkpoint": str(path), **_training(path)} for name, path in models.items()},
+        "models": {name: {"checkpoint": str(path), "realisation": scan_models[name].realisation, **_training(path)}
+                   for name, path in models.items()},
         "model": next(iter(models)),
         "train_cpu_minutes": _training(models[next(iter(models))]).get("train_minutes"),
         "seconds_per_scan": float(np.mean(seconds[next(iter(models))])),
         "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
-        "ddim_steps": args.steps, "depth": args.depth, "baseline_fit_subjects": args.n_fit, "baseline_fit_seed": args.fit_seed or 4242,
+        "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps, "depth": args.depth,
+        "baseline_fit_subjects": args.n_fit, "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed,
         "reference_grid": args.size,
         "interventions": rows,
     }

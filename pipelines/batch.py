@@ -120,7 +120,8 @@ def run_batch(model: ScanModel, subjects: Iterable[Subject], do: Mapping[str, fl
     out_dir.mkdir(parents=True, exist_ok=True)
     names = model.graph.names
     identity = model_identity(model)
-    settings = {"ddim_steps": model.num_steps, "depth": model.depth, "guidance": model.guidance}
+    settings = {"ddim_steps": model.num_steps, "depth": model.depth, "guidance": model.guidance,
+                "realisation": model.realisation}
     rows: dict[str, dict] = {}
 
     def record(s: Subject, status: str, error: str = "", report: dict | None = None, seconds: float = 0.0,

@@ -36,6 +36,7 @@ from cdae_med.values import parse_values
 
 from .mri import (Preprocessing, PreparedScan, from_slices, prepare, reference_mask, restore_change,
                   spatial_transforms, to_slices)
+from .realisation import REALISATIONS, deformation_change
 from .registration import Reference, RegistrationError
 
 __all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "orthogonal_preview"]
@@ -62,10 +63,16 @@ class ScanModel:
     """A checkpoint loaded once for many scans (a worker process keeps one)."""
 
     def __init__(self, checkpoint, device: torch.device, num_steps: int = 50, depth: float = 1.0,
-                 guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag"):
+                 guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag",
+                 realisation: str | None = None):
         if out_of_range not in OUT_OF_RANGE:
             raise ValueError(f"out_of_range must be one of {OUT_OF_RANGE}, got {out_of_range!r}")
         self.out_of_range = out_of_range
+        # How the change reaches the scan (pipelines.realisation); a checkpoint may name its own default.
+        realisation = realisation or checkpoint.image.get("realisation", "intensity")
+        if realisation not in REALISATIONS:
+            raise ValueError(f"realisation must be one of {REALISATIONS}, got {realisation!r}")
+        self.realisation = realisation
         # The values the model was trained on (checkpoints from before the record have none).
         self.training_ranges = {k: tuple(v) for k, v in checkpoint.image.get("training_ranges", {}).items()}
         self.checkpoint = checkpoint
@@ -94,6 +101,9 @@ class ScanModel:
                 raise CheckpointError(f"{checkpoint.path}: this model registers scans to its reference, "
                                       f"which cannot be read: {err}") from None
             self.mask = reference_mask(self.reference, self.preprocessing)
+        if self.realisation == "deformation" and self.reference is None:
+            raise ValueError("realisation 'deformation' needs a registered model (its change is found in "
+                             "reference space); this one is not registered")
 
     @property
     def model_kind(self) -> str:
@@ -103,10 +113,11 @@ class ScanModel:
 
     @classmethod
     def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float = 1.0,
-             guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag") -> "ScanModel":
+             guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag",
+             realisation: str | None = None) -> "ScanModel":
         dev = resolve_device(device)
         return cls(load_checkpoint(checkpoint_dir, map_location=dev), dev, num_steps, depth, guidance, limits,
-                   out_of_range)
+                   out_of_range, realisation)
 
     # --- inputs ------------------------------------------------------------------------
     def interventions(self, do: Mapping[str, float | str]) -> dict[str, float]:
@@ -164,6 +175,7 @@ class ScanModel:
         out = self.pipeline(x0, do, observed=observed, num_steps=self.num_steps, depth=self.depth,
                             guidance=self.guidance, reconstruction=True, progress=tick)
         change = ((out.images - out.reconstruction) / 2.0).cpu().numpy()  # [-1, 1] -> the [0, 1] window units
+        reconstruction = ((out.reconstruction + 1.0) / 2.0).cpu().numpy()
         factual = out.factual_values.cpu().numpy()
         values = out.counterfactual_values.cpu().numpy()
         if axis is not None:
@@ -178,7 +190,10 @@ class ScanModel:
             # The intervention changes the head, not the air around it: decoding noise there would
             # otherwise add intensity to every background voxel and skew any volume read from the output.
             where = self.mask if self.mask is not None else head_mask(p.image[0])
-            diff = restore_change(p, change[i] * where)
+            if self.realisation == "deformation" and change[i].any():
+                diff = deformation_change(p, reconstruction[i, 0], change[i, 0], where)
+            else:
+                diff = restore_change(p, change[i] * where)
             results.append(_Result(counterfactual=p.scan.data + diff, difference=diff,
                                    factual=dict(zip(graph.names, factual[i].tolist())),
                                    values=dict(zip(graph.names, values[i].tolist()))))
@@ -233,10 +248,14 @@ class ScanModel:
             "model": {"checkpoint": str(ck.path), "dataset": ck.dataset, "training_steps": ck.step,
                       "graph": list(graph.names), "format_version": FORMAT_VERSION, "cdae_med_version": __version__},
             "settings": {"ddim_steps": self.num_steps, "depth": self.depth, "guidance": self.guidance,
+                         "realisation": self.realisation,
                          "model_kind": self.model_kind,
                          "preprocessing": self.preprocessing.to_dict(),
-                         "output": "input + (counterfactual - reconstruction) carried back through the inverse "
-                                   + ("registration" if reg is not None else "preprocessing")},
+                         "output": ("input warped by the deformation that carries the reconstruction onto the "
+                                    "counterfactual, plus its residual, through the inverse registration"
+                                    if self.realisation == "deformation" else
+                                    "input + (counterfactual - reconstruction) carried back through the inverse "
+                                    + ("registration" if reg is not None else "preprocessing"))},
             "files": list(OUTPUT_FILES),
             "seconds": round(seconds, 3),
         }
