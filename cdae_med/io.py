@@ -26,7 +26,13 @@ from typing import Iterator
 
 import numpy as np
 
+# Previews and the web page show a difference on one fixed scale: colours saturate at this share of
+# the input's intensity range (its 0.5-99.5 percentiles), so that two results compare and a small
+# change is not stretched to look large.
+PREVIEW_DIFFERENCE_SCALE = 0.15
+
 __all__ = ["NiftiError", "Scan", "ScanHeader", "ScanLimits", "read_header", "check_nifti_file", "nifti_limits",
+           "PREVIEW_DIFFERENCE_SCALE",
            "read_nifti", "write_nifti", "NIFTI_SUFFIXES", "MAX_VOXELS", "MAX_SIDE", "MAX_VOLUME_BYTES",
            "MAX_FOV_MM"]
 

@@ -29,7 +29,7 @@ import torch
 from cdae_med import __version__
 from cdae_med.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 from cdae_med.diffusion import DDIM
-from cdae_med.io import NiftiError, ScanLimits, nifti_limits, write_nifti
+from cdae_med.io import PREVIEW_DIFFERENCE_SCALE, NiftiError, ScanLimits, nifti_limits, write_nifti
 from cdae_med.pipeline import CounterfactualPipeline
 from cdae_med.runtime import optimise_for_device, resolve_device
 from cdae_med.values import parse_values
@@ -292,17 +292,12 @@ def head_mask(image: np.ndarray, threshold: float = 0.02, margin: int = 1) -> np
     return binary_dilation(image > threshold, iterations=margin).astype(np.float32)
 
 
-# The preview's difference colours saturate at this share of the input's intensity range (its 0.5-99.5
-# percentiles): one fixed scale, so that two previews compare and no change is stretched to look large.
-PREVIEW_DIFFERENCE_SCALE = 0.15
-
-
 def orthogonal_preview(image: np.ndarray, counterfactual: np.ndarray, difference: np.ndarray,
                        affine: np.ndarray, cell_px: int = 160):
     """PNG of the middle axial, coronal and sagittal slices (rows) of input, counterfactual and
     difference (columns), shown in RAS whatever the file's voxel order; the difference in red
     (brighter in the counterfactual) and blue (darker) on the fixed scale
-    :data:`PREVIEW_DIFFERENCE_SCALE`, drawn as a labelled colour bar under the grid."""
+    :data:`cdae_med.io.PREVIEW_DIFFERENCE_SCALE`, drawn as a labelled colour bar under the grid."""
     import nibabel as nib
     from PIL import Image, ImageDraw
 

@@ -33,6 +33,8 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
+from cdae_med.io import PREVIEW_DIFFERENCE_SCALE
+
 from .config import Settings
 from .db import JobView
 from .deps import ApiKey, OwnedJob, SettingsDep
@@ -43,7 +45,6 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 VOLUMES = ("input", "counterfactual", "difference")
 PLANES = ("axial", "coronal", "sagittal")
 MAX_PX = 1024
-DIFF_FLOOR = 0.005
 
 
 class Limits(BaseModel):
@@ -146,10 +147,11 @@ def _defaults(ras: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def _difference_window(diff: np.ndarray, input_window: float) -> float:
-    """Full width of the difference map's default window: +- the 99.9th percentile of |change|,
-    but never under +-0.5 % of the input's window, so float noise of a model that changes
-    nothing is not blown up into colour."""
-    return 2.0 * max(float(np.percentile(np.abs(diff), 99.9)), DIFF_FLOOR * input_window)
+    """Full width of the difference map's default window: a fixed share of the input's window, the
+    preview's scale (:data:`cdae_med.io.PREVIEW_DIFFERENCE_SCALE`), so that every job is shown
+    alike and a small change is not stretched to look large (the page's slider changes it)."""
+    del diff  # the scale does not depend on the change
+    return 2.0 * PREVIEW_DIFFERENCE_SCALE * input_window
 
 
 router = APIRouter()

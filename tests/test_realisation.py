@@ -56,3 +56,16 @@ def test_a_deformation_moves_the_ventricles_where_an_upsampled_change_cannot(cas
     assert err_deformation < 0.8 * err_intensity, (true_change, vols - vols[0])
     t = truth.images[0, ..., 0]
     assert np.abs(by_deformation - t).mean() < np.abs(x - t).mean()  # closer to the truth than the input
+
+
+def test_scan_model_realisation_is_checked():
+    from pathlib import Path
+
+    from pipelines.scans import ScanModel
+
+    tiny = Path(__file__).parent / "assets" / "brain16-tiny"  # not registered
+    assert ScanModel.load(tiny, device="cpu").realisation == "intensity"
+    with pytest.raises(ValueError, match="needs a registered model"):
+        ScanModel.load(tiny, device="cpu", realisation="deformation")
+    with pytest.raises(ValueError, match="realisation must be one of"):
+        ScanModel.load(tiny, device="cpu", realisation="warp")
