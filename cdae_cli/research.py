@@ -31,6 +31,9 @@ def _param(name: str, *flags: str):
 _CHECKPOINT = typer.Option(..., help="Checkpoint directory written by `cdae-med train`.")
 _SCAN_CHECKPOINT = typer.Option(None, help="Checkpoint directory written by `cdae-med train` [default for scans: "
                                            "the registered model --model].")
+_REALISATION = typer.Option(None, help="Scans: how the change reaches the scan, intensity (the upsampled "
+                                       "difference) or deformation (a warp of the scan plus a residual; "
+                                       "registered models) [default: the model's].")
 _SCAN_MODEL = typer.Option("brain", "--model", help="Scans: the registered model NAME or NAME:vN to use when no "
                                                     "--checkpoint is given (brain: the one cdae-med ships).")
 _STEPS = typer.Option(50, help="DDIM steps.")
@@ -189,6 +192,7 @@ def counterfactual(
     guidance: float = typer.Option(1.0, help="Guidance weight (1 = plain conditional decoding)."),
     out_of_range: str = typer.Option("flag", help="Scans: an intervention outside the training range is "
                                                   "flagged in the report (flag) or refused (refuse)."),
+    realisation: Optional[str] = _REALISATION,
     device: str = _DEVICE,
 ) -> None:
     """Counterfactual of one image or scan under do(...); prints a JSON report of the values it implies."""
@@ -205,7 +209,7 @@ def counterfactual(
             from pipelines.scans import ScanModel
 
             scans = ScanModel.load(_scan_checkpoint(checkpoint, model), device=device, num_steps=steps, depth=depth,
-                                   guidance=guidance, out_of_range=out_of_range)
+                                   guidance=guidance, out_of_range=out_of_range, realisation=realisation)
             given = parse_assignments(covariates.split(","), "--covariates") if covariates else {}
             report = scans.run(input, do_map, out_dir, covariates=given)
             typer.echo(json.dumps(report, indent=2))
@@ -287,6 +291,7 @@ def batch(
     steps: int = _STEPS,
     guidance: float = typer.Option(1.0, help="Guidance weight, factual reference (1 = plain conditional "
                                              "decoding; > 1 amplifies the intervention's effect)."),
+    realisation: Optional[str] = _REALISATION,
     device: str = _DEVICE,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -306,7 +311,8 @@ def batch(
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         do_map = parse_assignments(do, "--do")
-        scans = ScanModel.load(_scan_checkpoint(checkpoint, model), device=device, num_steps=steps, guidance=guidance)
+        scans = ScanModel.load(_scan_checkpoint(checkpoint, model), device=device, num_steps=steps, guidance=guidance,
+                               realisation=realisation)
         do_values = scans.interventions(do_map)
         subjects = (read_manifest(manifest, scans.graph, require_all=False) if manifest is not None
                     else subjects_in_folder(folder))
