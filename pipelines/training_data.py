@@ -12,8 +12,10 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -81,14 +83,36 @@ def _registered_cache(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocessin
     return RuntimeSettings().home / "cache" / "registered" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
 
 
+REGISTRATION_CHUNK = 16  # subjects per task of the registration pool
+_registrar: tuple | None = None  # a pool process's (prep, reference, mask, affine)
+
+
+def _start_registrar(prep: Preprocessing, reference: Reference, mask: np.ndarray, affine: np.ndarray) -> None:
+    """A registration pool process (forked: registration needs numpy and SimpleITK, not torch's thread
+    pool), one thread each: the pool has one process per thread."""
+    global _registrar
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    _registrar = (prep, reference, mask, affine)
+
+
+def _register_subjects(volumes: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, *render) generator volumes -> their (n, *model grid) registered images and correlations."""
+    from cdae_med.io import Scan
+
+    prep, reference, mask, affine = _registrar
+    out = [prepare_registered(Scan(v, affine, f"subject {first + i}"), prep, reference, mask)
+           for i, v in enumerate(volumes)]
+    return np.stack([p.image[0] for p in out]), np.array([p.registration.correlation for p in out])
+
+
 def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocessing, reference: Reference,
                         progress: bool):
     """Generator subjects rendered at twice the model's resolution (a scan is finer than the model),
     registered to the reference and resampled onto the model grid as a scan at inference is; read from
     :func:`_registered_cache` where an earlier run made them."""
     from tqdm.auto import tqdm
-
-    from cdae_med.io import Scan
 
     size = prep.spatial_size[0]
     render = min(2 * size, 96)
@@ -105,9 +129,17 @@ def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocess
     mask = reference_mask(reference, prep)
     images = np.empty((len(samples.images), size, size, size, 1), np.float32)
     correlations = np.empty(len(images))
-    for i in tqdm(range(len(images)), desc="register", unit="scan", disable=not progress):
-        p = prepare_registered(Scan(samples.images[i, ..., 0], affine, f"subject {i}"), prep, reference, mask)
-        images[i, ..., 0], correlations[i] = p.image[0], p.registration.correlation
+    workers = min(torch.get_num_threads(), len(images))  # one single-threaded registration per thread
+    bar = tqdm(total=len(images), desc="register", unit="scan", disable=not progress)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_registrar,
+                             initargs=(prep, reference, mask, affine)) as pool:
+        chunks = [range(i, min(i + REGISTRATION_CHUNK, len(images))) for i in range(0, len(images), REGISTRATION_CHUNK)]
+        futures = {pool.submit(_register_subjects, samples.images[c.start:c.stop, ..., 0], c.start): c for c in chunks}
+        for future in as_completed(futures):
+            c = futures[future]
+            images[c.start:c.stop, ..., 0], correlations[c.start:c.stop] = future.result()
+            bar.update(len(c))
+    bar.close()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.npz")  # written beside, renamed: never half a file
     np.savez(tmp, images=images, labels=samples.labels, correlations=correlations)
