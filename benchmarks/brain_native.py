@@ -139,7 +139,8 @@ def main() -> None:
                         "is 'model'")
     p.add_argument("--n-test", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    p.add_argument("--depth", type=float, default=1.0, help="inversion depth of the models")
+    p.add_argument("--depth", type=float, default=None,
+                   help="inversion depth of the models [default: each checkpoint's, else 1.0]")
     p.add_argument("--n-fit", type=int, default=200, help="subjects the voxelwise baseline is fitted on")
     p.add_argument("--fit-seed", type=int, default=None,
                    help="fit the baseline on the registered training subjects of `cdae-med train --dataset brain "
@@ -216,7 +217,7 @@ def main() -> None:
         for key in ("image_mae", "ssim", "brain_volume_error_ml", "ventricle_volume_error_ml", "true_direction_share"):
             values = row[key]
             values["model"] = values.pop(first)
-            for n in [n for n in list(values) if n in models]:
+            for n in [n for n in list(values) if n in models and n != first]:
                 row["other_models"].setdefault(n, {})[key] = values.pop(n)
         # the model's share as the number, every method's beside it
         row["true_direction_share_by_method"] = row["true_direction_share"]
@@ -226,13 +227,15 @@ def main() -> None:
 
     result = {
         "machine": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
-        "models": {name: {"checkpoint": str(path), "realisation": scan_models[name].realisation, **_training(path)}
+        "models": {name: {"checkpoint": str(path), "realisation": scan_models[name].realisation,
+                          "depth": scan_models[name].depth, **_training(path)}
                    for name, path in models.items()},
         "model": next(iter(models)),
         "train_cpu_minutes": _training(models[next(iter(models))]).get("train_minutes"),
         "seconds_per_scan": float(np.mean(seconds[next(iter(models))])),
         "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
-        "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps, "depth": args.depth,
+        "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps,
+        "depth": scan_models[next(iter(models))].depth,
         "baseline_fit_subjects": args.n_fit, "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed,
         "reference_grid": args.size,
         "interventions": rows,

@@ -188,7 +188,8 @@ def counterfactual(
     covariates: Optional[str] = typer.Option(None, help="Scans: factual values you know, e.g. age=52,sex=F; the "
                                                         "others are estimated from the image."),
     steps: int = _STEPS,
-    depth: float = typer.Option(1.0, help="Inversion depth in (0, 1]."),
+    depth: Optional[float] = typer.Option(None, help="Inversion depth in (0, 1] [default: scans: the checkpoint's, "
+                                                     "else 1.0]."),
     guidance: float = typer.Option(1.0, help="Guidance weight (1 = plain conditional decoding)."),
     out_of_range: str = typer.Option("flag", help="Scans: an intervention outside the training range is "
                                                   "flagged in the report (flag) or refused (refuse)."),
@@ -219,7 +220,8 @@ def counterfactual(
             raise UserError("an image's counterfactual needs --out FILE.png")
         if checkpoint is None:
             raise UserError("an image's counterfactual needs --checkpoint DIR (the registered models are for scans)")
-        _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps, depth, guidance, device)
+        _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps, 1.0 if depth is None else depth,
+                              guidance, device)
 
     run(go)
 

@@ -62,7 +62,7 @@ class _Result:
 class ScanModel:
     """A checkpoint loaded once for many scans (a worker process keeps one)."""
 
-    def __init__(self, checkpoint, device: torch.device, num_steps: int = 50, depth: float = 1.0,
+    def __init__(self, checkpoint, device: torch.device, num_steps: int = 50, depth: float | None = None,
                  guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag",
                  realisation: str | None = None):
         if out_of_range not in OUT_OF_RANGE:
@@ -83,6 +83,11 @@ class ScanModel:
         self.device = device
         if not 0.0 < guidance <= 20.0:
             raise ValueError(f"guidance must be in (0, 20], got {guidance}")
+        # The inversion depth: a checkpoint may name the one measured best for it (the shipped brain model,
+        # pipelines/models/brain/README.md); 1.0, the full DDIM inversion, where it names none.
+        depth = float(checkpoint.image.get("depth", 1.0)) if depth is None else depth
+        if not 0.0 < depth <= 1.0:
+            raise ValueError(f"depth must be in (0, 1], got {depth}")
         self.num_steps, self.depth, self.guidance = num_steps, depth, guidance
         self.limits = limits or ScanLimits()  # the largest scan read, checked on its header before resampling
         prep = checkpoint.image.get("preprocessing")
@@ -112,7 +117,7 @@ class ScanModel:
         return f"{kind}, diffusion on {k} principal components" if k else kind
 
     @classmethod
-    def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float = 1.0,
+    def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float | None = None,
              guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag",
              realisation: str | None = None) -> "ScanModel":
         dev = resolve_device(device)

@@ -91,3 +91,11 @@ def test_cli_counterfactual_runs_the_shipped_model_on_a_fresh_install(tmp_path, 
     assert report["counterfactual"]["age"]["value"] == 70.0
     assert report["model"]["checkpoint"].startswith(str(tmp_path / "home"))
     assert "principal components" in report["settings"]["model_kind"]
+    # the inversion depth the checkpoint names (pipelines/models/brain/README.md) where none is given
+    assert report["settings"]["depth"] == json.loads((SHIPPED_BRAIN / "checkpoint.json").read_text())["image"]["depth"]
+
+
+def test_a_depth_outside_the_unit_interval_is_refused():
+    for depth in (0.0, 1.5):
+        with pytest.raises(ValueError, match="depth must be in"):
+            ScanModel.load(SHIPPED_BRAIN, device="cpu", depth=depth)
