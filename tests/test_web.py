@@ -5,7 +5,9 @@ browser download), each test once per browser, against the embedded default `cda
 Celery worker, embedded Redis, SQLite) with a tiny brain model registered. Also the slice
 endpoint the page reads, over plain HTTP.
 
-Set CDAE_WEB_SCREENSHOT=PATH to save the result view there (docs/web_result.png is made so)."""
+Set CDAE_WEB_SCREENSHOT=PATH to save the result view there; with CDAE_WEB_SCREENSHOT_MODEL=CHECKPOINT
+the site serves that model on a 2 mm scan with 50 DDIM steps instead (docs/web_result.png is made so,
+with the shipped pipelines/models/brain: run only test_sign_in_upload_set_age_submit_and_see_the_result)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ BROWSERS = {  # name -> (executable, how to get it)
                 "apt-get install -y firefox-esr, or set CDAE_TEST_FIREFOX"),
 }
 LIMIT_MB = 0.5  # a small upload limit, so the page's own size check can be seen
+SHOWCASE = os.environ.get("CDAE_WEB_SCREENSHOT_MODEL")  # a real model for the README's screenshot
 
 
 
@@ -61,6 +64,8 @@ def browser(request):
 
 @pytest.fixture(scope="module")
 def brain_checkpoint(request, tmp_path_factory):
+    if SHOWCASE:
+        return SHOWCASE
     try:
         return request.getfixturevalue("tiny_brain_checkpoint")  # shared with the service tests
     except pytest.FixtureLookupError:
@@ -77,13 +82,13 @@ def site(tmp_path_factory, brain_checkpoint):
     from synthetic_data.brain import write_dataset
 
     root = tmp_path_factory.mktemp("web")
-    env = isolated_env(root / "home", CDAE_DDIM_STEPS="4", CDAE_SWEEP_S="0", CDAE_HEARTBEAT_S="1",
-                       CDAE_DEVICE="cpu", CDAE_TORCH_THREADS="1", OMP_NUM_THREADS="1",
-                       CDAE_MAX_UPLOAD_MB=str(LIMIT_MB))
+    env = isolated_env(root / "home", CDAE_DDIM_STEPS="50" if SHOWCASE else "4", CDAE_SWEEP_S="0",
+                       CDAE_HEARTBEAT_S="1", CDAE_DEVICE="cpu", CDAE_TORCH_THREADS="1", OMP_NUM_THREADS="1",
+                       CDAE_MAX_UPLOAD_MB="64" if SHOWCASE else str(LIMIT_MB))
     _cli(env, "models", "register", str(brain_checkpoint), "--name", "brain")
     key = _cli(env, "keys", "create", "--name", "clinic")
     other = _cli(env, "keys", "create", "--name", "another-clinic")
-    write_dataset(root / "cohort", n=1, size=16, seed=5, progress=False)
+    write_dataset(root / "cohort", n=1, size=96 if SHOWCASE else 16, seed=5, progress=False)
     serve = RunningServe(env, root / "serve.log")
     client = httpx.Client(base_url=serve.url, timeout=30)
     try:
