@@ -12,6 +12,8 @@ grid, carried back through the inverse registration onto the 2 mm grid):
 - ``copy``: the input unchanged;
 - ``baseline``: a voxelwise linear regression of registered intensity on the graph's variables
   (fitted on generated subjects), whose change is coefficients x (counterfactual - factual values);
+- ``baseline_deformation``: the same regression of the demons displacement onto each subject from
+  the cohort's mean (:class:`VoxelwiseDeformation`), its change warping the scan itself;
 - ``oracle``: the true counterfactual itself, registered and resampled onto the model grid: the
   best any model on that grid can do, so model error and realisation error are told apart.
 
@@ -25,7 +27,7 @@ subjects whose affected volume moves the true way; seconds per scan.
         [--model unregistered=...] [--n-test 8] [--steps 20] [--n-fit 200]
 
 writes benchmarks/results/brain_native.json (per intervention: image_mae, ssim, volume errors and
-true-direction shares for model, copy, baseline and oracle, under "interventions"; the first
+true-direction shares for model, copy, baseline, baseline_deformation and oracle, under "interventions"; the first
 --model is "model", the others are under "other_models").
 """
 
@@ -43,7 +45,7 @@ from skimage.metrics import structural_similarity
 
 from cdae_med.io import Scan, read_nifti, write_nifti
 from pipelines.mri import Preprocessing, prepare_registered, reference_mask, restore_change
-from pipelines.realisation import deformation_change
+from pipelines.realisation import GridDeformation, deform_scan, deformation_change, fit_deformation
 from pipelines.registration import Reference
 from pipelines.scans import ScanModel
 from pipelines.train_config import TrainConfig, test_seed
@@ -85,6 +87,39 @@ class VoxelwiseLinear:
     def change(self, labels: np.ndarray, labels_cf: np.ndarray) -> np.ndarray:
         d = brain.normalise(labels_cf) - brain.normalise(labels)
         return (d @ self.coef[1:]).reshape(len(labels), *self.shape)
+
+
+class VoxelwiseDeformation:
+    """The deformation analogue of :class:`VoxelwiseLinear`: the displacement that carries the cohort's
+    mean registered image onto each subject (diffeomorphic demons, as ``pipelines.realisation``), at
+    every voxel ~ [1, normalised graph variables]. Its change, coefficients x (counterfactual - factual
+    values), warps the scan itself at its own resolution (``deform_scan``), no intensity added: the
+    regression of shape on the variables that issue 17 asks for beside the intensity one."""
+
+    def fit(self, images: np.ndarray, labels: np.ndarray, grid_affine: np.ndarray,
+            mask: np.ndarray) -> "VoxelwiseDeformation":
+        template = images.mean(0)
+        # template(x) ~ subject(x + u(x)): each subject's field in the template's coordinates
+        fields = np.stack([fit_deformation(im, template, grid_affine, mask).displacement for im in images])
+        x = np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
+        self.coef, *_ = np.linalg.lstsq(x, fields.reshape(len(fields), -1), rcond=None)
+        self.shape, self.grid_affine = fields.shape[1:], grid_affine
+        return self
+
+    def deformations(self, labels: np.ndarray, labels_cf: np.ndarray) -> list[GridDeformation]:
+        """Per subject: the counterfactual samples the subject at x - du(x), du the predicted change of u."""
+        import SimpleITK as sitk
+
+        from pipelines.registration import to_sitk
+
+        d = brain.normalise(labels_cf) - brain.normalise(labels)
+        grid = to_sitk(np.zeros(self.shape[:3], np.float32), self.grid_affine)
+        out = []
+        for du in (d @ self.coef[1:]).reshape(len(labels), *self.shape):
+            field = sitk.GetImageFromArray(-du.transpose(2, 1, 0, 3), isVector=True)
+            field.CopyInformation(grid)
+            out.append(GridDeformation(field, self.grid_affine))
+        return out
 
 
 def score(outputs: dict[str, list[np.ndarray]], samples, truth, affected: int, input_vol: np.ndarray,
@@ -146,6 +181,8 @@ def main() -> None:
                    help="fit the baseline on the registered training subjects of `cdae-med train --dataset brain "
                         "--registration rigid --n-train N-FIT --seed FIT-SEED` (read from its cache, so the model's "
                         "own subjects) [default: 4242, rendered here]")
+    p.add_argument("--n-fit-deformation", type=int, default=500,
+                   help="subjects (the first of the fit set) the deformation baseline is fitted on")
     p.add_argument("--test-offset", type=int, default=17,
                    help="held-out subjects: test_seed(0) + this (17: the reported ones; choose settings on others)")
     p.add_argument("--size", type=int, default=32, help="the reference model grid of baseline and oracle")
@@ -172,6 +209,10 @@ def main() -> None:
         fit_labels = data.dataset.graph.denormalise(data.labels.numpy())
     baseline = VoxelwiseLinear().fit(fit_images, fit_labels)
     print(f"baseline fitted on {args.n_fit} registered subjects in {time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    n_def = min(args.n_fit_deformation, len(fit_images))
+    shape_baseline = VoxelwiseDeformation().fit(fit_images[:n_def], fit_labels[:n_def], prep.grid_affine, mask)
+    print(f"deformation baseline fitted on {n_def} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
 
     samples = brain.sample(args.n_test, seed=test_seed(0) + args.test_offset, size=FINE)
     affine = brain.affine(FINE)
@@ -193,6 +234,8 @@ def main() -> None:
         outputs: dict[str, list[np.ndarray]] = {"copy": [s[..., 0] for s in samples.images]}
         outputs["baseline"] = [realise(pp, ch, mask) for pp, ch in
                                zip(prepared, baseline.change(samples.labels, truth.labels))]
+        outputs["baseline_deformation"] = [deform_scan(pp.registration, phi) for pp, phi in
+                                           zip(prepared, shape_baseline.deformations(samples.labels, truth.labels))]
         outputs["oracle"] = [realise(pp, oracle_change(pp, prep, t), mask)
                              for pp, t in zip(prepared, truth.images[..., 0])]
         outputs["oracle_deformation"] = [realise_deformation(pp, oracle_change(pp, prep, t), mask)
@@ -236,7 +279,7 @@ def main() -> None:
         "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
         "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps,
         "depth": scan_models[next(iter(models))].depth,
-        "baseline_fit_subjects": args.n_fit, "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed,
+        "baseline_fit_subjects": args.n_fit, "baseline_deformation_fit_subjects": n_def, "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed,
         "reference_grid": args.size,
         "interventions": rows,
     }
