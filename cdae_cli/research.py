@@ -188,8 +188,8 @@ def counterfactual(
     covariates: Optional[str] = typer.Option(None, help="Scans: factual values you know, e.g. age=52,sex=F; the "
                                                         "others are estimated from the image."),
     steps: int = _STEPS,
-    depth: Optional[float] = typer.Option(None, help="Inversion depth in (0, 1] [default: scans: the checkpoint's, "
-                                                     "else 1.0]."),
+    depth: Optional[float] = typer.Option(None, help="Inversion depth in (0, 1]; default: a scan model's own "
+                                                     "(its checkpoint's image.depth), else 1.0."),
     guidance: float = typer.Option(1.0, help="Guidance weight (1 = plain conditional decoding)."),
     out_of_range: str = typer.Option("flag", help="Scans: an intervention outside the training range is "
                                                   "flagged in the report (flag) or refused (refuse)."),
