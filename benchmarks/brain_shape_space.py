@@ -1,0 +1,120 @@
+"""How much of a true brain counterfactual a low-dimensional space of deformations can carry.
+
+``brain_native.json`` finds a voxelwise linear regression of deformation the strongest simple
+baseline on do(age) and do(ventricle_volume). Before a model learns its change as a deformation,
+this asks what such a model could reach at best: the diffeomorphic-demons displacement from the
+cohort's mean registered image onto a subject (``VoxelwiseDeformation``'s fields), for the
+held-out subject and for its true counterfactual, both registered as the scan is; their
+difference warps the scan itself (``shape oracle``), and the same difference after projecting
+both fields onto the first K principal components of the fit subjects' fields (``shape oracle,
+K PCs``). Beside them, as in ``brain_native.py``: copying the input and the deformation baseline.
+Image MAE x 255 at 2 mm against the true counterfactual, volume errors by the generator's tissue
+model.
+
+    python benchmarks/brain_shape_space.py [--n-fit 500] [--components 16 64] [--n-test 8]
+
+writes benchmarks/results/brain_shape_space.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+
+from brain_native import (FINE, INTERVENTIONS, ROOT, Preprocessing, Reference, Scan, VoxelwiseDeformation, brain,
+                          prepare_registered, reference_mask, score, test_seed)
+from pipelines.mri import normalise_intensity
+from pipelines.realisation import GridDeformation, deform_scan, fit_deformation
+from pipelines.registration import to_sitk
+from pipelines.train_config import TrainConfig
+from pipelines.training_data import load_training_data
+
+
+def field_image(u: np.ndarray, grid_affine: np.ndarray) -> GridDeformation:
+    """(X, Y, Z, 3) LPS mm on the model grid -> a deformation: x samples the scan at x + u(x)."""
+    import SimpleITK as sitk
+
+    field = sitk.GetImageFromArray(u.transpose(2, 1, 0, 3), isVector=True)
+    field.CopyInformation(to_sitk(np.zeros(u.shape[:3], np.float32), grid_affine))
+    return GridDeformation(field, grid_affine)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n-fit", type=int, default=500, help="registered training subjects the fields are fitted on")
+    p.add_argument("--components", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--n-test", type=int, default=8)
+    p.add_argument("--test-offset", type=int, default=17, help="brain_native.py's reported subjects")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--results", type=Path, default=ROOT / "results" / "brain_shape_space.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    reference = Reference(*brain.reference(64))
+    prep = Preprocessing(spacing_mm=(brain.FOV_MM / 32,) * 3, spatial_size=(32,) * 3, registration="rigid")
+    mask = reference_mask(reference, prep)
+    data = load_training_data(TrainConfig(dataset="brain", size=32, registration="rigid", n_train=2000, seed=0))
+    images = ((data.images[: args.n_fit, 0] + 1) / 2).numpy()
+    labels = data.dataset.graph.denormalise(data.labels.numpy())[: args.n_fit]
+    t0 = time.perf_counter()
+    template = images.mean(0)
+    fields = np.stack([fit_deformation(im, template, prep.grid_affine, mask).displacement for im in images])
+    fit_s = time.perf_counter() - t0
+    pcas = {k: PCA(k, random_state=0).fit(fields.reshape(len(fields), -1)) for k in args.components}
+    baseline = VoxelwiseDeformation()
+    x = np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
+    baseline.coef, *_ = np.linalg.lstsq(x, fields.reshape(len(fields), -1), rcond=None)
+    baseline.shape, baseline.grid_affine = fields.shape[1:], prep.grid_affine
+    print(f"{len(fields)} fields in {fit_s:.0f} s", flush=True)
+
+    samples = brain.sample(args.n_test, seed=test_seed(0) + args.test_offset, size=FINE)
+    affine = brain.affine(FINE)
+    prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
+                for i, v in enumerate(samples.images)]
+    grid = (prep.grid_affine, prep.spatial_size)
+
+    def subject_field(pp, volume):
+        """A 2 mm volume of the subject's space, registered and windowed as the subject's scan is."""
+        on_grid = normalise_intensity(pp.registration.resample(*grid, data=volume), pp.window) * mask
+        return fit_deformation(on_grid, template, prep.grid_affine, mask).displacement
+
+    factual_fields = [subject_field(pp, v[..., 0]) for pp, v in zip(prepared, samples.images)]
+    rows = []
+    for var, (text, target, affected) in INTERVENTIONS.items():
+        truth = brain.counterfactual(samples, {var: target(samples.labels)}, size=FINE)
+        outputs = {"copy": [s[..., 0] for s in samples.images]}
+        outputs["baseline_deformation"] = [deform_scan(pp.registration, phi) for pp, phi in
+                                           zip(prepared, baseline.deformations(samples.labels, truth.labels))]
+        cf_fields = [subject_field(pp, t[..., 0]) for pp, t in zip(prepared, truth.images)]
+        # the counterfactual samples the subject at x - du(x) (VoxelwiseDeformation.deformations)
+        outputs["shape_oracle"] = [deform_scan(pp.registration, field_image(-(c - f), prep.grid_affine))
+                                   for pp, f, c in zip(prepared, factual_fields, cf_fields)]
+        for k, pca in pcas.items():
+            def project(u):
+                return pca.inverse_transform(pca.transform(u.reshape(1, -1))).reshape(u.shape)
+
+            outputs[f"shape_oracle_{k}pc"] = [
+                deform_scan(pp.registration, field_image(-(project(c) - project(f)), prep.grid_affine))
+                for pp, f, c in zip(prepared, factual_fields, cf_fields)]
+        input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
+        row = {"intervention": text, "resolution_mm": brain.FOV_MM / FINE, "n": args.n_test,
+               **score(outputs, samples, truth, affected, input_vol, ssim=False)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    results = {"machine": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
+               "fit_subjects": len(fields), "fit_seconds": fit_s, "components": args.components,
+               "explained_variance": {k: float(p.explained_variance_ratio_.sum()) for k, p in pcas.items()},
+               "test_seed": test_seed(0) + args.test_offset, "interventions": rows}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
