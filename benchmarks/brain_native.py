@@ -98,9 +98,14 @@ class VoxelwiseDeformation:
 
     def fit(self, images: np.ndarray, labels: np.ndarray, grid_affine: np.ndarray,
             mask: np.ndarray) -> "VoxelwiseDeformation":
-        template = images.mean(0)
-        # template(x) ~ subject(x + u(x)): each subject's field in the template's coordinates
-        fields = np.stack([fit_deformation(im, template, grid_affine, mask).displacement for im in images])
+        self.template = images.mean(0)
+        return self.fit_fields(self.fields(images, grid_affine, mask), labels, grid_affine)
+
+    def fields(self, images: np.ndarray, grid_affine: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(N, X, Y, Z, 3): template(x) ~ subject(x + u(x)), each subject's field in the template's coordinates."""
+        return np.stack([fit_deformation(im, self.template, grid_affine, mask).displacement for im in images])
+
+    def fit_fields(self, fields: np.ndarray, labels: np.ndarray, grid_affine: np.ndarray) -> "VoxelwiseDeformation":
         x = np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
         self.coef, *_ = np.linalg.lstsq(x, fields.reshape(len(fields), -1), rcond=None)
         self.shape, self.grid_affine = fields.shape[1:], grid_affine
@@ -108,18 +113,9 @@ class VoxelwiseDeformation:
 
     def deformations(self, labels: np.ndarray, labels_cf: np.ndarray) -> list[GridDeformation]:
         """Per subject: the counterfactual samples the subject at x - du(x), du the predicted change of u."""
-        import SimpleITK as sitk
-
-        from pipelines.registration import to_sitk
-
         d = brain.normalise(labels_cf) - brain.normalise(labels)
-        grid = to_sitk(np.zeros(self.shape[:3], np.float32), self.grid_affine)
-        out = []
-        for du in (d @ self.coef[1:]).reshape(len(labels), *self.shape):
-            field = sitk.GetImageFromArray(-du.transpose(2, 1, 0, 3), isVector=True)
-            field.CopyInformation(grid)
-            out.append(GridDeformation(field, self.grid_affine))
-        return out
+        return [GridDeformation.from_displacement(-du, self.grid_affine)
+                for du in (d @ self.coef[1:]).reshape(len(labels), *self.shape)]
 
 
 def score(outputs: dict[str, list[np.ndarray]], samples, truth, affected: int, input_vol: np.ndarray,
@@ -279,7 +275,8 @@ def main() -> None:
         "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
         "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps,
         "depth": scan_models[next(iter(models))].depth,
-        "baseline_fit_subjects": args.n_fit, "baseline_deformation_fit_subjects": n_def, "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed,
+        "baseline_fit_subjects": args.n_fit, "baseline_deformation_fit_subjects": n_def,
+        "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed,
         "reference_grid": args.size,
         "interventions": rows,
     }

@@ -32,18 +32,8 @@ from brain_native import (FINE, INTERVENTIONS, ROOT, Preprocessing, Reference, S
                           prepare_registered, reference_mask, score, test_seed)
 from pipelines.mri import normalise_intensity
 from pipelines.realisation import GridDeformation, deform_scan, fit_deformation
-from pipelines.registration import to_sitk
 from pipelines.train_config import TrainConfig
 from pipelines.training_data import load_training_data
-
-
-def field_image(u: np.ndarray, grid_affine: np.ndarray) -> GridDeformation:
-    """(X, Y, Z, 3) LPS mm on the model grid -> a deformation: x samples the scan at x + u(x)."""
-    import SimpleITK as sitk
-
-    field = sitk.GetImageFromArray(u.transpose(2, 1, 0, 3), isVector=True)
-    field.CopyInformation(to_sitk(np.zeros(u.shape[:3], np.float32), grid_affine))
-    return GridDeformation(field, grid_affine)
 
 
 def main() -> None:
@@ -63,14 +53,12 @@ def main() -> None:
     images = ((data.images[: args.n_fit, 0] + 1) / 2).numpy()
     labels = data.dataset.graph.denormalise(data.labels.numpy())[: args.n_fit]
     t0 = time.perf_counter()
-    template = images.mean(0)
-    fields = np.stack([fit_deformation(im, template, prep.grid_affine, mask).displacement for im in images])
-    fit_s = time.perf_counter() - t0
-    pcas = {k: PCA(k, random_state=0).fit(fields.reshape(len(fields), -1)) for k in args.components}
     baseline = VoxelwiseDeformation()
-    x = np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
-    baseline.coef, *_ = np.linalg.lstsq(x, fields.reshape(len(fields), -1), rcond=None)
-    baseline.shape, baseline.grid_affine = fields.shape[1:], prep.grid_affine
+    baseline.template = template = images.mean(0)
+    fields = baseline.fields(images, prep.grid_affine, mask)
+    fit_s = time.perf_counter() - t0
+    baseline.fit_fields(fields, labels, prep.grid_affine)
+    pcas = {k: PCA(k, random_state=0).fit(fields.reshape(len(fields), -1)) for k in args.components}
     print(f"{len(fields)} fields in {fit_s:.0f} s", flush=True)
 
     samples = brain.sample(args.n_test, seed=test_seed(0) + args.test_offset, size=FINE)
@@ -93,14 +81,14 @@ def main() -> None:
                                            zip(prepared, baseline.deformations(samples.labels, truth.labels))]
         cf_fields = [subject_field(pp, t[..., 0]) for pp, t in zip(prepared, truth.images)]
         # the counterfactual samples the subject at x - du(x) (VoxelwiseDeformation.deformations)
-        outputs["shape_oracle"] = [deform_scan(pp.registration, field_image(-(c - f), prep.grid_affine))
+        outputs["shape_oracle"] = [deform_scan(pp.registration, GridDeformation.from_displacement(-(c - f), grid[0]))
                                    for pp, f, c in zip(prepared, factual_fields, cf_fields)]
         for k, pca in pcas.items():
             def project(u):
                 return pca.inverse_transform(pca.transform(u.reshape(1, -1))).reshape(u.shape)
 
             outputs[f"shape_oracle_{k}pc"] = [
-                deform_scan(pp.registration, field_image(-(project(c) - project(f)), prep.grid_affine))
+                deform_scan(pp.registration, GridDeformation.from_displacement(-(project(c) - project(f)), grid[0]))
                 for pp, f, c in zip(prepared, factual_fields, cf_fields)]
         input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
         row = {"intervention": text, "resolution_mm": brain.FOV_MM / FINE, "n": args.n_test,

@@ -34,6 +34,15 @@ class GridDeformation:
     def __init__(self, field, grid_affine: np.ndarray):
         self.field, self.grid_affine = field, grid_affine
 
+    @classmethod
+    def from_displacement(cls, displacement: np.ndarray, grid_affine: np.ndarray) -> "GridDeformation":
+        """From an (X, Y, Z, 3) displacement in mm, ITK's LPS axes (as :attr:`displacement` gives it)."""
+        import SimpleITK as sitk
+
+        field = sitk.GetImageFromArray(np.asarray(displacement, np.float64).transpose(2, 1, 0, 3), isVector=True)
+        field.CopyInformation(to_sitk(np.zeros(displacement.shape[:3], np.float32), grid_affine))
+        return cls(field, grid_affine)
+
     @property
     def displacement(self) -> np.ndarray:
         """(X, Y, Z, 3) float64, mm in ITK's LPS axes."""

@@ -69,3 +69,17 @@ def test_scan_model_realisation_is_checked():
         ScanModel.load(tiny, device="cpu", realisation="deformation")
     with pytest.raises(ValueError, match="realisation must be one of"):
         ScanModel.load(tiny, device="cpu", realisation="warp")
+
+
+def test_a_deformation_made_from_its_displacement_gives_it_back():
+    from pipelines.realisation import GridDeformation
+
+    affine = np.diag([6.0, 6.0, 6.0, 1.0])
+    affine[:3, 3] = -93.0
+    u = np.random.default_rng(0).normal(size=(5, 6, 7, 3))
+    phi = GridDeformation.from_displacement(u, affine)
+    assert np.allclose(phi.displacement, u)
+    volume = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    identity = GridDeformation.from_displacement(np.zeros((5, 6, 7, 3)), affine)
+    assert np.array_equal(identity.warp_grid(volume), volume)
+    assert not np.allclose(phi.warp_grid(volume), volume)
