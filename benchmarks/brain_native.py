@@ -90,25 +90,25 @@ class VoxelwiseLinear:
 
 
 class VoxelwiseDeformation:
-    """The deformation analogue of :class:`VoxelwiseLinear`: the displacement that carries the cohort's
-    mean registered image onto each subject (diffeomorphic demons, as ``pipelines.realisation``), at
-    every voxel ~ [1, normalised graph variables]. Its change, coefficients x (counterfactual - factual
-    values), warps the scan itself at its own resolution (``deform_scan``), no intensity added: the
-    regression of shape on the variables that issue 17 asks for beside the intensity one."""
+    """The deformation analogue of :class:`VoxelwiseLinear`: the displacement that carries ``template``
+    (the cohort's mean registered image) onto each subject (diffeomorphic demons, as
+    ``pipelines.realisation``), at every voxel ~ [1, normalised graph variables]. Its change,
+    coefficients x (counterfactual - factual values), warps the scan itself at its own resolution
+    (``deform_scan``), no intensity added: the regression of shape on the variables that issue 17 asks
+    for beside the intensity one."""
 
-    def fit(self, images: np.ndarray, labels: np.ndarray, grid_affine: np.ndarray,
-            mask: np.ndarray) -> "VoxelwiseDeformation":
-        self.template = images.mean(0)
-        return self.fit_fields(self.fields(images, grid_affine, mask), labels, grid_affine)
+    def __init__(self, template: np.ndarray, grid_affine: np.ndarray, mask: np.ndarray):
+        self.template, self.grid_affine, self.mask = template, grid_affine, mask
 
-    def fields(self, images: np.ndarray, grid_affine: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def fields(self, images: np.ndarray) -> np.ndarray:
         """(N, X, Y, Z, 3): template(x) ~ subject(x + u(x)), each subject's field in the template's coordinates."""
-        return np.stack([fit_deformation(im, self.template, grid_affine, mask).displacement for im in images])
+        return np.stack([fit_deformation(im, self.template, self.grid_affine, self.mask).displacement
+                         for im in images])
 
-    def fit_fields(self, fields: np.ndarray, labels: np.ndarray, grid_affine: np.ndarray) -> "VoxelwiseDeformation":
+    def fit(self, fields: np.ndarray, labels: np.ndarray) -> "VoxelwiseDeformation":
         x = np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
         self.coef, *_ = np.linalg.lstsq(x, fields.reshape(len(fields), -1), rcond=None)
-        self.shape, self.grid_affine = fields.shape[1:], grid_affine
+        self.shape = fields.shape[1:]
         return self
 
     def deformations(self, labels: np.ndarray, labels_cf: np.ndarray) -> list[GridDeformation]:
@@ -207,7 +207,8 @@ def main() -> None:
     print(f"baseline fitted on {args.n_fit} registered subjects in {time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
     n_def = min(args.n_fit_deformation, len(fit_images))
-    shape_baseline = VoxelwiseDeformation().fit(fit_images[:n_def], fit_labels[:n_def], prep.grid_affine, mask)
+    shape_baseline = VoxelwiseDeformation(fit_images[:n_def].mean(0), prep.grid_affine, mask)
+    shape_baseline.fit(shape_baseline.fields(fit_images[:n_def]), fit_labels[:n_def])
     print(f"deformation baseline fitted on {n_def} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
 
     samples = brain.sample(args.n_test, seed=test_seed(0) + args.test_offset, size=FINE)
@@ -222,6 +223,8 @@ def main() -> None:
                    for name, (path, _, realisation) in specs.items()}
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
+    input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
+    first = next(iter(models))
     seconds = {name: [] for name in models}
     rows = []
     for var, (text, target, affected) in INTERVENTIONS.items():
@@ -246,12 +249,10 @@ def main() -> None:
                 outs.append(read_nifti(args.work / name / var / f"sub-{i:02d}" / "counterfactual.nii.gz").data)
             outputs[name] = outs
         true_change = truth.labels[:, [BV, VV]] - samples.labels[:, [BV, VV]]
-        input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
         floor = np.abs(brain.measure_volumes(truth.images[..., 0], truth.noise, FINE) - input_vol - true_change).mean(0)
         row = {"intervention": text, "resolution_mm": brain.FOV_MM / FINE, "n": args.n_test,
                **score(outputs, samples, truth, affected, input_vol),
                "volume_measurement_floor_ml": {"brain": float(floor[0]), "ventricles": float(floor[1])}}
-        first = next(iter(models))
         row["other_models"] = {}
         for key in ("image_mae", "ssim", "brain_volume_error_ml", "ventricle_volume_error_ml", "true_direction_share"):
             values = row[key]
@@ -269,12 +270,12 @@ def main() -> None:
         "models": {name: {"checkpoint": str(path), "realisation": scan_models[name].realisation,
                           "depth": scan_models[name].depth, **_training(path)}
                    for name, path in models.items()},
-        "model": next(iter(models)),
-        "train_cpu_minutes": _training(models[next(iter(models))]).get("train_minutes"),
-        "seconds_per_scan": float(np.mean(seconds[next(iter(models))])),
+        "model": first,
+        "train_cpu_minutes": _training(models[first]).get("train_minutes"),
+        "seconds_per_scan": float(np.mean(seconds[first])),
         "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
         "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps,
-        "depth": scan_models[next(iter(models))].depth,
+        "depth": scan_models[first].depth,
         "baseline_fit_subjects": args.n_fit, "baseline_deformation_fit_subjects": n_def,
         "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed,
         "reference_grid": args.size,

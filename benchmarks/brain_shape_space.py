@@ -31,7 +31,7 @@ from sklearn.decomposition import PCA
 from brain_native import (FINE, INTERVENTIONS, ROOT, Preprocessing, Reference, Scan, VoxelwiseDeformation, brain,
                           prepare_registered, reference_mask, score, test_seed)
 from pipelines.mri import normalise_intensity
-from pipelines.realisation import GridDeformation, deform_scan, fit_deformation
+from pipelines.realisation import GridDeformation, deform_scan
 from pipelines.train_config import TrainConfig
 from pipelines.training_data import load_training_data
 
@@ -53,11 +53,10 @@ def main() -> None:
     images = ((data.images[: args.n_fit, 0] + 1) / 2).numpy()
     labels = data.dataset.graph.denormalise(data.labels.numpy())[: args.n_fit]
     t0 = time.perf_counter()
-    baseline = VoxelwiseDeformation()
-    baseline.template = template = images.mean(0)
-    fields = baseline.fields(images, prep.grid_affine, mask)
+    baseline = VoxelwiseDeformation(images.mean(0), prep.grid_affine, mask)
+    fields = baseline.fields(images)
     fit_s = time.perf_counter() - t0
-    baseline.fit_fields(fields, labels, prep.grid_affine)
+    baseline.fit(fields, labels)
     pcas = {k: PCA(k, random_state=0).fit(fields.reshape(len(fields), -1)) for k in args.components}
     print(f"{len(fields)} fields in {fit_s:.0f} s", flush=True)
 
@@ -67,30 +66,32 @@ def main() -> None:
                 for i, v in enumerate(samples.images)]
     grid = (prep.grid_affine, prep.spatial_size)
 
-    def subject_field(pp, volume):
-        """A 2 mm volume of the subject's space, registered and windowed as the subject's scan is."""
-        on_grid = normalise_intensity(pp.registration.resample(*grid, data=volume), pp.window) * mask
-        return fit_deformation(on_grid, template, prep.grid_affine, mask).displacement
+    def registered(volumes):
+        """2 mm volumes of the subjects' spaces, registered and windowed as each subject's scan is."""
+        return np.stack([normalise_intensity(pp.registration.resample(*grid, data=v), pp.window) * mask
+                         for pp, v in zip(prepared, volumes)])
 
-    factual_fields = [subject_field(pp, v[..., 0]) for pp, v in zip(prepared, samples.images)]
+    def warp(du):
+        """The scans warped as by a change du of their fields (VoxelwiseDeformation.deformations)."""
+        return [deform_scan(pp.registration, GridDeformation.from_displacement(-d, grid[0]))
+                for pp, d in zip(prepared, du)]
+
+    def project(pca, u):
+        return pca.inverse_transform(pca.transform(u.reshape(len(u), -1))).reshape(u.shape)
+
+    factual_fields = baseline.fields(np.stack([pp.image[0] for pp in prepared]))
+    factual_projected = {k: project(pca, factual_fields) for k, pca in pcas.items()}
+    input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
     rows = []
     for var, (text, target, affected) in INTERVENTIONS.items():
         truth = brain.counterfactual(samples, {var: target(samples.labels)}, size=FINE)
         outputs = {"copy": [s[..., 0] for s in samples.images]}
         outputs["baseline_deformation"] = [deform_scan(pp.registration, phi) for pp, phi in
                                            zip(prepared, baseline.deformations(samples.labels, truth.labels))]
-        cf_fields = [subject_field(pp, t[..., 0]) for pp, t in zip(prepared, truth.images)]
-        # the counterfactual samples the subject at x - du(x) (VoxelwiseDeformation.deformations)
-        outputs["shape_oracle"] = [deform_scan(pp.registration, GridDeformation.from_displacement(-(c - f), grid[0]))
-                                   for pp, f, c in zip(prepared, factual_fields, cf_fields)]
+        cf_fields = baseline.fields(registered(truth.images[..., 0]))
+        outputs["shape_oracle"] = warp(cf_fields - factual_fields)
         for k, pca in pcas.items():
-            def project(u):
-                return pca.inverse_transform(pca.transform(u.reshape(1, -1))).reshape(u.shape)
-
-            outputs[f"shape_oracle_{k}pc"] = [
-                deform_scan(pp.registration, GridDeformation.from_displacement(-(project(c) - project(f)), grid[0]))
-                for pp, f, c in zip(prepared, factual_fields, cf_fields)]
-        input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
+            outputs[f"shape_oracle_{k}pc"] = warp(project(pca, cf_fields) - factual_projected[k])
         row = {"intervention": text, "resolution_mm": brain.FOV_MM / FINE, "n": args.n_test,
                **score(outputs, samples, truth, affected, input_vol, ssim=False)}
         rows.append(row)

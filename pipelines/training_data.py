@@ -130,16 +130,15 @@ def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocess
     images = np.empty((len(samples.images), size, size, size, 1), np.float32)
     correlations = np.empty(len(images))
     workers = min(torch.get_num_threads(), len(images))  # one single-threaded registration per thread
-    bar = tqdm(total=len(images), desc="register", unit="scan", disable=not progress)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_registrar,
-                             initargs=(prep, reference, mask, affine)) as pool:
-        chunks = [range(i, min(i + REGISTRATION_CHUNK, len(images))) for i in range(0, len(images), REGISTRATION_CHUNK)]
+    chunks = [range(i, min(i + REGISTRATION_CHUNK, len(images))) for i in range(0, len(images), REGISTRATION_CHUNK)]
+    with tqdm(total=len(images), desc="register", unit="scan", disable=not progress) as bar, \
+            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_registrar,
+                                initargs=(prep, reference, mask, affine)) as pool:
         futures = {pool.submit(_register_subjects, samples.images[c.start:c.stop, ..., 0], c.start): c for c in chunks}
         for future in as_completed(futures):
             c = futures[future]
             images[c.start:c.stop, ..., 0], correlations[c.start:c.stop] = future.result()
             bar.update(len(c))
-    bar.close()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.npz")  # written beside, renamed: never half a file
     np.savez(tmp, images=images, labels=samples.labels, correlations=correlations)
