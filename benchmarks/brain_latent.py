@@ -104,7 +104,7 @@ def fit_set(prep, reference, spec: str, cache: Path):
     n, seed = (int(v) for v in spec.split("@"))
     path = cache / f"fit{SIZE}_seed{seed}_n{n}.npz"
     if not path.exists():
-        images, labels = registered_fit_set(prep, reference, n, seed=seed)
+        images, labels, _ = registered_fit_set(prep, reference, n, seed=seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, images=images, labels=labels)
     d = np.load(path)

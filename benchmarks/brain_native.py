@@ -37,6 +37,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +50,13 @@ from pipelines.realisation import GridDeformation, deform_scan, deformation_chan
 from pipelines.registration import Reference
 from pipelines.scans import ScanModel
 from pipelines.train_config import TrainConfig, test_seed
-from pipelines.training_data import load_training_data
+from pipelines.training_data import VOLUME_UNIT, load_training_data, reference_space_labels
 from synthetic_data import brain
 
 ROOT = Path(__file__).resolve().parent
 FINE = 96  # 2 mm over the cohort's 192 mm field of view
+GRAPH = brain.GRAPH
+VOLUMES = tuple(n for n in GRAPH.names if GRAPH[n].unit == VOLUME_UNIT)
 AGE, SEX, BV, VV = (brain.VARIABLES.index(v) for v in ("age", "sex", "brain_volume", "ventricle_volume"))
 INTERVENTIONS = {
     "age": ("do(age = age + 20 if age < 65 else age - 20)", lambda y: np.where(y[:, AGE] < 65, y[:, AGE] + 20,
@@ -66,13 +69,15 @@ INTERVENTIONS = {
 
 
 def registered_fit_set(prep: Preprocessing, reference: Reference, n: int, seed: int):
-    """Generated subjects registered onto the model grid as a scan is: (N, X, Y, Z) in [0, 1] and labels."""
+    """Generated subjects registered onto the model grid as a scan is: (N, X, Y, Z) in [0, 1], labels
+    in the model's reference space and ``prep`` with the cohort's volume ratio."""
     s = brain.sample(n, seed=seed, size=2 * prep.spatial_size[0])
     affine = brain.affine(2 * prep.spatial_size[0])
     mask = reference_mask(reference, prep)
-    images = np.stack([prepare_registered(Scan(v[..., 0], affine, "fit"), prep, reference, mask).image[0]
-                       for v in s.images])
-    return images, s.labels
+    prepared = [prepare_registered(Scan(v[..., 0], affine, "fit"), prep, reference, mask) for v in s.images]
+    ratios = np.array([pp.registration.volume_ratio for pp in prepared])
+    prep = replace(prep, cohort_volume_ratio=float(ratios.mean()))
+    return np.stack([pp.image[0] for pp in prepared]), reference_space_labels(s.labels, GRAPH, prep, ratios), prep
 
 
 class VoxelwiseLinear:
@@ -175,13 +180,15 @@ def main() -> None:
     p.add_argument("--n-fit", type=int, default=200, help="subjects the voxelwise baseline is fitted on")
     p.add_argument("--fit-seed", type=int, default=None,
                    help="fit the baseline on the registered training subjects of `cdae-med train --dataset brain "
-                        "--registration rigid --n-train N-FIT --seed FIT-SEED` (read from its cache, so the model's "
+                        "--registration R --n-train N-FIT --seed FIT-SEED` (read from its cache, so the model's "
                         "own subjects) [default: 4242, rendered here]")
     p.add_argument("--n-fit-deformation", type=int, default=500,
                    help="subjects (the first of the fit set) the deformation baseline is fitted on")
     p.add_argument("--test-offset", type=int, default=17,
                    help="held-out subjects: test_seed(0) + this (17: the reported ones; choose settings on others)")
     p.add_argument("--size", type=int, default=32, help="the reference model grid of baseline and oracle")
+    p.add_argument("--registration", choices=("rigid", "affine"), default=None,
+                   help="of the baselines and oracle [default: the first model's]")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=ROOT / "work" / "brain_native")
     p.add_argument("--results", type=Path, default=ROOT / "results" / "brain_native.json")
@@ -192,17 +199,19 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     reference = Reference(*brain.reference(64))
+    registration = args.registration or _training(next(iter(models.values())))["registration"] or "rigid"
     prep = Preprocessing(spacing_mm=(brain.FOV_MM / args.size,) * 3, spatial_size=(args.size,) * 3,
-                         registration="rigid")
+                         registration=registration, volume_variables=VOLUMES)
     mask = reference_mask(reference, prep)
     t0 = time.perf_counter()
     if args.fit_seed is None:
-        fit_images, fit_labels = registered_fit_set(prep, reference, args.n_fit, seed=4242)
+        fit_images, fit_labels, prep = registered_fit_set(prep, reference, args.n_fit, seed=4242)
     else:
-        data = load_training_data(TrainConfig(dataset="brain", size=args.size, registration="rigid",
+        data = load_training_data(TrainConfig(dataset="brain", size=args.size, registration=registration,
                                               n_train=args.n_fit, seed=args.fit_seed))
         fit_images = ((data.images[:, 0] + 1) / 2).numpy()
         fit_labels = data.dataset.graph.denormalise(data.labels.numpy())
+        prep = Preprocessing.from_dict(data.image_meta["preprocessing"])
     baseline = VoxelwiseLinear().fit(fit_images, fit_labels)
     print(f"baseline fitted on {args.n_fit} registered subjects in {time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
@@ -223,6 +232,7 @@ def main() -> None:
                    for name, (path, _, realisation) in specs.items()}
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
+    test_ratios = np.array([pp.registration.volume_ratio for pp in prepared])
     input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
     first = next(iter(models))
     seconds = {name: [] for name in models}
@@ -231,10 +241,11 @@ def main() -> None:
         targets = target(samples.labels)
         truth = brain.counterfactual(samples, {var: targets}, size=FINE)
         outputs: dict[str, list[np.ndarray]] = {"copy": [s[..., 0] for s in samples.images]}
-        outputs["baseline"] = [realise(pp, ch, mask) for pp, ch in
-                               zip(prepared, baseline.change(samples.labels, truth.labels))]
+        # the baselines' variables in reference space, as the model's
+        factual, cf = (reference_space_labels(y, GRAPH, prep, test_ratios) for y in (samples.labels, truth.labels))
+        outputs["baseline"] = [realise(pp, ch, mask) for pp, ch in zip(prepared, baseline.change(factual, cf))]
         outputs["baseline_deformation"] = [deform_scan(pp.registration, phi) for pp, phi in
-                                           zip(prepared, shape_baseline.deformations(samples.labels, truth.labels))]
+                                           zip(prepared, shape_baseline.deformations(factual, cf))]
         outputs["oracle"] = [realise(pp, oracle_change(pp, prep, t), mask)
                              for pp, t in zip(prepared, truth.images[..., 0])]
         outputs["oracle_deformation"] = [realise_deformation(pp, oracle_change(pp, prep, t), mask)
@@ -277,7 +288,7 @@ def main() -> None:
         "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps,
         "depth": scan_models[first].depth,
         "baseline_fit_subjects": args.n_fit, "baseline_deformation_fit_subjects": n_def,
-        "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed,
+        "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed, "registration": registration,
         "reference_grid": args.size,
         "interventions": rows,
     }

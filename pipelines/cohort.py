@@ -121,8 +121,9 @@ def subjects_in_folder(folder: str | Path) -> list[Subject]:
 
 
 def load_cohort(data: str | Path, graph: CausalGraph, prep, progress: bool = True, reference=None):
-    """Images (N, *grid, 1) float32 in [0, 1] on the model's grid and labels (N, n_vars) of a cohort
-    (a manifest CSV, or a folder holding ``manifest.csv``), preprocessed as at inference."""
+    """Images (N, *grid, 1) float32 in [0, 1] on the model's grid, labels (N, n_vars) and, for a
+    registered model, the scans' registration volume ratios (N,) (else None) of a cohort (a manifest
+    CSV, or a folder holding ``manifest.csv``), preprocessed as at inference."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -133,14 +134,17 @@ def load_cohort(data: str | Path, graph: CausalGraph, prep, progress: bool = Tru
     data = Path(data)
     csv_path = data / "manifest.csv" if data.is_dir() else data
     subjects = read_manifest(csv_path, graph, require_all=True)
-    images, problems = [], []
+    images, ratios, problems = [], [], []
     mask = reference_mask(reference, prep) if reference is not None else None
     for s in tqdm(subjects, desc="preprocess cohort", unit="scan", disable=not progress):
         try:
-            images.append(prepare(s.path, prep, reference=reference, mask=mask).image[0])
+            prepared = prepare(s.path, prep, reference=reference, mask=mask)
+            images.append(prepared.image[0])
+            if prepared.registration is not None:
+                ratios.append(prepared.registration.volume_ratio)
         except (NiftiError, ValueError) as err:
             problems.append(f"{s.subject_id}: {err}")
     if problems:
         raise ManifestError(f"{csv_path}: {len(problems)} scan(s) could not be read:\n  " + "\n  ".join(problems[:20]))
     labels = np.array([[s.values[n] for n in graph.names] for s in subjects], dtype=np.float64)
-    return np.stack(images)[..., None].astype(np.float32), labels
+    return np.stack(images)[..., None].astype(np.float32), labels, (np.array(ratios) if ratios else None)

@@ -47,6 +47,14 @@ class Preprocessing:
     slice_axis: int | None = None
     # Registration to the model's reference ("rigid" or "affine"); None: orient, resample and crop only.
     registration: str | None = None
+    # Variables that are volumes (ml): a registered model sees them in its reference space, as
+    # value x cohort_volume_ratio / the scan's volume ratio (Registration.volume_ratio), so that an
+    # affine registration, which scales every head to the reference's size, keeps what a volume
+    # means on the image (see volume_factor).
+    volume_variables: tuple[str, ...] = ()
+    # The mean volume ratio of the training scans: reference-space volumes are expressed at the
+    # cohort's mean head size, in the units and range of the graph's variables.
+    cohort_volume_ratio: float = 1.0
 
     @property
     def grid_affine(self) -> np.ndarray:
@@ -62,7 +70,14 @@ class Preprocessing:
                    spatial_size=tuple(int(s) for s in data["spatial_size"]),
                    orientation=str(data.get("orientation", "RAS")), n4=bool(data.get("n4", False)),
                    percentiles=tuple(float(p) for p in data.get("percentiles", (0.5, 99.5))),
-                   slice_axis=data.get("slice_axis"), registration=data.get("registration"))
+                   slice_axis=data.get("slice_axis"), registration=data.get("registration"),
+                   volume_variables=tuple(str(v) for v in data.get("volume_variables", ())),
+                   cohort_volume_ratio=float(data.get("cohort_volume_ratio", 1.0)))
+
+    def volume_factor(self, volume_ratio: float) -> float:
+        """What a scan's volumes (of a scan with this registration volume ratio) are multiplied by to
+        give the model's reference-space values; 1 where the model has no volume variables."""
+        return self.cohort_volume_ratio / volume_ratio if self.volume_variables else 1.0
 
 
 class LoadScand(MapTransform):

@@ -178,6 +178,14 @@ class Registration:
         m[:3, 3] = _LPS @ (t + c - a @ c)
         return m
 
+    @property
+    def volume_ratio(self) -> float:
+        """Volume in the scan per volume in reference space, |det| of the transform: 1 for a rigid
+        one; for an affine one the scan's head size relative to the reference's (the estimate of
+        intracranial volume that FreeSurfer's eTIV takes from its Talairach transform, Buckner et al.
+        2004)."""
+        return float(abs(np.linalg.det(np.asarray(self.transform.GetMatrix(), dtype=np.float64).reshape(3, 3))))
+
     def resample(self, affine: np.ndarray, shape, data: np.ndarray | None = None) -> np.ndarray:
         """The scan's intensities (or ``data``, another volume on the scan's grid) on a grid of
         reference space (``affine``, ``shape``), low-pass filtered first where the grid is coarser

@@ -164,9 +164,16 @@ class ScanModel:
         per = volumes.shape[2 + axis] if axis is not None else 1
         x = volumes if axis is None else np.moveaxis(to_slices(np.moveaxis(volumes, 1, -1), axis), -1, 1)
         x0 = torch.from_numpy(np.ascontiguousarray(x)).to(self.device) * 2.0 - 1.0
-        observed = {name: torch.tensor([c.get(name, float("nan")) for c in covariates],
-                                       dtype=torch.float32).repeat_interleave(per)
+        # The model's values: the graph's volumes in its reference space (Preprocessing.volume_factor).
+        factor = np.array([self.preprocessing.volume_factor(p.registration.volume_ratio)
+                           if p.registration is not None else 1.0 for p in prepared])
+        scale = np.array([factor if n in self.preprocessing.volume_variables else np.ones(b) for n in graph.names]).T
+        observed = {name: torch.tensor([c.get(name, float("nan")) * scale[i, graph.index(name)]
+                                        for i, c in enumerate(covariates)], dtype=torch.float32).repeat_interleave(per)
                     for name in graph.names if any(name in c for c in covariates)}
+        # (within the graph's declared range, which only the far edges of a valid value could leave)
+        do = {name: torch.tensor(np.clip(v * scale[:, graph.index(name)], graph[name].low, graph[name].high)).repeat_interleave(per)
+              if name in self.preprocessing.volume_variables else v for name, v in do.items()}
         total, done = 2 * len(self.pipeline.scheduler.timesteps(self.num_steps, self.depth)), 0
 
         def tick(_n: int = 1) -> None:
@@ -181,8 +188,8 @@ class ScanModel:
                             guidance=self.guidance, reconstruction=True, progress=tick)
         change = ((out.images - out.reconstruction) / 2.0).cpu().numpy()  # [-1, 1] -> the [0, 1] window units
         reconstruction = ((out.reconstruction + 1.0) / 2.0).cpu().numpy()
-        factual = out.factual_values.cpu().numpy()
-        values = out.counterfactual_values.cpu().numpy()
+        factual = out.factual_values.cpu().numpy().astype(np.float64)
+        values = out.counterfactual_values.cpu().numpy().astype(np.float64)
         if axis is not None:
             change = np.moveaxis(from_slices(np.moveaxis(change, 1, -1), b, axis), -1, 1)
             # A scan's values: the slices' estimates weighted by how much head each slice shows.
@@ -190,6 +197,7 @@ class ScanModel:
             weight = weight / weight.sum(1, keepdims=True)
             factual = np.einsum("bs,bsn->bn", weight, factual.reshape(b, per, -1))
             values = np.einsum("bs,bsn->bn", weight, values.reshape(b, per, -1))
+        factual, values = factual / scale, values / scale  # back to the scan's own volumes
         results = []
         for i, p in enumerate(prepared):
             # The intervention changes the head, not the air around it: decoding noise there would
@@ -240,6 +248,7 @@ class ScanModel:
                             f"than 99 % of the training scans ({floor:.2f}): unlike the cohort")
         registration = None if reg is None else {
             "transform": self.preprocessing.registration, "correlation_with_reference": round(reg.correlation, 4),
+            "volume_ratio": round(reg.volume_ratio, 4),
             "field_of_view_coverage": round(reg.coverage, 4),
             "reference_to_scan_ras": [[round(v, 5) for v in row] for row in reg.matrix_ras.tolist()]}
         return {

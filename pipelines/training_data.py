@@ -64,9 +64,13 @@ def _preprocessing(cfg: TrainConfig, ds: SyntheticDataset, size: int) -> Preproc
     if ds.spatial_dims != 3:
         return None
     spacing = cfg.spacing_mm or ds.field_of_view_mm / size
-    return Preprocessing(spacing_mm=(spacing,) * 3, spatial_size=(size,) * 3, registration=cfg.registration)
+    # A registered model sees the graph's volumes in its reference space (Preprocessing.volume_factor).
+    volumes = tuple(n for n in ds.graph.names if ds.graph[n].unit == VOLUME_UNIT) if cfg.registration else ()
+    return Preprocessing(spacing_mm=(spacing,) * 3, spatial_size=(size,) * 3, registration=cfg.registration,
+                         volume_variables=volumes)
 
 
+VOLUME_UNIT = "ml"  # a variable in this unit is a volume, which an affine registration scales
 REFERENCE_SIZE = 64  # the reference's grid: 3 mm over the brain cohort's 192 mm field of view
 
 
@@ -83,6 +87,16 @@ def _registered_cache(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocessin
     return RuntimeSettings().home / "cache" / "registered" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
 
 
+def reference_space_labels(labels: np.ndarray, graph, prep: Preprocessing, ratios: np.ndarray) -> np.ndarray:
+    """(N, n_vars) labels with the volume variables in the model's reference space
+    (:meth:`Preprocessing.volume_factor` of each scan's registration volume ratio)."""
+    out = np.array(labels, dtype=np.float64)
+    factor = np.array([prep.volume_factor(r) for r in ratios])
+    for name in prep.volume_variables:
+        out[:, graph.names.index(name)] *= factor
+    return out
+
+
 REGISTRATION_CHUNK = 16  # subjects per task of the registration pool
 _registrar: tuple | None = None  # a pool process's (prep, reference, mask, affine)
 
@@ -97,14 +111,16 @@ def _start_registrar(prep: Preprocessing, reference: Reference, mask: np.ndarray
     _registrar = (prep, reference, mask, affine)
 
 
-def _register_subjects(volumes: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, *render) generator volumes -> their (n, *model grid) registered images and correlations."""
+def _register_subjects(volumes: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, *render) generator volumes -> their (n, *model grid) registered images, correlations and
+    volume ratios."""
     from cdae_med.io import Scan
 
     prep, reference, mask, affine = _registrar
     out = [prepare_registered(Scan(v, affine, f"subject {first + i}"), prep, reference, mask)
            for i, v in enumerate(volumes)]
-    return np.stack([p.image[0] for p in out]), np.array([p.registration.correlation for p in out])
+    return (np.stack([p.image[0] for p in out]), np.array([p.registration.correlation for p in out]),
+            np.array([p.registration.volume_ratio for p in out]))
 
 
 def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocessing, reference: Reference,
@@ -121,14 +137,14 @@ def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocess
         try:
             with np.load(cache) as d:
                 log.info("registered training subjects read from %s", cache)
-                return d["images"], d["labels"], d["correlations"]
-        except (OSError, ValueError, KeyError) as err:  # a damaged cache is made again
+                return d["images"], d["labels"], d["correlations"], d["volume_ratios"]
+        except (OSError, ValueError, KeyError) as err:  # a damaged (or older) cache is made again
             log.warning("ignoring the unreadable cache %s: %s", cache, err)
     samples = ds.generator.sample(cfg.n_train, seed=cfg.seed, size=render)
     affine = ds.generator.affine(render)
     mask = reference_mask(reference, prep)
     images = np.empty((len(samples.images), size, size, size, 1), np.float32)
-    correlations = np.empty(len(images))
+    correlations, ratios = np.empty(len(images)), np.empty(len(images))
     workers = min(torch.get_num_threads(), len(images))  # one single-threaded registration per thread
     chunks = [range(i, min(i + REGISTRATION_CHUNK, len(images))) for i in range(0, len(images), REGISTRATION_CHUNK)]
     with tqdm(total=len(images), desc="register", unit="scan", disable=not progress) as bar, \
@@ -137,13 +153,13 @@ def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocess
         futures = {pool.submit(_register_subjects, samples.images[c.start:c.stop, ..., 0], c.start): c for c in chunks}
         for future in as_completed(futures):
             c = futures[future]
-            images[c.start:c.stop, ..., 0], correlations[c.start:c.stop] = future.result()
+            images[c.start:c.stop, ..., 0], correlations[c.start:c.stop], ratios[c.start:c.stop] = future.result()
             bar.update(len(c))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.npz")  # written beside, renamed: never half a file
-    np.savez(tmp, images=images, labels=samples.labels, correlations=correlations)
+    np.savez(tmp, images=images, labels=samples.labels, correlations=correlations, volume_ratios=ratios)
     os.replace(tmp, cache)
-    return images, samples.labels, correlations
+    return images, samples.labels, correlations, ratios
 
 
 def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
@@ -160,7 +176,7 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
         what = "--data takes a cohort of NIfTI scans" if cfg.data is not None else "--slicewise applies to volumes"
         raise ValueError(f"{what}; {ds.name} is not a volume data set")
 
-    reference, correlations = None, None
+    reference, correlations, ratios = None, None, None
     if preprocessing is not None and preprocessing.registration is not None:
         if not hasattr(ds.generator, "reference"):
             raise ValueError(f"registration needs a reference head; the {ds.name} data set has none")
@@ -168,14 +184,19 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
         reference = Reference(image, mask, affine)
     t0 = time.perf_counter()
     if cfg.data is not None:
-        images, labels = load_cohort(cfg.data, ds.graph, preprocessing, progress=progress, reference=reference)
+        images, labels, ratios = load_cohort(cfg.data, ds.graph, preprocessing, progress=progress, reference=reference)
     elif reference is not None:
-        images, labels, correlations = _registered_samples(ds, cfg, preprocessing, reference, progress)
+        images, labels, correlations, ratios = _registered_samples(ds, cfg, preprocessing, reference, progress)
     else:
         # Slice-wise: n_train counts slices, so the number of subjects is n_train / slices per subject.
         n = math.ceil(cfg.n_train / size) if cfg.slicewise else cfg.n_train
         images, labels = ds.sample(n, seed=cfg.seed, size=size)
+    native = labels
+    if ratios is not None and preprocessing.volume_variables:
+        preprocessing = replace(preprocessing, cohort_volume_ratio=float(np.mean(ratios)))
+        labels = reference_space_labels(labels, ds.graph, preprocessing, ratios)
     if cfg.slicewise:
+        native = np.repeat(native, size, axis=0)
         images, labels = to_slices(images, SLICE_AXIS), np.repeat(labels, size, axis=0)
         preprocessing = replace(preprocessing, slice_axis=SLICE_AXIS)
         ds = replace(ds, spatial_dims=2)
@@ -189,7 +210,7 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
         log.info("weak supervision: labels for %d of %d training images", int(labelled.sum()), len(y))
     # The values the model saw (labelled images only): the scan code flags estimates and interventions
     # outside them, where the model extrapolates.
-    seen = labels[labelled.numpy()] if labelled.any() else labels
+    seen = native[labelled.numpy()] if labelled.any() else native  # in the graph's own units
     ranges = {n: [float(seen[:, i].min()), float(seen[:, i].max())] for i, n in enumerate(ds.graph.names)}
     meta = {"training_ranges": ranges,
             "channels": ds.channels, "size": [size] * ds.spatial_dims, "spatial_dims": ds.spatial_dims,

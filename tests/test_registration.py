@@ -150,3 +150,71 @@ def test_a_scan_that_is_not_a_head_is_a_clear_error(registered_model, subject, t
     write_nifti(tmp_path / "noise.nii.gz", np.random.default_rng(1).random(vol.shape).astype(np.float32), aff)
     with pytest.raises(ScanError, match="noise.nii.gz: after registration the scan correlates"):
         registered_model.run(tmp_path / "noise.nii.gz", {"age": 70}, tmp_path / "out")
+
+
+def zoomed(volume, factor):
+    """The head ``factor`` times larger in every direction (about the grid's centre), same voxels."""
+    c = (np.array(volume.shape) - 1) / 2
+    return ndi.affine_transform(volume, np.eye(3) / factor, offset=c - c / factor, order=1)
+
+
+def test_the_volume_ratio_is_the_head_size(reference, subject):
+    vol, aff = subject
+    assert register(Scan(vol, aff, "rigid"), reference, "rigid").volume_ratio == pytest.approx(1.0, abs=1e-9)
+    base = register(Scan(vol, aff, "aligned"), reference, "affine").volume_ratio
+    bigger = register(Scan(zoomed(vol, 1.1), aff, "bigger"), reference, "affine").volume_ratio
+    assert bigger / base == pytest.approx(1.1 ** 3, rel=0.03)
+
+
+def test_affine_training_data_holds_volumes_in_reference_space():
+    from pipelines.training_data import load_training_data
+
+    cfg = TrainConfig(dataset="brain", size=16, n_train=4, seed=5, registration="affine")
+    data = load_training_data(cfg, progress=False)
+    prep = data.image_meta["preprocessing"]
+    assert prep["volume_variables"] == ["brain_volume", "ventricle_volume"]
+    native = brain.sample(4, seed=5, size=32).labels
+    seen = data.dataset.graph.denormalise(data.labels.numpy())
+    factor = seen[:, 2] / native[:, 2]
+    # volumes scaled by cohort ratio / each scan's ratio (mean of the ratios: factors about 1), the rest kept
+    assert np.allclose(seen[:, 3] / native[:, 3], factor) and np.allclose(seen[:, :2], native[:, :2], atol=1e-4)
+    assert np.all(np.abs(factor - 1) < 0.3) and np.std(factor) > 0.005
+    assert np.mean(1 / factor) * prep["cohort_volume_ratio"] == pytest.approx(prep["cohort_volume_ratio"], rel=1e-6)
+    # the user-facing ranges stay in the graph's own units
+    assert data.image_meta["training_ranges"]["brain_volume"] == [native[:, 2].min(), native[:, 2].max()]
+
+
+@pytest.fixture(scope="module")
+def affine_model(tmp_path_factory, reference):
+    """The registered test model set to register affinely, with its volumes in reference space."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("affine") / "ckpt"
+    shutil.copytree(TRAINED_BRAIN, out)
+    meta = json.loads((out / "checkpoint.json").read_text())
+    meta["image"]["preprocessing"].update(registration="affine", volume_variables=["brain_volume", "ventricle_volume"],
+                                          cohort_volume_ratio=0.95)
+    (out / "checkpoint.json").write_text(json.dumps(meta))
+    reference.save(out)
+    return ScanModel.load(out, device="cpu", num_steps=10)
+
+
+def test_an_affine_model_reads_and_sets_volumes_at_the_scans_head_size(affine_model, subject, tmp_path):
+    vol, aff = subject
+    reports = {}
+    for name, data in (("aligned", vol), ("bigger", zoomed(vol, 1.1))):
+        write_nifti(tmp_path / f"{name}.nii.gz", data, aff)
+        reports[name] = affine_model.run(tmp_path / f"{name}.nii.gz", {"brain_volume": 900}, tmp_path / name)
+    a, b = reports["aligned"], reports["bigger"]
+    ratio = b["registration"]["volume_ratio"] / a["registration"]["volume_ratio"]
+    assert ratio == pytest.approx(1.1 ** 3, rel=0.03)
+    # the same image in reference space: the bigger head's volumes are the model's read-out times its size
+    for var in ("brain_volume", "ventricle_volume"):
+        assert b["factual"][var]["value"] / a["factual"][var]["value"] == pytest.approx(ratio, rel=0.05), var
+    assert b["factual"]["age"]["value"] == pytest.approx(a["factual"]["age"]["value"], abs=2.0)
+    assert a["counterfactual"]["brain_volume"]["value"] == 900
+    # do(brain_volume = its own estimate) is a null intervention, in the scan's own millilitres
+    own = a["factual"]["brain_volume"]["value"]
+    affine_model.run(tmp_path / "aligned.nii.gz", {"brain_volume": own}, tmp_path / "null")
+    assert np.array_equal(read_nifti(tmp_path / "null" / "counterfactual.nii.gz").data,
+                          read_nifti(tmp_path / "aligned.nii.gz").data)
