@@ -9,9 +9,13 @@ rigid then affine), resampled onto the model's grid in reference space, and mask
 reference's head; the change the model makes is carried back through the inverse transform
 onto the scan's own grid.
 
-Rigid is the default for the brain graph: its variables are absolute volumes, and an affine
-registration would scale every head to the reference's size, erasing the head size that brain
-volume depends on (sex -> ICV -> brain volume).
+An affine registration scales every head to the reference's size. The graph's volumes are
+absolute, so a model registered that way sees them in reference space, divided by the scan's
+:attr:`Registration.volume_ratio` (``pipelines.mri.Preprocessing.volume_factor``), as
+neuroimaging adjusts volumes for intracranial volume. Under a rigid one head size stays in the
+image and confounds brain volume (sex -> head size -> brain volume, and head size is no graph
+variable): a voxelwise regression on brain volume then learns mostly a larger head, and
+do(brain_volume) scales the skull (``benchmarks/results/brain_native.json``).
 
 Registration that fails is an error, never a silent wrong answer: a scan whose registered
 image correlates poorly with the reference (no head, another modality) or whose field of view

@@ -91,6 +91,8 @@ def test_cli_counterfactual_runs_the_shipped_model_on_a_fresh_install(tmp_path, 
     assert report["counterfactual"]["age"]["value"] == 70.0
     assert report["model"]["checkpoint"].startswith(str(tmp_path / "home"))
     assert "principal components" in report["settings"]["model_kind"]
+    # registered affinely, its volumes read at this head's size (pipelines.mri.Preprocessing.volume_factor)
+    assert report["registration"]["transform"] == "affine" and 0.6 < report["registration"]["volume_ratio"] < 1.4
     # the inversion depth the checkpoint names (pipelines/models/brain/README.md) where none is given
     assert report["settings"]["depth"] == json.loads((SHIPPED_BRAIN / "checkpoint.json").read_text())["image"]["depth"]
 
