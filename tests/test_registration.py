@@ -93,12 +93,16 @@ def registered_model(tmp_path_factory, reference):
     set to register scans to the cohort's reference: it was trained on the generator's own frame, which
     is the reference's frame up to each subject's small misalignment, so registered scans are what it
     knows. Its output is the structured change these tests compare across poses."""
+    return registering_copy(tmp_path_factory.mktemp("registered") / "ckpt", reference, registration="rigid")
+
+
+def registering_copy(out, reference, **preprocessing) -> ScanModel:
+    """The test model copied to ``out`` with its reference and these preprocessing settings."""
     import shutil
 
-    out = tmp_path_factory.mktemp("registered") / "ckpt"
     shutil.copytree(TRAINED_BRAIN, out)
     meta = json.loads((out / "checkpoint.json").read_text())
-    meta["image"]["preprocessing"]["registration"] = "rigid"
+    meta["image"]["preprocessing"].update(preprocessing)
     (out / "checkpoint.json").write_text(json.dumps(meta))
     reference.save(out)
     return ScanModel.load(out, device="cpu", num_steps=10)
@@ -187,16 +191,8 @@ def test_affine_training_data_holds_volumes_in_reference_space():
 @pytest.fixture(scope="module")
 def affine_model(tmp_path_factory, reference):
     """The registered test model set to register affinely, with its volumes in reference space."""
-    import shutil
-
-    out = tmp_path_factory.mktemp("affine") / "ckpt"
-    shutil.copytree(TRAINED_BRAIN, out)
-    meta = json.loads((out / "checkpoint.json").read_text())
-    meta["image"]["preprocessing"].update(registration="affine", volume_variables=["brain_volume", "ventricle_volume"],
-                                          cohort_volume_ratio=0.95)
-    (out / "checkpoint.json").write_text(json.dumps(meta))
-    reference.save(out)
-    return ScanModel.load(out, device="cpu", num_steps=10)
+    return registering_copy(tmp_path_factory.mktemp("affine") / "ckpt", reference, registration="affine",
+                            volume_variables=["brain_volume", "ventricle_volume"], cohort_volume_ratio=0.95)
 
 
 def test_an_affine_model_reads_and_sets_volumes_at_the_scans_head_size(affine_model, subject, tmp_path):
