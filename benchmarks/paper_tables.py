@@ -4,10 +4,12 @@
     python benchmarks/paper_tables.py --datasets pendulum --models causaldiffae --part --threads 1 &
     python benchmarks/paper_tables.py --datasets morphomnist --models causaldiffae --part --threads 1 &
     python benchmarks/paper_tables.py --combine results/paper_tables_*_*.json   # into paper_tables.json
+    python benchmarks/paper_tables.py --combine results/paper_tables.json results/paper_tables_<part>.json
 
 A part is one data set and some of its models, sized to fit one sitting; two parts run side by
-side with one torch thread each. CausalDiffAE trains for ``--minutes`` (45), each baseline for
-``--baseline-minutes`` (15), all with the training recipe ``--recipe`` (a name of
+side with one torch thread each. A later part joins an earlier combined file given as a part (the
+parts are consumed, the combined file is rewritten). CausalDiffAE trains for ``--minutes`` (45),
+each baseline for ``--baseline-minutes`` (15), all with the training recipe ``--recipe`` (a name of
 ``benchmarks/recipes.py``'s RECIPES, "+"-joined; results/recipes.md says why the default).
 
 For each data set (Pendulum, Morpho-MNIST, CausalCircuit) it trains, with the same code and one
@@ -337,8 +339,10 @@ def combine(parts: list[Path], out_dir: Path) -> None:
     budgets = {json.dumps(r["budget"], sort_keys=True) for r in loaded}
     if len(budgets) != 1:
         raise SystemExit("the parts were run with different budgets; combine only parts of one run")
-    results = {**loaded[0], "datasets": {}, "seconds": max(r["seconds"] for r in loaded),
-               "machine": loaded[0]["machine"] + f", {len(parts)} processes side by side"}
+    machine = loaded[0]["machine"]  # a combined file may be given as a part: it says so already
+    if len(parts) > 1 and "side by side" not in machine:
+        machine += f", {len(parts)} processes side by side"
+    results = {**loaded[0], "datasets": {}, "seconds": max(r["seconds"] for r in loaded), "machine": machine}
     for r in loaded:  # parts may split one data set's models: merge their rows
         for ds, data in r["datasets"].items():
             merged = results["datasets"].setdefault(ds, {"rows": {}})
@@ -347,9 +351,12 @@ def combine(parts: list[Path], out_dir: Path) -> None:
                 merged["guidance_sweep"] = data["guidance_sweep"]
     results["datasets"] = summarise_all(results["datasets"])
     suffix = "_smoke" if results["budget"]["name"] == "smoke" else ""
-    (out_dir / f"paper_tables{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / f"paper_tables{suffix}.md").write_text(markdown(results))
-    for p in parts:
+    dest = out_dir / f"paper_tables{suffix}.json"
+    dest.write_text(json.dumps(results, indent=2) + "\n")
+    dest.with_suffix(".md").write_text(markdown(results))
+    for p in parts:  # the parts are consumed; an earlier combined file given as a part is the output
+        if p.resolve() == dest.resolve():
+            continue
         p.unlink()
         p.with_suffix(".md").unlink(missing_ok=True)
     print(markdown(results))
