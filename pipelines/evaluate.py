@@ -37,7 +37,14 @@ from .train_config import test_seed
 
 log = logging.getLogger("cdae_med")
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "posterior_causal_latents"]
+
+
+@torch.no_grad()
+def posterior_causal_latents(model, x: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
+    """z at the posterior mean of u (the causal layer applied to q(u | x)'s mean), (N, n, d) on the CPU."""
+    return torch.cat([model.causal(model.encode(model.to_latent(x[i:i + batch].to(device)))[0]).float().cpu()
+                      for i in range(0, len(x), batch)])
 
 
 @torch.no_grad()
@@ -70,9 +77,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
     gen = torch.Generator().manual_seed(seed)  # fresh noise of the original procedure
 
     # DCI on the posterior-mean causal latents
-    x_all = to_tensor(test.images)
-    z = torch.cat([model.causal(model.encode(model.to_latent(x_all[i:i + 256].to(dev)))[0]).flatten(1).float().cpu()
-                   for i in range(0, len(x_all), 256)])
+    z = posterior_causal_latents(model, to_tensor(test.images), dev).flatten(1)
     result["dci"] = dci_disentanglement(z[:n_dci].numpy(), graph.normalise(test.labels[:n_dci])) if n_dci else None
 
     # Effectiveness and error against the true counterfactual, for do() on every variable

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,15 +18,8 @@ def run(args, tmp_path, name):
     return res
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now: a fixed one may be held by another run or in TIME_WAIT."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_stay_in_sync_and_write_the_single_process_format(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                 "-m", "cdae_cli"]
     res = run(torchrun + ARGS + ["--out", str(tmp_path / "ddp"), "--distributed"], tmp_path, "ddp")
     assert "distributed: 2 processes, backend gloo" in res.stderr
