@@ -14,6 +14,8 @@ grid, carried back through the inverse registration onto the 2 mm grid):
   (fitted on generated subjects), whose change is coefficients x (counterfactual - factual values);
 - ``baseline_deformation``: the same regression of the demons displacement onto each subject from
   the cohort's mean (:class:`VoxelwiseDeformation`), its change warping the scan itself;
+- ``baseline_latent``: the same regression of the first model's own first-stage code
+  (:class:`LatentLinear`), realised as that model's change is: what the diffusion model adds;
 - ``oracle``: the true counterfactual itself, registered and resampled onto the model grid: the
   best any model on that grid can do, so model error and realisation error are told apart.
 
@@ -46,7 +48,7 @@ from skimage.metrics import structural_similarity
 
 from cdae_med.io import Scan, read_nifti, write_nifti
 from pipelines.mri import Preprocessing, prepare_registered, reference_mask, restore_change
-from pipelines.realisation import GridDeformation, deform_scan, deformation_change, fit_deformation
+from pipelines.realisation import GridDeformation, deform_scan, deformation_change, fit_deformation, model_deformation
 from pipelines.registration import Reference
 from pipelines.scans import ScanModel
 from pipelines.train_config import TrainConfig, test_seed
@@ -121,6 +123,42 @@ class VoxelwiseDeformation:
         d = brain.normalise(labels_cf) - brain.normalise(labels)
         return [GridDeformation.from_displacement(-du, self.grid_affine)
                 for du in (d @ self.coef[1:]).reshape(len(labels), *self.shape)]
+
+
+class LatentLinear:
+    """A linear regression in a model's own first-stage code: the coefficients (:meth:`CausalDiffAE.to_latent`)
+    of registered subjects ~ [1, normalised graph variables], its change decoded from the subject's own
+    code and realised as that model's is (through its decoded deformation where its first stage codes
+    shape). It asks what the diffusion model adds to its first stage beyond a linear model of the labels."""
+
+    def __init__(self, first_stage, grid_affine: np.ndarray, mask: np.ndarray):
+        self.first_stage, self.grid_affine, self.mask = first_stage, grid_affine, mask
+
+    def encode(self, images01: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return self.first_stage.encode(torch.from_numpy(np.asarray(images01, np.float32))[:, None] * 2 - 1)
+
+    def fit(self, images01: np.ndarray, labels: np.ndarray) -> "LatentLinear":
+        x = np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
+        self.coef, *_ = np.linalg.lstsq(x, self.encode(images01).numpy(), rcond=None)
+        return self
+
+    def outputs(self, prepared: list, labels: np.ndarray, labels_cf: np.ndarray) -> list[np.ndarray]:
+        c = self.encode(np.stack([pp.image[0] for pp in prepared]))
+        c_cf = c + torch.from_numpy(((brain.normalise(labels_cf) - brain.normalise(labels)) @ self.coef[1:])
+                                    .astype(np.float32))
+        with torch.no_grad():
+            rec, cf = (((self.first_stage.decode(code).clamp(-1, 1) + 1) / 2)[:, 0].numpy() for code in (c, c_cf))
+            shape = getattr(self.first_stage, "displacement", None)
+            disp = None if shape is None else (shape(c).numpy(), shape(c_cf).numpy())
+        out = []
+        for i, pp in enumerate(prepared):
+            if disp is None:
+                out.append(realise(pp, cf[i] - rec[i], self.mask))
+            else:
+                phi = model_deformation(disp[0][i], disp[1][i], self.grid_affine, self.mask)
+                out.append(pp.scan.data + deformation_change(pp, rec[i], cf[i] - rec[i], self.mask, phi))
+        return out
 
 
 def score(outputs: dict[str, list[np.ndarray]], samples, truth, affected: int, input_vol: np.ndarray,
@@ -232,6 +270,13 @@ def main() -> None:
                    for name, (path, _, realisation) in specs.items()}
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
+    # the linear regression in the first model's own code, where it has a first stage
+    coded = next(iter(scan_models.values())).pipeline.model.first_stage
+    latent_baseline = None
+    if coded is not None and tuple(coded.shape[1:]) == tuple(prep.spatial_size):
+        t0 = time.perf_counter()
+        latent_baseline = LatentLinear(coded, prep.grid_affine, mask).fit(fit_images[:n_def], fit_labels[:n_def])
+        print(f"latent baseline fitted on {n_def} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
     test_ratios = np.array([pp.registration.volume_ratio for pp in prepared])
     input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
     first = next(iter(models))
@@ -246,6 +291,8 @@ def main() -> None:
         outputs["baseline"] = [realise(pp, ch, mask) for pp, ch in zip(prepared, baseline.change(factual, cf))]
         outputs["baseline_deformation"] = [deform_scan(pp.registration, phi) for pp, phi in
                                            zip(prepared, shape_baseline.deformations(factual, cf))]
+        if latent_baseline is not None:
+            outputs["baseline_latent"] = latent_baseline.outputs(prepared, factual, cf)
         outputs["oracle"] = [realise(pp, oracle_change(pp, prep, t), mask)
                              for pp, t in zip(prepared, truth.images[..., 0])]
         outputs["oracle_deformation"] = [realise_deformation(pp, oracle_change(pp, prep, t), mask)
@@ -288,6 +335,8 @@ def main() -> None:
         "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps,
         "depth": scan_models[first].depth,
         "baseline_fit_subjects": args.n_fit, "baseline_deformation_fit_subjects": n_def,
+        "baseline_latent": None if latent_baseline is None else
+        f"linear regression in the first model's first-stage code, fitted on {n_def} subjects",
         "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed, "registration": registration,
         "reference_grid": args.size,
         "interventions": rows,

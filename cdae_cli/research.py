@@ -68,6 +68,11 @@ def train(
     latent_components: Optional[int] = typer.Option(
         None, help="Run the diffusion on this many principal components of the (registered) images, with MLP "
                    "networks, instead of a UNet on the images [default: 0, the UNet]."),
+    latent_shape_components: Optional[int] = typer.Option(
+        None, help="With --latent-components: code each image as this many principal components of its "
+                   "displacement from the cohort's mean image (demons) beside --latent-components of the "
+                   "intensity residual; its counterfactuals can then move tissue (--realisation deformation) "
+                   "[default: 0]."),
     n_train: int = _param("n_train"),
     seed: int = _param("seed"),
     device: str = _param("device"),
@@ -110,7 +115,9 @@ def train(
                 labelled_fraction=labelled_fraction,
                 model={**({} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob}),
                        **({} if conditioning is None else {"conditioning": conditioning}),
-                       **({} if latent_components is None else {"latent_components": latent_components})},
+                       **({} if latent_components is None else {"latent_components": latent_components}),
+                       **({} if latent_shape_components is None
+                          else {"latent_shape_components": latent_shape_components})},
                 data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
                 registration=registration,
                 distributed=distributed, compile=compile)
@@ -118,7 +125,8 @@ def train(
             # --cond-drop-prob and --conditioning are model settings; the schema checks them inside "model"
             message = (describe_validation_error(err, names=_FLAGS).replace("model: cond_drop_prob", "--cond-drop-prob")
                        .replace("model: unknown conditioning", "unknown --conditioning")
-                       .replace("model: latent_components", "--latent-components"))
+                       .replace("model: latent_components", "--latent-components")
+                       .replace("model: latent_shape_components", "--latent-shape-components"))
             raise UserError(message) from None
         path = pipelines.train.train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":

@@ -61,7 +61,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 from torch import nn
 
 from .graph import CausalGraph
-from .latent import LinearAutoencoder, VectorDenoiser, VectorEncoder
+from .latent import DeformationAutoencoder, LinearAutoencoder, VectorDenoiser, VectorEncoder
 
 __all__ = ["CausalDiffAEConfig", "CausalDiffAE", "CausalLayer", "Encoder", "kl_normal", "VARIANTS"]
 
@@ -92,6 +92,10 @@ class CausalDiffAEConfig:
     # > 0: the diffusion runs on this many principal components of the image, with MLP encoder and
     # denoiser (cdae_med.latent); the UNet and convolution settings above are then unused.
     latent_components: int = 0
+    # > 0 (with latent_components > 0): the first stage codes shape and appearance, this many principal
+    # components of the displacement from the template beside latent_components of the intensity residual
+    # (cdae_med.latent.DeformationAutoencoder); the diffusion runs on both.
+    latent_shape_components: int = 0
     latent_hidden: int = 256
     latent_depth: int = 2
 
@@ -107,6 +111,9 @@ class CausalDiffAEConfig:
             raise ValueError(f"image_size {self.image_size} does not have {self.spatial_dims} dimensions")
         if self.latent_components < 0 or self.latent_hidden < 1 or self.latent_depth < 1:
             raise ValueError("latent_components must be >= 0, latent_hidden and latent_depth >= 1")
+        if self.latent_shape_components < 0 or (self.latent_shape_components and not self.latent_components):
+            raise ValueError("latent_shape_components must be >= 0 and needs latent_components > 0 "
+                             "(the residual's components)")
         factor = 2 ** max(len(self.encoder_channels), len(self.unet_channels) - 1)
         if not self.latent_components and any(s % factor for s in self.image_size):
             raise ValueError(f"every image dimension must be a multiple of {factor}, got {self.image_size}")
@@ -283,8 +290,12 @@ class CausalDiffAE(nn.Module):
                                   mechanisms=cfg.variant == "causaldiffae")
         self.first_stage = None
         if cfg.latent_components:
-            k = cfg.latent_components
-            self.first_stage = LinearAutoencoder(k, (cfg.in_channels, *cfg.image_size))
+            shape = (cfg.in_channels, *cfg.image_size)
+            if cfg.latent_shape_components:
+                self.first_stage = DeformationAutoencoder(cfg.latent_shape_components, cfg.latent_components, shape)
+            else:
+                self.first_stage = LinearAutoencoder(cfg.latent_components, shape)
+            k = self.first_stage.k
             self.encoder = VectorEncoder(k, n, cfg.latent_dim, cfg.latent_hidden)
             self.denoiser = VectorDenoiser(k, n * cfg.latent_dim, cfg.latent_hidden, cfg.latent_depth)
             return
@@ -373,8 +384,9 @@ class CausalDiffAE(nn.Module):
 
     def loss(self, x0: torch.Tensor, y_norm: torch.Tensor | None, scheduler, gamma: float,
              labelled: torch.Tensor | None = None, weighting: str = "uniform", snr_gamma: float = 5.0,
-             timestep_sampling: str = "uniform") -> dict[str, torch.Tensor]:
-        """The objective of the configured variant on a batch.
+             timestep_sampling: str = "uniform", encoded: bool = False) -> dict[str, torch.Tensor]:
+        """The objective of the configured variant on a batch (``encoded``: ``x0`` is already in the
+        diffusion's space, :meth:`to_latent`, as a training set coded once by the first stage is).
 
         CausalDiffAE: denoising MSE (of eps or v, as the scheduler's ``prediction_type`` says; weighted
         over timesteps by ``weighting``, see :meth:`cdae_med.diffusion.DDIM.loss_weights`) + gamma * (KL(q(z|x0,y) || p(z|y)) + KL(q(u|x0) || N(0, I)) +
@@ -385,8 +397,9 @@ class CausalDiffAE(nn.Module):
         """
         b = x0.shape[0]
         variant = self.config.variant
-        with torch.no_grad():
-            x0 = self.to_latent(x0)  # images, or their coefficients under the (fixed) first stage
+        if not encoded:
+            with torch.no_grad():
+                x0 = self.to_latent(x0)  # images, or their coefficients under the (fixed) first stage
         if variant == "diffae":
             y_norm = None  # no label prior: the one switch that makes it DiffAE, with no mechanisms
         mean, logvar = self.encode(x0)

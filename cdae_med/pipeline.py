@@ -58,6 +58,8 @@ class CounterfactualOutput:
     counterfactual_values: torch.Tensor  # (B, n) values read from the counterfactual latents
     z: torch.Tensor  # (B, n, d) counterfactual latents
     abduction: Abduction
+    # under a first stage: its decoded coefficients (counterfactual, reconstruction or None)
+    latents: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def values(self, graph: CausalGraph, i: int, which: Literal["factual", "counterfactual"] = "counterfactual"
                ) -> dict[str, float]:
@@ -129,6 +131,13 @@ class CounterfactualPipeline:
                progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode the noise code under ``z_cf`` (and, with ``reconstruction``, under the factual z in
         the same batch). Returns (counterfactuals, reconstructions or None), float32 in [-1, 1]."""
+        return self.to_images(*self.decode_latents(abduction, z_cf, guidance, reference, reconstruction, progress))
+
+    @torch.no_grad()
+    def decode_latents(self, abduction: Abduction, z_cf: torch.Tensor, guidance: float = 1.0,
+                       reference: str = "factual", reconstruction: bool = False,
+                       progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`decode` in the diffusion's space (the images, or a first stage's coefficients)."""
         if reference not in REFERENCES:
             raise ValueError(f"reference must be 'factual' or 'null', got {reference!r}")
         if not 0.0 <= guidance <= 20.0:
@@ -136,11 +145,7 @@ class CounterfactualPipeline:
         eps = self._guided_eps(z_cf, abduction.z, guidance, reference, reconstruction)
         x_t = torch.cat([abduction.x_t, abduction.x_t]) if reconstruction else abduction.x_t
         with autocast(self.device):
-            # Images live in [-1, 1]; out-of-range values would be amplified by a next inversion (see
-            # the composition figures in benchmarks/results/paper_tables.md).
-            out = self.model.from_latent(
-                self.scheduler.decode(eps, x_t, abduction.num_steps, abduction.depth, progress)).clamp(-1, 1)
-        out = out.float()
+            out = self.scheduler.decode(eps, x_t, abduction.num_steps, abduction.depth, progress).float()
         if reconstruction:
             cf, rec = out.chunk(2)
             # A sample whose latents did not change is its reconstruction bit for bit (the two halves
@@ -149,6 +154,16 @@ class CounterfactualPipeline:
             cf = torch.where(same.view(-1, *([1] * (cf.ndim - 1))), rec, cf)
             return cf, rec
         return out, None
+
+    def to_images(self, cf: torch.Tensor, rec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoded latents (:meth:`decode_latents`) -> images, float32 in [-1, 1]."""
+        def image(x):
+            # Images live in [-1, 1]; out-of-range values would be amplified by a next inversion (see
+            # the composition figures in benchmarks/results/paper_tables.md).
+            with autocast(self.device):
+                return self.model.from_latent(x).clamp(-1, 1).float()
+
+        return image(cf), None if rec is None else image(rec)
 
     def _guided_eps(self, z_cf: torch.Tensor, z: torch.Tensor, guidance: float, reference: str,
                     reconstruction: bool):
@@ -194,6 +209,8 @@ class CounterfactualPipeline:
         checked = parse_values(self.graph, interventions, allow_empty=False, n=images.shape[0])
         ab = self.abduct(images, observed, num_steps, depth, procedure, generator, progress)
         z_cf = self._act(ab, checked, propagate=procedure == "ddim")
-        cf, rec = self.decode(ab, z_cf, guidance, reference, reconstruction, progress)
+        latents = self.decode_latents(ab, z_cf, guidance, reference, reconstruction, progress)
+        cf, rec = self.to_images(*latents)
         return CounterfactualOutput(images=cf, reconstruction=rec, factual_values=self.read_values(ab.z),
-                                    counterfactual_values=self.read_values(z_cf), z=z_cf, abduction=ab)
+                                    counterfactual_values=self.read_values(z_cf), z=z_cf, abduction=ab,
+                                    latents=latents if self.model.first_stage is not None else None)

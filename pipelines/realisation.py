@@ -5,24 +5,31 @@ counterfactual ``cf`` (window units). Two ways to put their difference onto the 
 
 - ``"intensity"``: ``scan + carry_back(cf - rec)``, the difference upsampled through the inverse
   registration. Simple, exact for a null intervention, but a 6 mm change is a blurred one at 2 mm.
-- ``"deformation"``: anatomy changes by moving tissue, so the change is first explained as a smooth,
-  invertible deformation of ``rec`` onto ``cf`` (SimpleITK's diffeomorphic demons on the model grid,
-  Vercauteren et al. 2009), which then warps the *scan itself* at its own resolution (its edges stay
+- ``"deformation"``: anatomy changes by moving tissue, so the change is a smooth, invertible
+  deformation of ``rec`` onto ``cf`` which warps the *scan itself* at its own resolution (its edges stay
   sharp and move); what the deformation does not explain (tissue turning into CSF) is added as the
   upsampled intensity residual ``cf - rec o phi``. The deformation is confined to the reference's head.
+  A model whose first stage codes shape (:class:`cdae_med.latent.DeformationAutoencoder`) decides the
+  deformation itself (:func:`model_deformation`: the change of its decoded displacement, integrated as a
+  stationary velocity field); for any other model it is found afterwards, by SimpleITK's diffeomorphic
+  demons from ``rec`` onto ``cf`` on the model grid (:func:`fit_deformation`, Vercauteren et al. 2009).
 
 Which measures better is in ``benchmarks/results/brain_native.json`` (per realisation, with the oracle).
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .mri import PreparedScan, restore_change
-from .registration import Registration, _array, to_sitk
+from .registration import _LPS, Registration, _array, to_sitk
 
-__all__ = ["REALISATIONS", "GridDeformation", "fit_deformation", "deform_scan", "deformation_change",
-           "jacobian_determinant"]
+__all__ = ["REALISATIONS", "GridDeformation", "fit_deformation", "model_deformation", "deform_scan",
+           "deformation_change", "jacobian_determinant"]
+
+log = logging.getLogger("cdae_med")
 
 REALISATIONS = ("intensity", "deformation")
 
@@ -68,18 +75,49 @@ def fit_deformation(rec: np.ndarray, cf: np.ndarray, grid_affine: np.ndarray, ma
     """The diffeomorphic-demons deformation that carries ``rec`` onto ``cf`` (both on the model grid),
     multiplied by the (smoothed) head ``mask`` so that nothing outside the head moves."""
     import SimpleITK as sitk
-    from scipy.ndimage import gaussian_filter
 
     demons = sitk.DiffeomorphicDemonsRegistrationFilter()
     demons.SetNumberOfIterations(iterations)
     demons.SetStandardDeviations(smoothing_voxels)  # in voxels: the filter smooths on the image grid
     demons.SetSmoothDisplacementField(True)
     field = demons.Execute(to_sitk(cf.astype(np.float32), grid_affine), to_sitk(rec.astype(np.float32), grid_affine))
-    weight = np.clip(gaussian_filter(mask.astype(np.float32), 1.0), 0, 1)
-    u = sitk.GetArrayFromImage(field) * weight.transpose(2, 1, 0)[..., None]
+    u = sitk.GetArrayFromImage(field) * head_weight(mask).transpose(2, 1, 0)[..., None]
     out = sitk.GetImageFromArray(u, isVector=True)
     out.CopyInformation(field)
     return GridDeformation(out, grid_affine)
+
+
+def head_weight(mask: np.ndarray) -> np.ndarray:
+    """The head ``mask`` smoothed to [0, 1]: a deformation times it moves nothing outside the head."""
+    from scipy.ndimage import gaussian_filter
+
+    return np.clip(gaussian_filter(mask.astype(np.float32), 1.0), 0, 1)
+
+
+def model_deformation(displacement_rec: np.ndarray, displacement_cf: np.ndarray, grid_affine: np.ndarray,
+                      mask: np.ndarray, max_halvings: int = 10) -> GridDeformation:
+    """The deformation a shape-coding model decides: its decoded displacements from the template, of the
+    reconstruction and of the counterfactual ((spatial_dims, X, Y, Z), voxels along the grid's axes), give
+    rec(p + w) ~ cf(p) with w ~ v_cf - v_rec to first order. w, confined to the head, is integrated as a
+    stationary velocity field (scaling and squaring, MONAI's ``DVF2DDF``), which is invertible in the
+    continuum; on the grid a rough w can still fold, so it is halved until the Jacobian determinant is
+    positive everywhere (a warning says so): the deformation folds nowhere, whatever the model decodes."""
+    import torch
+    from monai.networks.blocks import DVF2DDF
+
+    w = (np.asarray(displacement_cf, np.float32) - np.asarray(displacement_rec, np.float32)) * head_weight(mask)
+    integrate = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="zeros")
+    # voxels along the grid's axes -> mm in ITK's LPS world
+    to_mm = _LPS @ np.asarray(grid_affine, np.float64)[:3, :3]
+    for halving in range(max_halvings + 1):
+        ddf = integrate(torch.from_numpy(w / 2**halving)[None])[0].numpy()
+        deformation = GridDeformation.from_displacement(np.einsum("ij,j...->...i", to_mm, ddf.astype(np.float64)),
+                                                        grid_affine)
+        if jacobian_determinant(deformation).min() > 0:
+            if halving:
+                log.warning("the model's deformation folded on the grid; applied at 1/%d of its size", 2**halving)
+            return deformation
+    raise RuntimeError("the model's deformation folds even at 1/%d of its size" % 2**max_halvings)
 
 
 def deform_scan(registration: Registration, deformation: GridDeformation) -> np.ndarray:
@@ -94,11 +132,14 @@ def deform_scan(registration: Registration, deformation: GridDeformation) -> np.
     return _array(sitk.Resample(scan, scan, composite, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
 
 
-def deformation_change(prepared: PreparedScan, rec: np.ndarray, change: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def deformation_change(prepared: PreparedScan, rec: np.ndarray, change: np.ndarray, mask: np.ndarray,
+                       deformation: GridDeformation | None = None) -> np.ndarray:
     """A registered scan's change (its grid, its units) when the model's ``change`` of the reconstruction
-    ``rec`` (model grid, window units) is realised as a deformation plus residual (module docstring)."""
+    ``rec`` (model grid, window units) is realised as a deformation plus residual (module docstring):
+    ``deformation`` where the model decided one (:func:`model_deformation`), else one fitted to the change."""
     cf = rec + change * mask
-    deformation = fit_deformation(rec, cf, prepared.prep.grid_affine, mask)
+    if deformation is None:
+        deformation = fit_deformation(rec, cf, prepared.prep.grid_affine, mask)
     residual = (cf - deformation.warp_grid(rec)) * mask
     return deform_scan(prepared.registration, deformation) - prepared.scan.data + restore_change(prepared, residual)
 

@@ -36,7 +36,7 @@ from cdae_med.values import parse_values
 
 from .mri import (Preprocessing, PreparedScan, from_slices, prepare, reference_mask, restore_change,
                   spatial_transforms, to_slices)
-from .realisation import REALISATIONS, deformation_change
+from .realisation import REALISATIONS, deformation_change, model_deformation
 from .registration import Reference, RegistrationError
 
 __all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "orthogonal_preview"]
@@ -112,9 +112,12 @@ class ScanModel:
 
     @property
     def model_kind(self) -> str:
-        k = self.checkpoint.model.config.latent_components
+        cfg = self.checkpoint.model.config
         kind = "3D" if self.preprocessing.slice_axis is None else "2D slice-wise"
-        return f"{kind}, diffusion on {k} principal components" if k else kind
+        if cfg.latent_shape_components:
+            return (f"{kind}, diffusion on {cfg.latent_shape_components} principal components of the displacement "
+                    f"from the template and {cfg.latent_components} of the intensity residual")
+        return f"{kind}, diffusion on {cfg.latent_components} principal components" if cfg.latent_components else kind
 
     @classmethod
     def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float | None = None,
@@ -188,6 +191,11 @@ class ScanModel:
                             guidance=self.guidance, reconstruction=True, progress=tick)
         change = ((out.images - out.reconstruction) / 2.0).cpu().numpy()  # [-1, 1] -> the [0, 1] window units
         reconstruction = ((out.reconstruction + 1.0) / 2.0).cpu().numpy()
+        # A first stage that codes shape decodes the displacement the change moves tissue by.
+        shape_coded = hasattr(self.pipeline.model.first_stage, "displacement") and out.latents is not None
+        if shape_coded and self.realisation == "deformation":
+            first_stage = self.pipeline.model.first_stage
+            displacements = [first_stage.displacement(c.float()).cpu().numpy() for c in (out.latents[1], out.latents[0])]
         factual = out.factual_values.cpu().numpy().astype(np.float64)
         values = out.counterfactual_values.cpu().numpy().astype(np.float64)
         if axis is not None:
@@ -204,7 +212,9 @@ class ScanModel:
             # otherwise add intensity to every background voxel and skew any volume read from the output.
             where = self.mask if self.mask is not None else head_mask(p.image[0])
             if self.realisation == "deformation" and change[i].any():
-                diff = deformation_change(p, reconstruction[i, 0], change[i, 0], where)
+                decided = None if not shape_coded else model_deformation(
+                    displacements[0][i], displacements[1][i], p.prep.grid_affine, where)
+                diff = deformation_change(p, reconstruction[i, 0], change[i, 0], where, decided)
             else:
                 diff = restore_change(p, change[i] * where)
             results.append(_Result(counterfactual=p.scan.data + diff, difference=diff,
@@ -266,7 +276,10 @@ class ScanModel:
                          "model_kind": self.model_kind,
                          "preprocessing": self.preprocessing.to_dict(),
                          "output": ("input warped by the deformation that carries the reconstruction onto the "
-                                    "counterfactual, plus its residual, through the inverse registration"
+                                    "counterfactual ("
+                                    + ("decoded by the model" if self.checkpoint.model.config.latent_shape_components
+                                       else "fitted by demons")
+                                    + "), plus its residual, through the inverse registration"
                                     if self.realisation == "deformation" else
                                     "input + (counterfactual - reconstruction) carried back through the inverse "
                                     + ("registration" if reg is not None else "preprocessing"))},

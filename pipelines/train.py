@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from cdae_med.checkpoint import CheckpointError, load_training_state, save_checkpoint
 from cdae_med.diffusion import DDIM, DDIMConfig
+from cdae_med.latent import DeformationAutoencoder
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
 from cdae_med.pipeline import CounterfactualPipeline
 from cdae_med.runtime import autocast, maybe_compile, optimise_for_device, resolve_device
@@ -30,7 +31,7 @@ from .distributed import Ranks, any_rank, check_in_sync, init_distributed, shutd
 from .evaluate_cf import counterfactual_errors
 from .figures import counterfactual_grid
 from .train_config import MODEL_DEFAULTS, TINY_MODEL, VOLUME_MODEL_DEFAULTS, TEST_SET_SIZE, TrainConfig, test_seed
-from .training_data import TrainingData, labelled_mask, load_training_data
+from .training_data import TrainingData, labelled_mask, load_training_data, template_fields
 
 __all__ = ["train", "TrainConfig", "TINY_MODEL", "TEST_SET_SIZE", "test_seed", "parameter_groups", "build_model",
            "labelled_mask"]
@@ -91,11 +92,18 @@ class _Run:
     def __init__(self, cfg: TrainConfig, data: TrainingData, device: torch.device, ranks: Ranks):
         self.cfg, self.data, self.device, self.ranks = cfg, data, device, ranks
         model = build_model(cfg, data)
+        # What a step's batch is drawn from: the images, or their coefficients under a first stage, which
+        # is fitted once on the training images (before the weights' average copies the model) and codes
+        # them once (a deformation first stage registers every image).
+        self.inputs, self.encoded = data.images, False
         if model.first_stage is not None:
-            # fitted once on the training images, before the weights' average copies the model
-            share = model.first_stage.fit(data.images, seed=cfg.seed)
-            log.info("linear first stage: %d principal components hold %.1f %% of the training images' variance",
-                     model.first_stage.k, 100 * share)
+            t0 = time.perf_counter()
+            fields = ({"fields": template_fields(model.first_stage, data.images)}
+                      if isinstance(model.first_stage, DeformationAutoencoder) else {})
+            self.inputs, share = model.first_stage.fit_transform(data.images, seed=cfg.seed, **fields)
+            self.encoded = True
+            log.info("first stage: %d components hold %.1f %% of the training images' variance (%.0f s)",
+                     model.first_stage.k, 100 * share, time.perf_counter() - t0)
         self.model = optimise_for_device(model.to(device), device)
         if ranks.enabled:
             # Same initial weights on every rank (DDP also broadcasts rank 0's), different diffusion noise.
@@ -111,7 +119,7 @@ class _Run:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, self._warmup)
         self.scheduler = DDIM(DDIMConfig(prediction_type=cfg.prediction_type)).to(device)
         self.recipe = {"weighting": cfg.loss_weighting, "snr_gamma": cfg.snr_gamma,
-                       "timestep_sampling": cfg.timestep_sampling}
+                       "timestep_sampling": cfg.timestep_sampling, "encoded": self.encoded}
         self.step, self.elapsed = 0, 0.0
 
     def _warmup(self, step: int) -> float:
@@ -165,7 +173,7 @@ class _Run:
         offset = (self.step % per_epoch) * cfg.batch_size
         idx = perm[offset:offset + cfg.batch_size][self.ranks.rank::self.ranks.world]
         labelled = None if cfg.labelled_fraction >= 1.0 else self.data.labelled[idx].to(self.device)
-        return (self.data.images[idx].to(self.device, non_blocking=True),
+        return (self.inputs[idx].to(self.device, non_blocking=True),
                 self.data.labels[idx].to(self.device, non_blocking=True), labelled)
 
     def optimise(self, out: Path, progress: bool, on_progress: Callable[[float], None] | None) -> float:

@@ -221,3 +221,33 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
         meta["registration_correlation_p01"] = float(np.percentile(correlations, 1))
     return TrainingData(dataset=ds, size=size, images=to_tensor(images), labels=y, labelled=labelled, image_meta=meta,
                         reference=reference)
+
+
+def template_fields(first_stage, images: torch.Tensor) -> torch.Tensor:
+    """The displacements of ``images`` from their mean that a deformation first stage is fitted on
+    (:meth:`cdae_med.latent.DeformationAutoencoder.fit_transform`): demons of 2,000 subjects at 32^3 take
+    minutes, so they are cached under ``$CDAE_HOME/cache/fields``, keyed by the images and the demons
+    settings, and a second model of the same subjects reuses them."""
+    x = images.float()
+    key = hashlib.sha1(np.ascontiguousarray(x.numpy()).tobytes())
+    key.update(json.dumps([first_stage.iterations, first_stage.smoothing_voxels]).encode())
+    from .settings import RuntimeSettings
+
+    cache = RuntimeSettings().home / "cache" / "fields" / f"{key.hexdigest()[:16]}.npy"
+    if cache.is_file():
+        try:
+            fields = torch.from_numpy(np.load(cache))
+            if fields.shape == (len(x), x.ndim - 2, *x.shape[2:]):
+                log.info("template displacements read from %s", cache)
+                return fields
+        except (OSError, ValueError) as err:
+            log.warning("ignoring the unreadable cache %s: %s", cache, err)
+    first_stage.template = x.mean(0)
+    t0 = time.perf_counter()
+    fields = first_stage.fields(x)
+    log.info("template displacements of %d images in %.0f s", len(x), time.perf_counter() - t0)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.stem}.{os.getpid()}.npy")  # written beside, renamed: never half a file
+    np.save(tmp, fields.numpy())
+    os.replace(tmp, cache)
+    return fields
