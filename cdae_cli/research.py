@@ -60,6 +60,7 @@ def train(
     batch_size: int = _param("batch_size"),
     lr: float = _param("lr"),
     lr_warmup: int = _param("lr_warmup"),
+    encoder_steps: int = _param("encoder_steps"),
     prediction_type: str = _param("prediction_type"),
     loss_weighting: str = _param("loss_weighting"),
     timestep_sampling: str = _param("timestep_sampling"),
@@ -108,7 +109,8 @@ def train(
         try:
             cfg = TrainConfig(
                 dataset=dataset, out=str(out or Path("runs") / dataset), steps=steps, minutes=minutes, size=size,
-                batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, prediction_type=prediction_type,
+                batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, encoder_steps=encoder_steps,
+                prediction_type=prediction_type,
                 loss_weighting=loss_weighting, timestep_sampling=timestep_sampling,
                 n_train=n_train, seed=seed, device=device, eval_n=eval_n,
                 mnist_dir=str(mnist_dir) if mnist_dir else None, variant=variant,

@@ -430,6 +430,20 @@ class CausalDiffAE(nn.Module):
         return {"loss": total, "mse": mse.detach(), "kl_z": kl_z.detach(), "kl_u": kl_u.detach(),
                 "mechanism": mech.detach()}
 
+    def encoder_loss(self, x0: torch.Tensor, y_norm: torch.Tensor, labelled: torch.Tensor | None = None,
+                     encoded: bool = False) -> torch.Tensor:
+        """The encoder's terms of :meth:`loss` alone, KL(q(z|x0,y) || p(z|y)) + KL(q(u|x0) || N(0, I))
+        (the label-conditional model: the first only), for encoder-only steps between full ones."""
+        if self.config.variant == "diffae":
+            raise ValueError("DiffAE's encoder has no label prior to take encoder-only steps on")
+        if not encoded:
+            with torch.no_grad():
+                x0 = self.to_latent(x0)
+        mean, logvar = self.encode(x0)
+        z_mean = self.causal(mean, frozen=True)
+        kl_z = labelled_mean(kl_normal(z_mean, logvar, self.label_latent(y_norm), self.config.prior_std), labelled)
+        return kl_z + (kl_normal(mean, logvar).mean() if self.config.variant != "label_conditional" else 0.0)
+
     def mechanism_loss(self, y_norm: torch.Tensor, labelled: torch.Tensor | None = None) -> torch.Tensor:
         """0.5 (mu(y_i) - f_i(mu(y_pa(i))))^2 averaged over latent dimensions, over labelled samples:
         each mechanism regressed on the labels; the only term that trains the mechanisms.

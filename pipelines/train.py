@@ -121,6 +121,9 @@ class _Run:
         self.recipe = {"weighting": cfg.loss_weighting, "snr_gamma": cfg.snr_gamma,
                        "timestep_sampling": cfg.timestep_sampling, "encoded": self.encoded}
         self.step, self.elapsed = 0, 0.0
+        if cfg.encoder_steps and (ranks.enabled or cfg.variant == "diffae"):
+            raise ValueError("--encoder-steps takes neither --distributed (the ranks' encoders would part) nor "
+                             "--variant diffae (its encoder has no label prior)")
 
     def _warmup(self, step: int) -> float:
         return min(1.0, (step + 1) / max(1, self.cfg.lr_warmup))
@@ -176,6 +179,21 @@ class _Run:
         return (self.inputs[idx].to(self.device, non_blocking=True),
                 self.data.labels[idx].to(self.device, non_blocking=True), labelled)
 
+    def encoder_step(self, k: int, gamma: float) -> None:
+        """One encoder-only step (``TrainConfig.encoder_steps``) on a batch of its own, drawn as a function of
+        the step and ``k`` so that a resumed run repeats it. Only the encoder has gradients, so only it moves."""
+        n = len(self.inputs)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 7_919 * self.step + k + 1)
+        idx = torch.randint(0, n, (min(self.cfg.batch_size, n),), generator=g)
+        labelled = None if self.cfg.labelled_fraction >= 1.0 else self.data.labelled[idx].to(self.device)
+        with autocast(self.device):
+            loss = gamma * self.model.encoder_loss(self.inputs[idx].to(self.device), self.data.labels[idx].to(self.device),
+                                                   labelled, encoded=self.encoded)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+
     def optimise(self, out: Path, progress: bool, on_progress: Callable[[float], None] | None) -> float:
         """Optimisation steps until the step or time budget is spent; returns images per second."""
         cfg, ranks = self.cfg, self.ranks
@@ -202,6 +220,8 @@ class _Run:
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
+            for k in range(cfg.encoder_steps):
+                self.encoder_step(k, gamma)
             self.lr_schedule.step()
             self.ema.update_parameters(self.model)
             self.step += 1

@@ -69,6 +69,12 @@ class TrainParameters(BaseModel):
     gamma_warmup: int = Field(200, ge=0, description="Steps over which gamma ramps up from 0.")
     lr_warmup: int = Field(0, ge=0, le=1_000_000, description="Steps over which the learning rate ramps up "
                                                                "linearly from 0.")
+    encoder_steps: int = Field(
+        0, ge=0, le=64,
+        description="Extra encoder-only steps after each step, on the encoder's terms of the loss alone (the label "
+                    "prior and KL(q(u|x) || N(0, I))). An encoder step costs a small fraction of a full one, and "
+                    "DCI on correlated factors follows how precisely the encoder reads the labels "
+                    "(docs/design-notes.md, 'DCI on correlated factors').")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="Decay of the weights' moving average.")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "v_prediction", description="What the denoiser predicts: the velocity (v_prediction, measured better in "
