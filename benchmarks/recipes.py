@@ -38,6 +38,7 @@ RECIPES: dict[str, dict] = {
     "scale_shift": {"model": {"conditioning": "scale_shift"}},
     "groups_8": {"model": {"unet_norm_groups": 8}},
     "wide": {"model": {"unet_channels": (64, 128, 128)}},
+    "encoder_steps_4": {"encoder_steps": 4},
 }
 
 

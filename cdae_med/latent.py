@@ -155,6 +155,10 @@ class DeformationAutoencoder(nn.Module):
         self.iterations, self.smoothing_voxels = iterations, smoothing_voxels
         spatial = self.shape[1:]
         self.register_buffer("template", torch.zeros(self.shape))
+        # Where a displacement is kept: the voxels any training image shows something in, grown by two voxels
+        # (a registered subject is background outside its reference's head, so nothing there needs moving);
+        # it keeps the shape components' basis to the head.
+        self.register_buffer("support", torch.ones((1, *spatial)))
         self.displacements = LinearAutoencoder(k_shape, (len(spatial), *spatial))
         self.residuals = LinearAutoencoder(k_residual, self.shape)
         with warnings.catch_warnings():  # MONAI notes that it uses torch's grid_sample, which is what we want
@@ -195,7 +199,10 @@ class DeformationAutoencoder(nn.Module):
         before (:meth:`fields` of a first stage whose template is ``images.mean(0)``)."""
         x = images.float()
         self.template = x.mean(0)
-        v = self.fields(x) if fields is None else fields.to(self.template)
+        shows = (x > x.amin() + 1e-6).any(0).float()
+        pool = nn.functional.max_pool3d if len(self.shape) == 4 else nn.functional.max_pool2d
+        self.support = pool(shows[None], 5, 1, 2)[0]
+        v = (self.fields(x) if fields is None else fields.to(self.template)) * self.support
         self.displacements.fit(v, seed=seed)
         residual = x - self.warped(self.displacements.decode(self.displacements.encode(v)))
         self.residuals.fit(residual, seed=seed)
@@ -213,7 +220,7 @@ class DeformationAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fitted:
             raise RuntimeError("the deformation first stage has not been fitted (DeformationAutoencoder.fit)")
-        return self.encode_fields(x, self.fields(x))
+        return self.encode_fields(x, self.fields(x) * self.support)
 
     def displacement(self, c: torch.Tensor) -> torch.Tensor:
         """The decoded displacement (B, spatial_dims, *spatial) of coefficients ``c``."""

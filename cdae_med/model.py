@@ -96,6 +96,9 @@ class CausalDiffAEConfig:
     # components of the displacement from the template beside latent_components of the intensity residual
     # (cdae_med.latent.DeformationAutoencoder); the diffusion runs on both.
     latent_shape_components: int = 0
+    # The displacement's smoothness (demons' Gaussian, in voxels of the model grid): a smoother field leaves
+    # fine changes (a cortex thinning in place) to the residual and codes only movement (ventricles growing).
+    latent_shape_smoothing: float = 1.0
     latent_hidden: int = 256
     latent_depth: int = 2
 
@@ -111,6 +114,8 @@ class CausalDiffAEConfig:
             raise ValueError(f"image_size {self.image_size} does not have {self.spatial_dims} dimensions")
         if self.latent_components < 0 or self.latent_hidden < 1 or self.latent_depth < 1:
             raise ValueError("latent_components must be >= 0, latent_hidden and latent_depth >= 1")
+        if not 0.0 < self.latent_shape_smoothing <= 10.0:
+            raise ValueError(f"latent_shape_smoothing must be in (0, 10] voxels, got {self.latent_shape_smoothing}")
         if self.latent_shape_components < 0 or (self.latent_shape_components and not self.latent_components):
             raise ValueError("latent_shape_components must be >= 0 and needs latent_components > 0 "
                              "(the residual's components)")
@@ -292,7 +297,8 @@ class CausalDiffAE(nn.Module):
         if cfg.latent_components:
             shape = (cfg.in_channels, *cfg.image_size)
             if cfg.latent_shape_components:
-                self.first_stage = DeformationAutoencoder(cfg.latent_shape_components, cfg.latent_components, shape)
+                self.first_stage = DeformationAutoencoder(cfg.latent_shape_components, cfg.latent_components, shape,
+                                                          smoothing_voxels=cfg.latent_shape_smoothing)
             else:
                 self.first_stage = LinearAutoencoder(cfg.latent_components, shape)
             k = self.first_stage.k
