@@ -74,6 +74,8 @@ def train(
                    "displacement from the cohort's mean image (demons) beside --latent-components of the "
                    "intensity residual; its counterfactuals can then move tissue (--realisation deformation) "
                    "[default: 0]."),
+    latent_shape_smoothing: Optional[float] = typer.Option(
+        None, help="Smoothness of those displacements (demons' Gaussian, voxels of the model grid) [default: 2]."),
     n_train: int = _param("n_train"),
     seed: int = _param("seed"),
     device: str = _param("device"),
@@ -119,7 +121,8 @@ def train(
                        **({} if conditioning is None else {"conditioning": conditioning}),
                        **({} if latent_components is None else {"latent_components": latent_components}),
                        **({} if latent_shape_components is None
-                          else {"latent_shape_components": latent_shape_components})},
+                          else {"latent_shape_components": latent_shape_components}),
+                       **({} if latent_shape_smoothing is None else {"latent_shape_smoothing": latent_shape_smoothing})},
                 data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
                 registration=registration,
                 distributed=distributed, compile=compile)
@@ -128,7 +131,8 @@ def train(
             message = (describe_validation_error(err, names=_FLAGS).replace("model: cond_drop_prob", "--cond-drop-prob")
                        .replace("model: unknown conditioning", "unknown --conditioning")
                        .replace("model: latent_components", "--latent-components")
-                       .replace("model: latent_shape_components", "--latent-shape-components"))
+                       .replace("model: latent_shape_components", "--latent-shape-components")
+                       .replace("model: latent_shape_smoothing", "--latent-shape-smoothing"))
             raise UserError(message) from None
         path = pipelines.train.train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":

@@ -60,10 +60,11 @@ class LinearAutoencoder(nn.Module):
         return self.components.shape[1] > 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The number of varying voxels is the fit's: take the saved shape before copying.
+        # The number of varying voxels is the fit's, and so is the basis's precision (float32 in checkpoints
+        # from before it was stored in half): take the saved shape and type before copying.
         key = prefix + "components"
         if key in state_dict:
-            self.components = torch.empty_like(state_dict[key], dtype=self.components.dtype)
+            self.components = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -81,8 +82,10 @@ class LinearAutoencoder(nn.Module):
         pca = PCA(self.k, whiten=True, random_state=seed).fit(x[:, varying].numpy())
         self.mean = mean
         self.varying = varying.float()
-        self.components = torch.as_tensor(pca.components_, dtype=torch.float32)
-        self.scale = torch.as_tensor(pca.explained_variance_, dtype=torch.float32).sqrt()
+        # Stored in half precision: the basis is most of a checkpoint's size (a shipped model is package data),
+        # and its rounding (about 5e-4 of a unit vector's entries) is far below any model's error.
+        self.components = torch.tensor(np.ascontiguousarray(pca.components_), dtype=torch.float16)
+        self.scale = torch.tensor(pca.explained_variance_, dtype=torch.float32).sqrt()
         self.mean[varying] = torch.as_tensor(pca.mean_, dtype=torch.float32)
         return float(pca.explained_variance_ratio_.sum())
 
@@ -98,12 +101,12 @@ class LinearAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self._check()
         d = x.reshape(len(x), -1).to(self.mean.dtype) - self.mean
-        return d[:, self.varying.bool()] @ self.components.T / self.scale
+        return d[:, self.varying.bool()] @ self.components.T.to(d.dtype) / self.scale
 
     def decode(self, c: torch.Tensor) -> torch.Tensor:
         self._check()
         out = self.mean.expand(len(c), -1).clone()
-        out[:, self.varying.bool()] += (c.to(self.scale.dtype) * self.scale) @ self.components
+        out[:, self.varying.bool()] += (c.to(self.scale.dtype) * self.scale) @ self.components.to(self.scale.dtype)
         return out.view(len(c), *self.shape)
 
 

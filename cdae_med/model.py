@@ -97,8 +97,9 @@ class CausalDiffAEConfig:
     # (cdae_med.latent.DeformationAutoencoder); the diffusion runs on both.
     latent_shape_components: int = 0
     # The displacement's smoothness (demons' Gaussian, in voxels of the model grid): a smoother field leaves
-    # fine changes (a cortex thinning in place) to the residual and codes only movement (ventricles growing).
-    latent_shape_smoothing: float = 1.0
+    # fine changes (a cortex thinning in place) to the residual and codes only movement (ventricles growing);
+    # 2 voxels measured better than 1 on brain validation subjects (docs/design-notes.md, "Shape and appearance").
+    latent_shape_smoothing: float = 2.0
     latent_hidden: int = 256
     latent_depth: int = 2
 

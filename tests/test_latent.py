@@ -38,7 +38,7 @@ def test_linear_first_stage_round_trips_what_it_can_hold():
     y = ae.decode(c)
     assert y.shape == x.shape
     assert (y[:, :, 0] == -1.0).all()  # the voxels that never vary keep their value exactly
-    assert (y - x).abs().max() < 1e-4
+    assert (y - x).abs().max() < 1e-3  # the basis is stored in half precision (measured 3e-4)
     # a fresh one (another number of varying voxels than its init) loads the fit from the state dict
     fresh = LinearAutoencoder(5, (1, 6, 6, 6))
     fresh.load_state_dict(ae.state_dict())
