@@ -119,6 +119,12 @@ class ScanModel:
                     f"from the template and {cfg.latent_components} of the intensity residual")
         return f"{kind}, diffusion on {cfg.latent_components} principal components" if cfg.latent_components else kind
 
+    @property
+    def decodes_deformation(self) -> bool:
+        """Whether the model's first stage codes shape, so that it decodes the deformation of its change
+        itself (a 3D model; a slice-wise one's displacements are per slice, and its deformation is fitted)."""
+        return bool(self.checkpoint.model.config.latent_shape_components) and self.preprocessing.slice_axis is None
+
     @classmethod
     def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float | None = None,
              guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag",
@@ -192,7 +198,7 @@ class ScanModel:
         change = ((out.images - out.reconstruction) / 2.0).cpu().numpy()  # [-1, 1] -> the [0, 1] window units
         reconstruction = ((out.reconstruction + 1.0) / 2.0).cpu().numpy()
         # A first stage that codes shape decodes the displacement the change moves tissue by.
-        shape_coded = hasattr(self.pipeline.model.first_stage, "displacement") and out.latents is not None
+        shape_coded = self.decodes_deformation and out.latents is not None
         if shape_coded and self.realisation == "deformation":
             first_stage = self.pipeline.model.first_stage
             displacements = [first_stage.displacement(c.float()).cpu().numpy() for c in (out.latents[1], out.latents[0])]
@@ -277,8 +283,7 @@ class ScanModel:
                          "preprocessing": self.preprocessing.to_dict(),
                          "output": ("input warped by the deformation that carries the reconstruction onto the "
                                     "counterfactual ("
-                                    + ("decoded by the model" if self.checkpoint.model.config.latent_shape_components
-                                       else "fitted by demons")
+                                    + ("decoded by the model" if self.decodes_deformation else "fitted by demons")
                                     + "), plus its residual, through the inverse registration"
                                     if self.realisation == "deformation" else
                                     "input + (counterfactual - reconstruction) carried back through the inverse "
