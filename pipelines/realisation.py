@@ -20,6 +20,7 @@ Which measures better is in ``benchmarks/results/brain_native.json`` (per realis
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 
@@ -106,7 +107,9 @@ def model_deformation(displacement_rec: np.ndarray, displacement_cf: np.ndarray,
     from monai.networks.blocks import DVF2DDF
 
     w = (np.asarray(displacement_cf, np.float32) - np.asarray(displacement_rec, np.float32)) * head_weight(mask)
-    integrate = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="zeros")
+    with warnings.catch_warnings():  # MONAI notes that it uses torch's grid_sample, which is what we want
+        warnings.simplefilter("ignore")
+        integrate = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="zeros")
     # voxels along the grid's axes -> mm in ITK's LPS world
     to_mm = _LPS @ np.asarray(grid_affine, np.float64)[:3, :3]
     for halving in range(max_halvings + 1):
