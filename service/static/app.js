@@ -440,7 +440,7 @@ async function renderReport(job) {
       el("td", { text: role })));
   }
   $("#report-note").textContent = `Factual values are estimated from the image unless given. ` +
-    `${report.settings ? `${report.settings.model_kind} model, ${report.settings.ddim_steps} DDIM steps; ` : ""}` +
+    `${report.settings ? `Model: ${report.settings.model_kind}; ${report.settings.ddim_steps} DDIM steps; ` : ""}` +
     `${report.seconds !== undefined ? `computed in ${report.seconds} s.` : ""}`;
 }
 
