@@ -127,13 +127,13 @@ def run_dataset(ds: str, b: dict, args, work: Path) -> dict:
         cfg = TrainConfig(dataset=ds, out=str(out), steps=b["steps"], minutes=minutes, size=b["size"][ds],
                           batch_size=b["batch_size"], lr=b["lr"], n_train=b["n_train"], device=args.device,
                           eval_n=0, eval_steps=b["ddim_steps"], grid_rows=2 if args.smoke else 6,
-                          gamma_warmup=20 if args.smoke else 200, model=model,
+                          gamma_warmup=20 if args.smoke else 200, model=model, seed=args.seed,
                           **{k: v for k, v in recipe.items() if k != "model"}, **switch)
         if not (args.skip_train and (out / "checkpoint.json").is_file()):
             print(f"[{ds}] training {name} ...", flush=True)
             train(cfg, progress=not args.quiet)
         ck = load_checkpoint(out)
-        trained[name] = {"checkpoint": str(out), "variant": ck.variant, "steps": ck.step,
+        trained[name] = {"checkpoint": str(out), "variant": ck.variant, "steps": ck.step, "seed": args.seed,
                          "train_samples": ck.step * b["batch_size"], "recipe": b["recipe"],
                          "train_minutes": ck.metrics.get("train_minutes"),
                          "labelled_fraction": ck.training.get("labelled_fraction", 1.0),
@@ -282,6 +282,7 @@ def main() -> None:
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--omegas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
     p.add_argument("--labelled-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="training seed of every model (data, initialisation, batches)")
     p.add_argument("--datasets", nargs="+", default=list(PAPER), choices=list(PAPER))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None,
