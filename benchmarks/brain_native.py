@@ -82,11 +82,16 @@ def registered_fit_set(prep: Preprocessing, reference: Reference, n: int, seed: 
     return np.stack([pp.image[0] for pp in prepared]), reference_space_labels(s.labels, GRAPH, prep, ratios), prep
 
 
+def design(labels: np.ndarray) -> np.ndarray:
+    """The baselines' regressors: [1, normalised graph variables]."""
+    return np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
+
+
 class VoxelwiseLinear:
     """Intensity at every voxel of the registered grid ~ [1, normalised graph variables]."""
 
     def fit(self, images: np.ndarray, labels: np.ndarray) -> "VoxelwiseLinear":
-        x = np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
+        x = design(labels)
         self.coef, *_ = np.linalg.lstsq(x, images.reshape(len(images), -1), rcond=None)
         self.shape = images.shape[1:]
         return self
@@ -113,7 +118,7 @@ class VoxelwiseDeformation:
                          for im in images])
 
     def fit(self, fields: np.ndarray, labels: np.ndarray) -> "VoxelwiseDeformation":
-        x = np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
+        x = design(labels)
         self.coef, *_ = np.linalg.lstsq(x, fields.reshape(len(fields), -1), rcond=None)
         self.shape = fields.shape[1:]
         return self
@@ -139,7 +144,7 @@ class LatentLinear:
             return self.first_stage.encode(torch.from_numpy(np.asarray(images01, np.float32))[:, None] * 2 - 1)
 
     def fit(self, images01: np.ndarray, labels: np.ndarray) -> "LatentLinear":
-        x = np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
+        x = design(labels)
         self.coef, *_ = np.linalg.lstsq(x, self.encode(images01).numpy(), rcond=None)
         return self
 
