@@ -72,6 +72,13 @@ def check_in_sync(model: torch.nn.Module, device: torch.device) -> float:
     return values[0]
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = False) -> None:
+    """Leave the process group; with ``wait``, first meet every other rank at a barrier.
+
+    Every rank that waits must call this (rank 0 after writing its files, the others at once), so
+    no rank destroys its connections while a peer is still using them.
+    """
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

@@ -296,7 +296,10 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False,
         checksum = check_in_sync(run.model, device)
         log.info("ranks in sync after %d steps: weight checksum %.6f on all %d ranks", run.step, checksum, ranks.world)
         if not ranks.main:
-            shutdown()
+            # Wait for rank 0 to write the checkpoint before leaving the group: tearing gloo down while a
+            # peer still holds its connections aborts the process ("terminate called without an active
+            # exception").
+            shutdown(wait=True)
             return out
 
     run.model.eval()
@@ -310,5 +313,5 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False,
     else:
         _final_evaluation(run, out, progress, metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    shutdown()
+    shutdown(wait=ranks.enabled)
     return out
