@@ -17,7 +17,11 @@ grid, carried back through the inverse registration onto the 2 mm grid):
 - ``baseline_latent``: the same regression of the first model's own first-stage code
   (:class:`LatentLinear`), realised as that model's change is: what the diffusion model adds;
 - ``oracle``: the true counterfactual itself, registered and resampled onto the model grid: the
-  best any model on that grid can do, so model error and realisation error are told apart.
+  best any model on that grid can do, so model error and realisation error are told apart;
+  ``oracle_deformation`` the same change realised as a deformation plus residual;
+- ``oracle_code``: the true counterfactual coded by the first model's own first stage and realised as
+  that model's change is: the best its diffusion model can do, so first-stage error and diffusion
+  error are told apart.
 
 Measured: image MAE (x 255, whole volume) and SSIM; the change of brain and ventricle volume from
 the input, measured on each output by the generator's tissue model
@@ -152,18 +156,25 @@ class LatentLinear:
         c = self.encode(np.stack([pp.image[0] for pp in prepared]))
         c_cf = c + torch.from_numpy(((brain.normalise(labels_cf) - brain.normalise(labels)) @ self.coef[1:])
                                     .astype(np.float32))
-        with torch.no_grad():
-            rec, cf = (((self.first_stage.decode(code).clamp(-1, 1) + 1) / 2)[:, 0].numpy() for code in (c, c_cf))
-            shape = getattr(self.first_stage, "displacement", None)
-            disp = None if shape is None else (shape(c).numpy(), shape(c_cf).numpy())
-        out = []
-        for i, pp in enumerate(prepared):
-            if disp is None:
-                out.append(realise(pp, cf[i] - rec[i], self.mask))
-            else:
-                phi = model_deformation(disp[0][i], disp[1][i], self.grid_affine, self.mask)
-                out.append(pp.scan.data + deformation_change(pp, rec[i], cf[i] - rec[i], self.mask, phi))
-        return out
+        return realise_codes(self.first_stage, prepared, c, c_cf, self.grid_affine, self.mask)
+
+
+def realise_codes(first_stage, prepared: list, c: torch.Tensor, c_cf: torch.Tensor, grid_affine: np.ndarray,
+                  mask: np.ndarray) -> list[np.ndarray]:
+    """The scans changed by decoding first-stage codes ``c`` -> ``c_cf``, realised as a model with that
+    first stage realises its change (through the decoded deformation where the first stage codes shape)."""
+    with torch.no_grad():
+        rec, cf = (((first_stage.decode(code).clamp(-1, 1) + 1) / 2)[:, 0].numpy() for code in (c, c_cf))
+        shape = getattr(first_stage, "displacement", None)
+        disp = None if shape is None else (shape(c).numpy(), shape(c_cf).numpy())
+    out = []
+    for i, pp in enumerate(prepared):
+        if disp is None:
+            out.append(realise(pp, cf[i] - rec[i], mask))
+        else:
+            phi = model_deformation(disp[0][i], disp[1][i], grid_affine, mask)
+            out.append(pp.scan.data + deformation_change(pp, rec[i], cf[i] - rec[i], mask, phi))
+    return out
 
 
 def score(outputs: dict[str, list[np.ndarray]], samples, truth, affected: int, input_vol: np.ndarray,
@@ -302,6 +313,12 @@ def main() -> None:
                              for pp, t in zip(prepared, truth.images[..., 0])]
         outputs["oracle_deformation"] = [realise_deformation(pp, oracle_change(pp, prep, t), mask)
                                          for pp, t in zip(prepared, truth.images[..., 0])]
+        if latent_baseline is not None:  # the true counterfactual in the model's own code, realised as its change
+            factual_grid = np.stack([pp.image[0] for pp in prepared])
+            true_grid = factual_grid + np.stack([oracle_change(pp, prep, t) * mask
+                                                 for pp, t in zip(prepared, truth.images[..., 0])])
+            outputs["oracle_code"] = realise_codes(coded, prepared, latent_baseline.encode(factual_grid),
+                                                   latent_baseline.encode(true_grid), prep.grid_affine, mask)
         for name, sm in scan_models.items():
             outs = []
             for i, path in enumerate(inputs):

@@ -39,6 +39,7 @@ RECIPES: dict[str, dict] = {
     "groups_8": {"model": {"unet_norm_groups": 8}},
     "wide": {"model": {"unet_channels": (64, 128, 128)}},
     "encoder_steps_4": {"encoder_steps": 4},
+    "encoder_steps_8": {"encoder_steps": 8},
 }
 
 
