@@ -140,8 +140,8 @@ class LatentLinear:
     code and realised as that model's is (through its decoded deformation where its first stage codes
     shape). It asks what the diffusion model adds to its first stage beyond a linear model of the labels."""
 
-    def __init__(self, first_stage, grid_affine: np.ndarray, mask: np.ndarray):
-        self.first_stage, self.grid_affine, self.mask = first_stage, grid_affine, mask
+    def __init__(self, first_stage, grid_affine: np.ndarray, mask: np.ndarray, inset_mm: float = 0.0):
+        self.first_stage, self.grid_affine, self.mask, self.inset_mm = first_stage, grid_affine, mask, inset_mm
 
     def encode(self, images01: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
@@ -156,23 +156,24 @@ class LatentLinear:
         c = self.encode(np.stack([pp.image[0] for pp in prepared]))
         c_cf = c + torch.from_numpy(((brain.normalise(labels_cf) - brain.normalise(labels)) @ self.coef[1:])
                                     .astype(np.float32))
-        return realise_codes(self.first_stage, prepared, c, c_cf, self.grid_affine, self.mask)
+        return realise_codes(self.first_stage, prepared, c, c_cf, self.grid_affine, self.mask, inset_mm=self.inset_mm)
 
 
 def realise_codes(first_stage, prepared: list, c: torch.Tensor, c_cf: torch.Tensor, grid_affine: np.ndarray,
-                  mask: np.ndarray) -> list[np.ndarray]:
+                  mask: np.ndarray, as_intensity: bool = False, inset_mm: float = 0.0) -> list[np.ndarray]:
     """The scans changed by decoding first-stage codes ``c`` -> ``c_cf``, realised as a model with that
-    first stage realises its change (through the decoded deformation where the first stage codes shape)."""
+    first stage realises its change (through the decoded deformation where the first stage codes shape,
+    unless ``as_intensity``)."""
     with torch.no_grad():
         rec, cf = (((first_stage.decode(code).clamp(-1, 1) + 1) / 2)[:, 0].numpy() for code in (c, c_cf))
-        shape = getattr(first_stage, "displacement", None)
+        shape = None if as_intensity else getattr(first_stage, "displacement", None)
         disp = None if shape is None else (shape(c).numpy(), shape(c_cf).numpy())
     out = []
     for i, pp in enumerate(prepared):
         if disp is None:
             out.append(realise(pp, cf[i] - rec[i], mask))
         else:
-            phi = model_deformation(disp[0][i], disp[1][i], grid_affine, mask)
+            phi = model_deformation(disp[0][i], disp[1][i], grid_affine, mask, inset_mm=inset_mm)
             out.append(pp.scan.data + deformation_change(pp, rec[i], cf[i] - rec[i], mask, phi))
     return out
 
@@ -291,7 +292,8 @@ def main() -> None:
     latent_baseline = None
     if coded is not None and tuple(coded.shape[1:]) == tuple(prep.spatial_size):
         t0 = time.perf_counter()
-        latent_baseline = LatentLinear(coded, prep.grid_affine, mask).fit(fit_images[:n_def], fit_labels[:n_def])
+        inset = next(iter(scan_models.values())).inset_mm  # realised as the model's change is
+        latent_baseline = LatentLinear(coded, prep.grid_affine, mask, inset).fit(fit_images[:n_def], fit_labels[:n_def])
         print(f"latent baseline fitted on {n_def} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
     test_ratios = np.array([pp.registration.volume_ratio for pp in prepared])
     input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
@@ -318,7 +320,8 @@ def main() -> None:
             true_grid = factual_grid + np.stack([oracle_change(pp, prep, t) * mask
                                                  for pp, t in zip(prepared, truth.images[..., 0])])
             outputs["oracle_code"] = realise_codes(coded, prepared, latent_baseline.encode(factual_grid),
-                                                   latent_baseline.encode(true_grid), prep.grid_affine, mask)
+                                                   latent_baseline.encode(true_grid), prep.grid_affine, mask,
+                                                   inset_mm=inset)
         for name, sm in scan_models.items():
             outs = []
             for i, path in enumerate(inputs):

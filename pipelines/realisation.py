@@ -8,7 +8,11 @@ counterfactual ``cf`` (window units). Two ways to put their difference onto the 
 - ``"deformation"``: anatomy changes by moving tissue, so the change is a smooth, invertible
   deformation of ``rec`` onto ``cf`` which warps the *scan itself* at its own resolution (its edges stay
   sharp and move); what the deformation does not explain (tissue turning into CSF) is added as the
-  upsampled intensity residual ``cf - rec o phi``. The deformation is confined to the reference's head.
+  upsampled intensity residual ``cf - rec o phi``. The deformation is confined to the reference's head,
+  and a model may keep it further from the head's surface (``inset_mm``, the checkpoint's
+  ``image.deformation_inset_mm``): skull and scalp do not move as a brain atrophies, and near the
+  surface atrophy is cortex thinning in place, which a 6 mm model's smooth deformation renders as the
+  whole surface (skull included) moving; deeper in, it is the ventricles growing, a movement.
   A model whose first stage codes shape (:class:`cdae_med.latent.DeformationAutoencoder`) decides the
   deformation itself (:func:`model_deformation`: the change of its decoded displacement, integrated as a
   stationary velocity field); for any other model it is found afterwards, by SimpleITK's diffeomorphic
@@ -72,9 +76,10 @@ class GridDeformation:
 
 
 def fit_deformation(rec: np.ndarray, cf: np.ndarray, grid_affine: np.ndarray, mask: np.ndarray,
-                    iterations: int = 40, smoothing_voxels: float = 1.0) -> GridDeformation:
+                    iterations: int = 40, smoothing_voxels: float = 1.0, inset_mm: float = 0.0) -> GridDeformation:
     """The diffeomorphic-demons deformation that carries ``rec`` onto ``cf`` (both on the model grid),
-    multiplied by the (smoothed) head ``mask`` so that nothing outside the head moves."""
+    multiplied by the (smoothed) head ``mask`` so that nothing outside the head moves (nor within
+    ``inset_mm`` of its surface, :func:`head_weight`)."""
     import SimpleITK as sitk
 
     demons = sitk.DiffeomorphicDemonsRegistrationFilter()
@@ -82,21 +87,26 @@ def fit_deformation(rec: np.ndarray, cf: np.ndarray, grid_affine: np.ndarray, ma
     demons.SetStandardDeviations(smoothing_voxels)  # in voxels: the filter smooths on the image grid
     demons.SetSmoothDisplacementField(True)
     field = demons.Execute(to_sitk(cf.astype(np.float32), grid_affine), to_sitk(rec.astype(np.float32), grid_affine))
-    u = sitk.GetArrayFromImage(field) * head_weight(mask).transpose(2, 1, 0)[..., None]
+    spacing = float(np.linalg.norm(np.asarray(grid_affine)[:3, 0]))
+    u = sitk.GetArrayFromImage(field) * head_weight(mask, inset_mm, spacing).transpose(2, 1, 0)[..., None]
     out = sitk.GetImageFromArray(u, isVector=True)
     out.CopyInformation(field)
     return GridDeformation(out, grid_affine)
 
 
-def head_weight(mask: np.ndarray) -> np.ndarray:
-    """The head ``mask`` smoothed to [0, 1]: a deformation times it moves nothing outside the head."""
-    from scipy.ndimage import gaussian_filter
+def head_weight(mask: np.ndarray, inset_mm: float = 0.0, spacing_mm: float = 1.0) -> np.ndarray:
+    """The head ``mask`` smoothed to [0, 1]: a deformation times it moves nothing outside the head. With
+    ``inset_mm``, nothing within that distance of the head's surface either (``spacing_mm``: the grid's)."""
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-    return np.clip(gaussian_filter(mask.astype(np.float32), 1.0), 0, 1)
+    inside = mask > 0.5
+    if inset_mm > 0:
+        inside = distance_transform_edt(inside) * spacing_mm > inset_mm
+    return np.clip(gaussian_filter(inside.astype(np.float32), 1.0), 0, 1)
 
 
 def model_deformation(displacement_rec: np.ndarray, displacement_cf: np.ndarray, grid_affine: np.ndarray,
-                      mask: np.ndarray, max_halvings: int = 10) -> GridDeformation:
+                      mask: np.ndarray, max_halvings: int = 10, inset_mm: float = 0.0) -> GridDeformation:
     """The deformation a shape-coding model decides: its decoded displacements from the template, of the
     reconstruction and of the counterfactual ((spatial_dims, X, Y, Z), voxels along the grid's axes), give
     rec(p + w) ~ cf(p) with w ~ v_cf - v_rec to first order. w, confined to the head, is integrated as a
@@ -106,7 +116,9 @@ def model_deformation(displacement_rec: np.ndarray, displacement_cf: np.ndarray,
     import torch
     from monai.networks.blocks import DVF2DDF
 
-    w = (np.asarray(displacement_cf, np.float32) - np.asarray(displacement_rec, np.float32)) * head_weight(mask)
+    spacing = float(np.linalg.norm(np.asarray(grid_affine)[:3, 0]))
+    w = (np.asarray(displacement_cf, np.float32) - np.asarray(displacement_rec, np.float32)) * \
+        head_weight(mask, inset_mm, spacing)
     with warnings.catch_warnings():  # MONAI notes that it uses torch's grid_sample, which is what we want
         warnings.simplefilter("ignore")
         integrate = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="zeros")
@@ -136,13 +148,13 @@ def deform_scan(registration: Registration, deformation: GridDeformation) -> np.
 
 
 def deformation_change(prepared: PreparedScan, rec: np.ndarray, change: np.ndarray, mask: np.ndarray,
-                       deformation: GridDeformation | None = None) -> np.ndarray:
+                       deformation: GridDeformation | None = None, inset_mm: float = 0.0) -> np.ndarray:
     """A registered scan's change (its grid, its units) when the model's ``change`` of the reconstruction
     ``rec`` (model grid, window units) is realised as a deformation plus residual (module docstring):
     ``deformation`` where the model decided one (:func:`model_deformation`), else one fitted to the change."""
     cf = rec + change * mask
     if deformation is None:
-        deformation = fit_deformation(rec, cf, prepared.prep.grid_affine, mask)
+        deformation = fit_deformation(rec, cf, prepared.prep.grid_affine, mask, inset_mm=inset_mm)
     residual = (cf - deformation.warp_grid(rec)) * mask
     return deform_scan(prepared.registration, deformation) - prepared.scan.data + restore_change(prepared, residual)
 

@@ -73,6 +73,8 @@ class ScanModel:
         if realisation not in REALISATIONS:
             raise ValueError(f"realisation must be one of {REALISATIONS}, got {realisation!r}")
         self.realisation = realisation
+        # How far from the head's surface a deformation may move tissue (pipelines.realisation.head_weight).
+        self.inset_mm = float(checkpoint.image.get("deformation_inset_mm", 0.0))
         # The values the model was trained on (checkpoints from before the record have none).
         self.training_ranges = {k: tuple(v) for k, v in checkpoint.image.get("training_ranges", {}).items()}
         self.checkpoint = checkpoint
@@ -219,8 +221,8 @@ class ScanModel:
             where = self.mask if self.mask is not None else head_mask(p.image[0])
             if self.realisation == "deformation" and change[i].any():
                 decided = None if not shape_coded else model_deformation(
-                    displacements[0][i], displacements[1][i], p.prep.grid_affine, where)
-                diff = deformation_change(p, reconstruction[i, 0], change[i, 0], where, decided)
+                    displacements[0][i], displacements[1][i], p.prep.grid_affine, where, inset_mm=self.inset_mm)
+                diff = deformation_change(p, reconstruction[i, 0], change[i, 0], where, decided, self.inset_mm)
             else:
                 diff = restore_change(p, change[i] * where)
             results.append(_Result(counterfactual=p.scan.data + diff, difference=diff,
@@ -279,6 +281,7 @@ class ScanModel:
                       "graph": list(graph.names), "format_version": FORMAT_VERSION, "cdae_med_version": __version__},
             "settings": {"ddim_steps": self.num_steps, "depth": self.depth, "guidance": self.guidance,
                          "realisation": self.realisation,
+                         **({"deformation_inset_mm": self.inset_mm} if self.realisation == "deformation" else {}),
                          "model_kind": self.model_kind,
                          "preprocessing": self.preprocessing.to_dict(),
                          "output": ("input warped by the deformation that carries the reconstruction onto the "

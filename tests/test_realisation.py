@@ -111,3 +111,27 @@ def test_a_decoded_deformation_is_invertible_whatever_the_model_decodes(case):
     world = prep.grid_affine[:3, 0] * np.array([-1, -1, 1])  # the first axis in ITK's LPS world
     centre = tuple(n // 2 for n in mask.shape)
     assert np.allclose(mm[centre], world, atol=0.3)
+
+
+def test_an_inset_deformation_leaves_the_head_surface_where_it_is(case):
+    """With ``inset_mm`` the decoded deformation moves nothing within that distance of the head's surface
+    (skull and scalp stay as a brain atrophies) and still moves the deep brain as before."""
+    from scipy.ndimage import distance_transform_edt
+
+    from pipelines.realisation import head_weight
+
+    *_, prep, mask, _ = case
+    spacing = float(np.linalg.norm(prep.grid_affine[:3, 0]))
+    depth = distance_transform_edt(mask > 0.5) * spacing
+    assert np.array_equal(head_weight(mask, 0.0, spacing), head_weight(mask))
+    weight = head_weight(mask, 24.0, spacing)
+    assert weight[depth <= 12.0].max() < 0.05 and weight[depth >= 36.0].min() > 0.95
+    smooth = np.zeros((3, *mask.shape), np.float32)
+    smooth[0] = 0.5  # half a voxel everywhere along the first axis
+    moved = [np.linalg.norm(model_deformation(np.zeros_like(smooth), smooth, prep.grid_affine, mask,
+                                              inset_mm=inset).displacement, axis=-1)
+             for inset in (0.0, 24.0)]
+    near = (depth > 0) & (depth <= 12.0)
+    assert moved[0][near].mean() > 1.0 and moved[1][near].max() < 0.2 * moved[0][near].mean()
+    deep = depth >= 36.0
+    assert moved[1][deep].mean() > 0.9 * moved[0][deep].mean()
