@@ -9,6 +9,7 @@ volume cut into axial slices for a 2D slice-wise model (``TrainConfig.slicewise`
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -140,7 +141,9 @@ def _registered_samples(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocess
                 return d["images"], d["labels"], d["correlations"], d["volume_ratios"]
         except (OSError, ValueError, KeyError) as err:  # a damaged (or older) cache is made again
             log.warning("ignoring the unreadable cache %s: %s", cache, err)
-    samples = ds.generator.sample(cfg.n_train, seed=cfg.seed, size=render)
+    shows_progress = "progress" in inspect.signature(ds.generator.sample).parameters  # rendering takes minutes
+    samples = ds.generator.sample(cfg.n_train, seed=cfg.seed, size=render,
+                                  **({"progress": progress} if shows_progress else {}))
     affine = ds.generator.affine(render)
     mask = reference_mask(reference, prep)
     images = np.empty((len(samples.images), size, size, size, 1), np.float32)

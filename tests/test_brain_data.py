@@ -305,3 +305,13 @@ def test_write_dataset_progress_bar(tmp_path, capsys):
     assert "brain" in capsys.readouterr().err
     with pytest.raises(ValueError, match="manifest.csv"):
         BR.read_dataset(tmp_path / "missing")
+
+
+def test_rendering_can_show_its_progress_and_renders_the_same(capsys):
+    """Training data renders thousands of subjects (minutes), so sample() can show a progress bar."""
+    quiet = BR.sample(2, seed=5, size=16)
+    assert "render" not in capsys.readouterr().err
+    shown = BR.sample(2, seed=5, size=16, progress=True)
+    err = capsys.readouterr().err
+    assert "render" in err and "2/2" in err
+    assert np.array_equal(quiet.images, shown.images) and np.array_equal(quiet.labels, shown.labels)
