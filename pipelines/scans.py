@@ -75,6 +75,9 @@ class ScanModel:
         self.realisation = realisation
         # How far from the head's surface a deformation may move tissue (pipelines.realisation.head_weight).
         self.inset_mm = float(checkpoint.image.get("deformation_inset_mm", 0.0))
+        if not self.inset_mm >= 0.0:
+            raise CheckpointError(f"{checkpoint.path}: image.deformation_inset_mm must be a distance >= 0 mm, "
+                                  f"got {self.inset_mm}")
         # The values the model was trained on (checkpoints from before the record have none).
         self.training_ranges = {k: tuple(v) for k, v in checkpoint.image.get("training_ranges", {}).items()}
         self.checkpoint = checkpoint

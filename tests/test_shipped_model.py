@@ -106,3 +106,17 @@ def test_a_depth_outside_the_unit_interval_is_refused():
     for depth in (0.0, 1.5):
         with pytest.raises(ValueError, match="depth must be in"):
             ScanModel.load(SHIPPED_BRAIN, device="cpu", depth=depth)
+
+
+def test_a_negative_deformation_inset_is_refused(tmp_path):
+    import shutil
+
+    from cdae_med.checkpoint import CheckpointError
+
+    copy = tmp_path / "brain"
+    shutil.copytree(SHIPPED_BRAIN, copy)
+    meta = json.loads((copy / "checkpoint.json").read_text())
+    meta["image"]["deformation_inset_mm"] = -6.0
+    (copy / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="deformation_inset_mm must be a distance >= 0"):
+        ScanModel.load(copy, device="cpu")
