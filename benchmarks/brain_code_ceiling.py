@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brain_native import (FINE, INTERVENTIONS, ROOT, oracle_change, realise, realise_codes, realise_deformation,
-                          score)
+from brain_native import (FINE, INTERVENTIONS, ROOT, encode_images, oracle_change, realise, realise_codes,
+                          realise_deformation, score)
 from cdae_med.io import Scan
 from cdae_med.latent import DeformationAutoencoder, LinearAutoencoder
 from pipelines.mri import Preprocessing, prepare_registered, reference_mask
@@ -42,12 +42,22 @@ from synthetic_data import brain
 
 
 def first_stage(spec: str, shape: tuple[int, ...]):
-    kind, *numbers = spec.partition("@")[0].split(":")
+    kind, *numbers = spec.split(":")
     if kind == "deformation" and len(numbers) == 3:
         return DeformationAutoencoder(int(numbers[0]), int(numbers[1]), shape, smoothing_voxels=float(numbers[2]))
     if kind == "intensity" and len(numbers) == 1:
         return LinearAutoencoder(int(numbers[0]), shape)
     raise SystemExit(f"--stage {spec!r}: expected deformation:SHAPE:RESIDUAL:SMOOTHING or intensity:K")
+
+
+def realisation(spec: str) -> dict:
+    """The ``realise_codes`` options a stage's ``@...`` suffix asks for."""
+    suffix = spec.partition("@")[2]
+    if suffix.startswith("inset="):
+        return {"inset_mm": float(suffix[len("inset="):])}
+    if suffix not in ("", "intensity"):
+        raise SystemExit(f"--stage {spec!r}: a realisation is @intensity or @inset=MM")
+    return {"as_intensity": suffix == "intensity"}
 
 
 def main() -> None:
@@ -79,9 +89,6 @@ def main() -> None:
         changes = np.stack([oracle_change(pp, prep, t) * mask for pp, t in zip(prepared, truth.images[..., 0])])
         truths[var] = (text, truth, affected, changes)
 
-    def to_model(images01: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(images01, np.float32))[:, None] * 2 - 1
-
     rows = {var: {} for var in truths}
     for var, (text, truth, affected, changes) in truths.items():
         outputs = {"copy": [s[..., 0] for s in samples.images],
@@ -91,25 +98,21 @@ def main() -> None:
     stages, fitted = {}, {}
     for spec in args.stage:
         t0 = time.perf_counter()
+        options = realisation(spec)
         base = spec.partition("@")[0]
-        if base not in fitted:  # a stage realised several ways is fitted once
+        if base not in fitted:  # a stage realised several ways is fitted and coded once
             stage = first_stage(base, tuple(data.images.shape[1:]))
+            fields = ({"fields": template_fields(stage, data.images)}
+                      if isinstance(stage, DeformationAutoencoder) else {})
             with torch.no_grad():
-                if isinstance(stage, DeformationAutoencoder):
-                    _, share = stage.fit_transform(data.images, seed=args.fit_seed,
-                                                   fields=template_fields(stage, data.images))
-                else:
-                    _, share = stage.fit_transform(data.images, seed=args.fit_seed)
-                fitted[base] = stage, share, stage.encode(to_model(factual))
-        stage, share, c = fitted[base]
+                _, share = stage.fit_transform(data.images, seed=args.fit_seed, **fields)
+            codes_cf = {var: encode_images(stage, factual + truths[var][3]) for var in truths}
+            fitted[base] = stage, share, encode_images(stage, factual), codes_cf
+        stage, share, c, codes_cf = fitted[base]
         size_mb = sum(b.numel() * b.element_size() for b in stage.state_dict().values()) / 1e6
         stages[spec] = {"variance_share": share, "seconds": time.perf_counter() - t0, "buffers_mb": size_mb}
         for var, (text, truth, affected, changes) in truths.items():
-            with torch.no_grad():
-                c_cf = stage.encode(to_model(factual + changes))
-            realisation = spec.partition("@")[2]
-            outs = realise_codes(stage, prepared, c, c_cf, prep.grid_affine, mask, as_intensity=realisation == "intensity",
-                                 inset_mm=float(realisation[len("inset="):]) if realisation.startswith("inset=") else 0.0)
+            outs = realise_codes(stage, prepared, c, codes_cf[var], prep.grid_affine, mask, **options)
             row = score({spec: outs}, samples, truth, affected, input_vol, ssim=False)
             for key, values in row.items():
                 rows[var][key].update(values)

@@ -143,20 +143,22 @@ class LatentLinear:
     def __init__(self, first_stage, grid_affine: np.ndarray, mask: np.ndarray, inset_mm: float = 0.0):
         self.first_stage, self.grid_affine, self.mask, self.inset_mm = first_stage, grid_affine, mask, inset_mm
 
-    def encode(self, images01: np.ndarray) -> torch.Tensor:
-        with torch.no_grad():
-            return self.first_stage.encode(torch.from_numpy(np.asarray(images01, np.float32))[:, None] * 2 - 1)
-
     def fit(self, images01: np.ndarray, labels: np.ndarray) -> "LatentLinear":
         x = design(labels)
-        self.coef, *_ = np.linalg.lstsq(x, self.encode(images01).numpy(), rcond=None)
+        self.coef, *_ = np.linalg.lstsq(x, encode_images(self.first_stage, images01).numpy(), rcond=None)
         return self
 
     def outputs(self, prepared: list, labels: np.ndarray, labels_cf: np.ndarray) -> list[np.ndarray]:
-        c = self.encode(np.stack([pp.image[0] for pp in prepared]))
+        c = encode_images(self.first_stage, np.stack([pp.image[0] for pp in prepared]))
         c_cf = c + torch.from_numpy(((brain.normalise(labels_cf) - brain.normalise(labels)) @ self.coef[1:])
                                     .astype(np.float32))
         return realise_codes(self.first_stage, prepared, c, c_cf, self.grid_affine, self.mask, inset_mm=self.inset_mm)
+
+
+def encode_images(first_stage, images01: np.ndarray) -> torch.Tensor:
+    """A first stage's codes of registered grid images in [0, 1] (N, X, Y, Z)."""
+    with torch.no_grad():
+        return first_stage.encode(torch.from_numpy(np.asarray(images01, np.float32))[:, None] * 2 - 1)
 
 
 def realise_codes(first_stage, prepared: list, c: torch.Tensor, c_cf: torch.Tensor, grid_affine: np.ndarray,
@@ -295,6 +297,8 @@ def main() -> None:
         inset = next(iter(scan_models.values())).inset_mm  # realised as the model's change is
         latent_baseline = LatentLinear(coded, prep.grid_affine, mask, inset).fit(fit_images[:n_def], fit_labels[:n_def])
         print(f"latent baseline fitted on {n_def} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
+        factual_grid = np.stack([pp.image[0] for pp in prepared])
+        factual_code = encode_images(coded, factual_grid)  # the oracle_code row's starting point, every intervention's
     test_ratios = np.array([pp.registration.volume_ratio for pp in prepared])
     input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
     first = next(iter(models))
@@ -316,12 +320,10 @@ def main() -> None:
         outputs["oracle_deformation"] = [realise_deformation(pp, oracle_change(pp, prep, t), mask)
                                          for pp, t in zip(prepared, truth.images[..., 0])]
         if latent_baseline is not None:  # the true counterfactual in the model's own code, realised as its change
-            factual_grid = np.stack([pp.image[0] for pp in prepared])
             true_grid = factual_grid + np.stack([oracle_change(pp, prep, t) * mask
                                                  for pp, t in zip(prepared, truth.images[..., 0])])
-            outputs["oracle_code"] = realise_codes(coded, prepared, latent_baseline.encode(factual_grid),
-                                                   latent_baseline.encode(true_grid), prep.grid_affine, mask,
-                                                   inset_mm=inset)
+            outputs["oracle_code"] = realise_codes(coded, prepared, factual_code, encode_images(coded, true_grid),
+                                                   prep.grid_affine, mask, inset_mm=inset)
         for name, sm in scan_models.items():
             outs = []
             for i, path in enumerate(inputs):
