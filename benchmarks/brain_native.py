@@ -51,8 +51,9 @@ import torch
 from skimage.metrics import structural_similarity
 
 from cdae_med.io import Scan, read_nifti, write_nifti
-from pipelines.mri import Preprocessing, prepare_registered, reference_mask, restore_change
-from pipelines.realisation import GridDeformation, deform_scan, deformation_change, fit_deformation, model_deformation
+from pipelines.mri import Preprocessing, prepare_registered, reference_mask
+from pipelines.realisation import (RESIDUALS, GridDeformation, carry_change, deform_scan, deformation_change,
+                                   fit_deformation, model_deformation)
 from pipelines.registration import Reference
 from pipelines.scans import ScanModel
 from pipelines.train_config import TrainConfig, test_seed
@@ -140,8 +141,10 @@ class LatentLinear:
     code and realised as that model's is (through its decoded deformation where its first stage codes
     shape). It asks what the diffusion model adds to its first stage beyond a linear model of the labels."""
 
-    def __init__(self, first_stage, grid_affine: np.ndarray, mask: np.ndarray, inset_mm: float = 0.0):
+    def __init__(self, first_stage, grid_affine: np.ndarray, mask: np.ndarray, inset_mm: float = 0.0,
+                 residual: str = "upsampled"):
         self.first_stage, self.grid_affine, self.mask, self.inset_mm = first_stage, grid_affine, mask, inset_mm
+        self.residual = residual
 
     def fit(self, images01: np.ndarray, labels: np.ndarray) -> "LatentLinear":
         x = design(labels)
@@ -152,7 +155,8 @@ class LatentLinear:
         c = encode_images(self.first_stage, np.stack([pp.image[0] for pp in prepared]))
         c_cf = c + torch.from_numpy(((brain.normalise(labels_cf) - brain.normalise(labels)) @ self.coef[1:])
                                     .astype(np.float32))
-        return realise_codes(self.first_stage, prepared, c, c_cf, self.grid_affine, self.mask, inset_mm=self.inset_mm)
+        return realise_codes(self.first_stage, prepared, c, c_cf, self.grid_affine, self.mask, inset_mm=self.inset_mm,
+                             residual=self.residual)
 
 
 def encode_images(first_stage, images01: np.ndarray) -> torch.Tensor:
@@ -162,7 +166,8 @@ def encode_images(first_stage, images01: np.ndarray) -> torch.Tensor:
 
 
 def realise_codes(first_stage, prepared: list, c: torch.Tensor, c_cf: torch.Tensor, grid_affine: np.ndarray,
-                  mask: np.ndarray, as_intensity: bool = False, inset_mm: float = 0.0) -> list[np.ndarray]:
+                  mask: np.ndarray, as_intensity: bool = False, inset_mm: float = 0.0,
+                  residual: str = "upsampled") -> list[np.ndarray]:
     """The scans changed by decoding first-stage codes ``c`` -> ``c_cf``, realised as a model with that
     first stage realises its change (through the decoded deformation where the first stage codes shape,
     unless ``as_intensity``)."""
@@ -173,10 +178,10 @@ def realise_codes(first_stage, prepared: list, c: torch.Tensor, c_cf: torch.Tens
     out = []
     for i, pp in enumerate(prepared):
         if disp is None:
-            out.append(realise(pp, cf[i] - rec[i], mask))
+            out.append(realise(pp, cf[i] - rec[i], mask, residual))
         else:
             phi = model_deformation(disp[0][i], disp[1][i], grid_affine, mask, inset_mm=inset_mm)
-            out.append(pp.scan.data + deformation_change(pp, rec[i], cf[i] - rec[i], mask, phi))
+            out.append(pp.scan.data + deformation_change(pp, rec[i], cf[i] - rec[i], mask, phi, residual=residual))
     return out
 
 
@@ -215,21 +220,25 @@ def oracle_change(prepared, prep: Preprocessing, truth: np.ndarray) -> np.ndarra
     return (prepared.registration.resample(*grid, data=truth) - prepared.registration.resample(*grid)) / (hi - lo)
 
 
-def realise(prepared, change_on_grid: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def realise(prepared, change_on_grid: np.ndarray, mask: np.ndarray, residual: str = "upsampled") -> np.ndarray:
     """The scan plus a change on the model grid (window units), carried back as the model's is."""
-    return prepared.scan.data + restore_change(prepared, change_on_grid * mask)
+    return prepared.scan.data + carry_change(prepared, change_on_grid * mask, residual)
 
 
-def realise_deformation(prepared, change_on_grid: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def realise_deformation(prepared, change_on_grid: np.ndarray, mask: np.ndarray,
+                        residual: str = "upsampled") -> np.ndarray:
     """The scan plus a change on the model grid realised as a model's is with ``realisation="deformation"``."""
-    return prepared.scan.data + deformation_change(prepared, prepared.image[0], change_on_grid, mask)
+    return prepared.scan.data + deformation_change(prepared, prepared.image[0], change_on_grid, mask,
+                                                   residual=residual)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True,
-                   help="NAME=CHECKPOINT[@REALISATION] (intensity or deformation, pipelines.realisation); the first "
-                        "is 'model'")
+                   help="NAME=CHECKPOINT[@REALISATION[,RESIDUAL]] (intensity or deformation; upsampled or tissue: "
+                        "pipelines.realisation); the first is 'model'")
+    p.add_argument("--residual", choices=RESIDUALS, default=None,
+                   help="how the baselines' and oracles' intensity changes reach the scan [default: the first model's]")
     p.add_argument("--n-test", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--depth", type=float, default=None,
@@ -285,8 +294,10 @@ def main() -> None:
         write_nifti(path, v, affine)
         inputs.append(path)
     scan_models = {name: ScanModel.load(path, device="cpu", num_steps=args.steps, depth=args.depth,
-                                        realisation=realisation or None)
+                                        realisation=realisation.partition(",")[0] or None,
+                                        residual=realisation.partition(",")[2] or None)
                    for name, (path, _, realisation) in specs.items()}
+    residual = args.residual or next(iter(scan_models.values())).residual  # of the baselines and oracles
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
     # the linear regression in the first model's own code, where it has a first stage
@@ -295,7 +306,7 @@ def main() -> None:
     if coded is not None and tuple(coded.shape[1:]) == tuple(prep.spatial_size):
         t0 = time.perf_counter()
         inset = next(iter(scan_models.values())).inset_mm  # realised as the model's change is
-        latent_baseline = LatentLinear(coded, prep.grid_affine, mask, inset).fit(fit_images[:n_def], fit_labels[:n_def])
+        latent_baseline = LatentLinear(coded, prep.grid_affine, mask, inset, residual).fit(fit_images[:n_def], fit_labels[:n_def])
         print(f"latent baseline fitted on {n_def} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
         factual_grid = np.stack([pp.image[0] for pp in prepared])
         factual_code = encode_images(coded, factual_grid)  # the oracle_code row's starting point, every intervention's
@@ -310,20 +321,20 @@ def main() -> None:
         outputs: dict[str, list[np.ndarray]] = {"copy": [s[..., 0] for s in samples.images]}
         # the baselines' variables in reference space, as the model's
         factual, cf = (reference_space_labels(y, GRAPH, prep, test_ratios) for y in (samples.labels, truth.labels))
-        outputs["baseline"] = [realise(pp, ch, mask) for pp, ch in zip(prepared, baseline.change(factual, cf))]
+        outputs["baseline"] = [realise(pp, ch, mask, residual) for pp, ch in zip(prepared, baseline.change(factual, cf))]
         outputs["baseline_deformation"] = [deform_scan(pp.registration, phi) for pp, phi in
                                            zip(prepared, shape_baseline.deformations(factual, cf))]
         if latent_baseline is not None:
             outputs["baseline_latent"] = latent_baseline.outputs(prepared, factual, cf)
-        outputs["oracle"] = [realise(pp, oracle_change(pp, prep, t), mask)
+        outputs["oracle"] = [realise(pp, oracle_change(pp, prep, t), mask, residual)
                              for pp, t in zip(prepared, truth.images[..., 0])]
-        outputs["oracle_deformation"] = [realise_deformation(pp, oracle_change(pp, prep, t), mask)
+        outputs["oracle_deformation"] = [realise_deformation(pp, oracle_change(pp, prep, t), mask, residual)
                                          for pp, t in zip(prepared, truth.images[..., 0])]
         if latent_baseline is not None:  # the true counterfactual in the model's own code, realised as its change
             true_grid = factual_grid + np.stack([oracle_change(pp, prep, t) * mask
                                                  for pp, t in zip(prepared, truth.images[..., 0])])
             outputs["oracle_code"] = realise_codes(coded, prepared, factual_code, encode_images(coded, true_grid),
-                                                   prep.grid_affine, mask, inset_mm=inset)
+                                                   prep.grid_affine, mask, inset_mm=inset, residual=residual)
         for name, sm in scan_models.items():
             outs = []
             for i, path in enumerate(inputs):
@@ -356,7 +367,9 @@ def main() -> None:
                           "depth": scan_models[name].depth, **_training(path)}
                    for name, path in models.items()},
         "model": first,
-        "train_cpu_minutes": _training(models[first]).get("train_minutes"),
+        # the whole recipe (rendering, registration, first stage, optimisation) where the checkpoint
+        # recorded it, else the optimisation's minutes alone
+        "train_cpu_minutes": _training(models[first]).get("cpu_minutes") or _training(models[first]).get("train_minutes"),
         "seconds_per_scan": float(np.mean(seconds[first])),
         "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
         "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps,
@@ -378,6 +391,7 @@ def _training(path) -> dict:
     metrics = meta.get("metrics", {})
     prep = meta.get("image", {}).get("preprocessing", {})
     return {"steps": meta.get("step"), "train_minutes": metrics.get("train_minutes"),
+            "cpu_minutes": metrics.get("cpu_minutes"),
             "registration": prep.get("registration"), "grid": prep.get("spatial_size")}
 
 

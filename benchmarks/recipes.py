@@ -40,6 +40,7 @@ RECIPES: dict[str, dict] = {
     "wide": {"model": {"unet_channels": (64, 128, 128)}},
     "encoder_steps_4": {"encoder_steps": 4},
     "encoder_steps_8": {"encoder_steps": 8},
+    "encoder_steps_16": {"encoder_steps": 16},
 }
 
 

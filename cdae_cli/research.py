@@ -34,6 +34,8 @@ _SCAN_CHECKPOINT = typer.Option(None, help="Checkpoint directory written by `cda
 _REALISATION = typer.Option(None, help="Scans: how the change reaches the scan, intensity (the upsampled "
                                        "difference) or deformation (a warp of the scan plus a residual; "
                                        "registered models) [default: the model's].")
+_RESIDUAL = typer.Option(None, help="Scans: the intensity part of the change upsampled (upsampled) or moved onto "
+                                    "the scan's own tissue boundaries (tissue) [default: the model's].")
 _SCAN_MODEL = typer.Option("brain", "--model", help="Scans: the registered model NAME or NAME:vN to use when no "
                                                     "--checkpoint is given (brain: the one cdae-med ships).")
 _STEPS = typer.Option(50, help="DDIM steps.")
@@ -208,6 +210,7 @@ def counterfactual(
     out_of_range: str = typer.Option("flag", help="Scans: an intervention outside the training range is "
                                                   "flagged in the report (flag) or refused (refuse)."),
     realisation: Optional[str] = _REALISATION,
+    residual: Optional[str] = _RESIDUAL,
     device: str = _DEVICE,
 ) -> None:
     """Counterfactual of one image or scan under do(...); prints a JSON report of the values it implies."""
@@ -224,7 +227,8 @@ def counterfactual(
             from pipelines.scans import ScanModel
 
             scans = ScanModel.load(_scan_checkpoint(checkpoint, model), device=device, num_steps=steps, depth=depth,
-                                   guidance=guidance, out_of_range=out_of_range, realisation=realisation)
+                                   guidance=guidance, out_of_range=out_of_range, realisation=realisation,
+                                   residual=residual)
             given = parse_assignments(covariates.split(","), "--covariates") if covariates else {}
             report = scans.run(input, do_map, out_dir, covariates=given)
             typer.echo(json.dumps(report, indent=2))
@@ -308,6 +312,7 @@ def batch(
     guidance: float = typer.Option(1.0, help="Guidance weight, factual reference (1 = plain conditional "
                                              "decoding; > 1 amplifies the intervention's effect)."),
     realisation: Optional[str] = _REALISATION,
+    residual: Optional[str] = _RESIDUAL,
     device: str = _DEVICE,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -328,7 +333,7 @@ def batch(
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         do_map = parse_assignments(do, "--do")
         scans = ScanModel.load(_scan_checkpoint(checkpoint, model), device=device, num_steps=steps, guidance=guidance,
-                               realisation=realisation)
+                               realisation=realisation, residual=residual)
         do_values = scans.interventions(do_map)
         subjects = (read_manifest(manifest, scans.graph, require_all=False) if manifest is not None
                     else subjects_in_folder(folder))

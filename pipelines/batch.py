@@ -121,7 +121,7 @@ def run_batch(model: ScanModel, subjects: Iterable[Subject], do: Mapping[str, fl
     names = model.graph.names
     identity = model_identity(model)
     settings = {"ddim_steps": model.num_steps, "depth": model.depth, "guidance": model.guidance,
-                "realisation": model.realisation}
+                "realisation": model.realisation, "residual": model.residual}
     rows: dict[str, dict] = {}
 
     def record(s: Subject, status: str, error: str = "", report: dict | None = None, seconds: float = 0.0,

@@ -34,9 +34,9 @@ from cdae_med.pipeline import CounterfactualPipeline
 from cdae_med.runtime import optimise_for_device, resolve_device
 from cdae_med.values import parse_values
 
-from .mri import (Preprocessing, PreparedScan, from_slices, prepare, reference_mask, restore_change,
+from .mri import (Preprocessing, PreparedScan, from_slices, prepare, reference_mask,
                   spatial_transforms, to_slices)
-from .realisation import REALISATIONS, deformation_change, model_deformation
+from .realisation import REALISATIONS, RESIDUALS, carry_change, deformation_change, model_deformation
 from .registration import Reference, RegistrationError
 
 __all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "orthogonal_preview"]
@@ -64,7 +64,7 @@ class ScanModel:
 
     def __init__(self, checkpoint, device: torch.device, num_steps: int = 50, depth: float | None = None,
                  guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag",
-                 realisation: str | None = None):
+                 realisation: str | None = None, residual: str | None = None):
         if out_of_range not in OUT_OF_RANGE:
             raise ValueError(f"out_of_range must be one of {OUT_OF_RANGE}, got {out_of_range!r}")
         self.out_of_range = out_of_range
@@ -73,6 +73,12 @@ class ScanModel:
         if realisation not in REALISATIONS:
             raise ValueError(f"realisation must be one of {REALISATIONS}, got {realisation!r}")
         self.realisation = realisation
+        # How the intensity part of the change reaches the scan: upsampled, or onto the scan's own tissue
+        # boundaries (pipelines.realisation.onto_tissue); a checkpoint may name its own default.
+        residual = residual or checkpoint.image.get("residual", "upsampled")
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+        self.residual = residual
         # How far from the head's surface a deformation may move tissue (pipelines.realisation.head_weight).
         self.inset_mm = float(checkpoint.image.get("deformation_inset_mm", 0.0))
         if not self.inset_mm >= 0.0:
@@ -133,10 +139,10 @@ class ScanModel:
     @classmethod
     def load(cls, checkpoint_dir, device: str = "auto", num_steps: int = 50, depth: float | None = None,
              guidance: float = 1.0, limits: ScanLimits | None = None, out_of_range: str = "flag",
-             realisation: str | None = None) -> "ScanModel":
+             realisation: str | None = None, residual: str | None = None) -> "ScanModel":
         dev = resolve_device(device)
         return cls(load_checkpoint(checkpoint_dir, map_location=dev), dev, num_steps, depth, guidance, limits,
-                   out_of_range, realisation)
+                   out_of_range, realisation, residual)
 
     # --- inputs ------------------------------------------------------------------------
     def interventions(self, do: Mapping[str, float | str]) -> dict[str, float]:
@@ -225,9 +231,10 @@ class ScanModel:
             if self.realisation == "deformation" and change[i].any():
                 decided = None if not shape_coded else model_deformation(
                     displacements[0][i], displacements[1][i], p.prep.grid_affine, where, inset_mm=self.inset_mm)
-                diff = deformation_change(p, reconstruction[i, 0], change[i, 0], where, decided, self.inset_mm)
+                diff = deformation_change(p, reconstruction[i, 0], change[i, 0], where, decided, self.inset_mm,
+                                          self.residual)
             else:
-                diff = restore_change(p, change[i] * where)
+                diff = carry_change(p, change[i] * where, self.residual)
             results.append(_Result(counterfactual=p.scan.data + diff, difference=diff,
                                    factual=dict(zip(graph.names, factual[i].tolist())),
                                    values=dict(zip(graph.names, values[i].tolist()))))
@@ -283,7 +290,7 @@ class ScanModel:
             "model": {"checkpoint": str(ck.path), "dataset": ck.dataset, "training_steps": ck.step,
                       "graph": list(graph.names), "format_version": FORMAT_VERSION, "cdae_med_version": __version__},
             "settings": {"ddim_steps": self.num_steps, "depth": self.depth, "guidance": self.guidance,
-                         "realisation": self.realisation,
+                         "realisation": self.realisation, "residual": self.residual,
                          **({"deformation_inset_mm": self.inset_mm} if self.realisation == "deformation" else {}),
                          "model_kind": self.model_kind,
                          "preprocessing": self.preprocessing.to_dict(),
@@ -293,7 +300,9 @@ class ScanModel:
                                     + "), plus its residual, through the inverse registration"
                                     if self.realisation == "deformation" else
                                     "input + (counterfactual - reconstruction) carried back through the inverse "
-                                    + ("registration" if reg is not None else "preprocessing"))},
+                                    + ("registration" if reg is not None else "preprocessing"))
+                                   + (", the intensity change moved onto the scan's tissue boundaries"
+                                      if self.residual == "tissue" else "")},
             "files": list(OUTPUT_FILES),
             "seconds": round(seconds, 3),
         }

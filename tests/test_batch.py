@@ -56,7 +56,7 @@ def test_a_changed_request_is_computed_again(tmp_path, cohort, model):
     first = json.loads((out / "sub-00000" / "report.json").read_text())["request"]
     assert first["interventions"] == {"age": 80.0} and len(first["key"]) == 64
     assert first["model"]["sha256"] and first["settings"] == {"ddim_steps": 2, "depth": 1.0, "guidance": 1.0,
-                                                           "realisation": "intensity"}
+                                                           "realisation": "intensity", "residual": "upsampled"}
 
     s = run_batch(model, subjects_in_folder(folder), {"age": 80}, out, batch_size=2, progress=False)
     assert _statuses(s) == ["done earlier"] * 3  # the same request: kept

@@ -69,6 +69,39 @@ def test_scan_model_realisation_is_checked():
         ScanModel.load(tiny, device="cpu", realisation="deformation")
     with pytest.raises(ValueError, match="realisation must be one of"):
         ScanModel.load(tiny, device="cpu", realisation="warp")
+    assert ScanModel.load(tiny, device="cpu").residual == "upsampled"
+    assert ScanModel.load(tiny, device="cpu", residual="tissue").residual == "tissue"
+    with pytest.raises(ValueError, match="residual must be one of"):
+        ScanModel.load(tiny, device="cpu", residual="sharp")
+
+
+def test_a_change_onto_tissue_lands_on_edges_and_adds_nothing():
+    from pipelines.realisation import onto_tissue
+
+    scan = np.zeros((48, 48, 48), np.float32)
+    scan[:, :, 24:] = 1.0  # one tissue boundary, across z = 24
+    change = np.full(scan.shape, -0.1, np.float32)  # a region darkens, as a 6 mm model says it
+    out = onto_tissue(change, scan, (2.0, 2.0, 2.0), 6.0)
+    near, beside = np.abs(out[:, :, 23:25]).mean(), np.abs(out[:, :, 18:22]).mean()  # 4-12 mm from it: beside it
+    assert near > 0.2 and beside < 0.01, (near, beside)  # taken from beside the boundary onto it
+    assert np.allclose(out[:, :, :8], -0.1, atol=1e-3)  # far from any edge the change stays as decided
+    slab = out[:, :, 12:36].sum() / change[:, :, 12:36].sum()
+    assert 0.5 < slab <= 1.0, slab  # nothing added, and most of what was decided kept
+    assert np.all(onto_tissue(np.zeros_like(change), scan, (2.0, 2.0, 2.0), 6.0) == 0)  # a null change stays null
+    flat = np.ones_like(scan)  # no edges anywhere: the change stays as upsampled
+    assert np.allclose(onto_tissue(change, flat, (2.0, 2.0, 2.0), 6.0), change, atol=1e-6)
+
+
+def test_onto_tissue_brings_the_oracle_closer_to_the_truth(case):
+    """The true do(ventricle_volume x 1.5) change on the 6 mm grid put on the 2 mm scan's own tissue
+    boundaries is closer to the true 2 mm counterfactual than the same change upsampled."""
+    from pipelines.realisation import carry_change
+
+    s, truth, p, prep, mask, change = case
+    x, t = s.images[0, ..., 0], truth.images[0, ..., 0]
+    upsampled = np.abs(x + carry_change(p, change * mask) - t).mean()
+    on_tissue = np.abs(x + carry_change(p, change * mask, "tissue") - t).mean()
+    assert on_tissue < 0.95 * upsampled, (on_tissue, upsampled)
 
 
 def test_a_deformation_made_from_its_displacement_gives_it_back():
