@@ -45,30 +45,36 @@ log = logging.getLogger("cdae_med")
 REALISATIONS = ("intensity", "deformation")
 RESIDUALS = ("upsampled", "tissue")
 
-# onto_tissue's weights: edge strength from the scan's gradient at this scale, squared; a floor (a share of the
-# scan's 1-99 % range) keeps a flat region's change where the model put it. The change is spread over a
-# neighbourhood of 2/3 of the model's spacing. Chosen on the 6 validation subjects of
-# benchmarks/brain_native.py with the oracle (the true change on the model grid).
+# onto_tissue's weights: edge strength from the scan's gradient at TISSUE_EDGE_MM, to TISSUE_POWER; a floor (a
+# share of the scan's 1-99 % range) keeps a flat region's change where the model put it; the change is moved
+# within TISSUE_SPREAD of the model's spacing. Chosen with the oracle (the true change on the model grid) on the
+# validation subjects of benchmarks/brain_native.py: benchmarks/results/brain_tissue_weights.json.
 TISSUE_EDGE_MM = 2.0
+TISSUE_POWER = 2.0
 TISSUE_FLOOR = 0.02
 TISSUE_SPREAD = 2.0 / 3.0
 
 
-def onto_tissue(change: np.ndarray, scan: np.ndarray, spacing_mm, model_spacing_mm: float) -> np.ndarray:
+def onto_tissue(change: np.ndarray, scan: np.ndarray, spacing_mm, model_spacing_mm: float, *,
+                edge_mm: float = TISSUE_EDGE_MM, power: float = TISSUE_POWER, floor: float = TISSUE_FLOOR,
+                spread: float = TISSUE_SPREAD, keep_sum: bool = False) -> np.ndarray:
     """A change upsampled from the model's grid onto a scan (``change``, the scan's grid and units) moved
-    onto the scan's own tissue boundaries: multiplied by w / G(w), with w the squared gradient magnitude of
-    the scan (plus a floor) and G a Gaussian of 2/3 of a model voxel. Near an edge the change is taken from
-    the flat tissue beside it and put on the edge; far from any edge it stays as upsampled; nowhere is it
-    made larger in sum, and a zero change stays zero. (Spreading it so that its local sum is kept exactly,
-    w G(change / G(w)), measured worse against the oracle.)"""
+    onto the scan's own tissue boundaries: multiplied by w / G(w), with w the gradient magnitude of the
+    scan to ``power`` (plus a floor) and G a Gaussian of ``spread`` model voxels. Near an edge the change
+    is taken from the flat tissue beside it and put on the edge; far from any edge it stays as upsampled;
+    nowhere is it made larger in sum, and a zero change stays zero. ``keep_sum``: spread it so that its
+    local sum is kept exactly, w G(change / G(w)) (measured worse against the oracle)."""
     from scipy.ndimage import gaussian_filter, gaussian_gradient_magnitude
 
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     data = np.asarray(scan, dtype=np.float32)
     lo, hi = np.percentile(data[::2, ::2, ::2], [1, 99])
-    edges = gaussian_gradient_magnitude(data, TISSUE_EDGE_MM / spacing) / max(float(hi - lo), 1e-12)
-    w = edges ** 2 + TISSUE_FLOOR ** 2
-    return (change * w / gaussian_filter(w, TISSUE_SPREAD * model_spacing_mm / spacing)).astype(np.float32)
+    edges = gaussian_gradient_magnitude(data, edge_mm / spacing) / max(float(hi - lo), 1e-12)
+    w = edges ** power + floor ** power
+    sigma = spread * model_spacing_mm / spacing
+    out = w * gaussian_filter(change / gaussian_filter(w, sigma), sigma) if keep_sum else \
+        change * w / gaussian_filter(w, sigma)
+    return out.astype(np.float32)
 
 
 def carry_change(prepared: PreparedScan, change: np.ndarray, residual: str = "upsampled",
