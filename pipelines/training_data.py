@@ -80,10 +80,12 @@ def _registered_cache(ds: SyntheticDataset, cfg: TrainConfig, prep: Preprocessin
     registration costs about a second here, so a second model trained on the same subjects reuses them."""
     from cdae_med import __version__
 
+    from .registration import OPTIMIZER
     from .settings import RuntimeSettings
 
     key = json.dumps({"dataset": ds.name, "n": cfg.n_train, "seed": cfg.seed, "render": render,
-                      "reference": REFERENCE_SIZE, "preprocessing": prep.to_dict(), "version": __version__},
+                      "reference": REFERENCE_SIZE, "preprocessing": prep.to_dict(), "optimizer": OPTIMIZER,
+                      "version": __version__},
                      sort_keys=True)
     return RuntimeSettings().home / "cache" / "registered" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
 

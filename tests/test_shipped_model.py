@@ -91,11 +91,15 @@ def test_cli_counterfactual_runs_the_shipped_model_on_a_fresh_install(tmp_path, 
     assert report["counterfactual"]["age"]["value"] == 70.0
     assert report["model"]["checkpoint"].startswith(str(tmp_path / "home"))
     assert "principal components of the displacement" in report["settings"]["model_kind"]
-    # its change moves tissue by the deformation the model decodes (pipelines.realisation.model_deformation)
-    assert report["settings"]["realisation"] == "deformation" and "decoded by the model" in report["settings"]["output"]
-    # kept as far inside the head as the checkpoint says (pipelines.realisation.head_weight)
+    # its change reaches the scan as its checkpoint says: the realisation and the residual measured best for it
+    # (pipelines/models/brain/README.md), the intensity change put on the scan's tissue boundaries
     image = json.loads((SHIPPED_BRAIN / "checkpoint.json").read_text())["image"]
-    assert report["settings"]["deformation_inset_mm"] == image.get("deformation_inset_mm", 0.0)
+    settings = report["settings"]
+    assert settings["realisation"] == image["realisation"] and settings["residual"] == image["residual"] == "tissue"
+    assert "tissue boundaries" in settings["output"]
+    if image["realisation"] == "deformation":  # moved by the deformation the model decodes, kept inside the head
+        assert "decoded by the model" in settings["output"]
+        assert settings["deformation_inset_mm"] == image.get("deformation_inset_mm", 0.0)
     # registered affinely, its volumes read at this head's size (pipelines.mri.Preprocessing.volume_factor)
     assert report["registration"]["transform"] == "affine" and 0.6 < report["registration"]["volume_ratio"] < 1.4
     # the inversion depth the checkpoint names (pipelines/models/brain/README.md) where none is given
