@@ -364,6 +364,7 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
         "models": {name: {"checkpoint": str(path), "realisation": scan_models[name].realisation,
+                          "residual": scan_models[name].residual,
                           "depth": scan_models[name].depth, **_training(path)}
                    for name, path in models.items()},
         "model": first,
@@ -378,7 +379,7 @@ def main() -> None:
         "baseline_latent": None if latent_baseline is None else
         f"linear regression in the first model's first-stage code, fitted on {n_def} subjects",
         "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed, "registration": registration,
-        "reference_grid": args.size,
+        "reference_grid": args.size, "baseline_residual": residual,
         "interventions": rows,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
