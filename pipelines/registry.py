@@ -18,13 +18,20 @@ copied: a registered model is for inference. ``registry.json`` records where the
 from; registering again from the same ``source`` (a job id) returns the version already
 there, which makes a re-run training job safe.
 
+A model shipped with cdae-med (``SHIPPED``) is registered the first time it is asked for, its source
+naming its weights; a cdae-med that ships other weights registers them as a new version, which serves
+where the shipped one served (a model the user promoted keeps serving).
+
 Reading the registry needs no torch: the graph comes from ``checkpoint.json``.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,6 +44,8 @@ from typing import Any
 from cdae_med.graph import CausalGraph
 
 from .settings import RuntimeSettings
+
+log = logging.getLogger("cdae_med")
 
 __all__ = ["RegistryError", "RegisteredModel", "default_home", "models_dir", "register", "list_models",
            "resolve", "shipped_models", "SHIPPED", "promote", "promoted_version", "NAME_RE"]
@@ -51,6 +60,7 @@ _COPIED = ("checkpoint.json", "weights.pt", "metrics.json", "counterfactual_grid
 
 # Trained models that ship as package data (each directory's README.md says how it was made).
 SHIPPED = {"brain": Path(__file__).resolve().parent / "models" / "brain"}
+SHIPPED_SOURCE = "shipped with cdae-med"  # how a registered shipped model's source begins
 
 
 class RegistryError(ValueError):
@@ -245,15 +255,44 @@ def shipped_models() -> dict[str, Path]:
     return {name: path for name, path in SHIPPED.items() if (path / "checkpoint.json").is_file()}
 
 
+@functools.lru_cache(maxsize=8)
+def _content_id(weights: Path, size: int, mtime_ns: int) -> str:
+    """The first 12 hex digits of a weights file's SHA-256 (cached per file, size and time)."""
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def _register_shipped(name: str, home: str | Path | None) -> bool:
-    """File the shipped model ``name`` as the first version of that name where it is not registered
-    yet: a fresh install serves it without training. Returns whether it did."""
+    """File the shipped model ``name`` where the registry does not hold it yet: as the first version of
+    that name (a fresh install serves it without training), or, where an earlier shipped model of that
+    name is registered, as a new version, identified by its weights, so that an upgraded cdae-med does not
+    keep serving the model it shipped before (a name that only ever held the user's models is left alone). The new one serves only where a shipped model served until
+    now; a model the user promoted keeps serving. Returns whether it registered one."""
     path = shipped_models().get(name)
-    if path is None or _versions(models_dir(home), name):
+    if path is None:
         return False
     from cdae_med import __version__
 
-    register(path, name, home=home, source=f"shipped with cdae-med {__version__}")
+    stat = (path / "weights.pt").stat()
+    source = f"{SHIPPED_SOURCE} {__version__} (weights {_content_id(path / 'weights.pt', stat.st_size, stat.st_mtime_ns)})"
+    base = models_dir(home)
+    versions = _versions(base, name)
+    if not versions:
+        register(path, name, home=home, source=source)
+        return True
+    registered = [_read(base / name / f"v{v}", name, v) for v in versions]
+    earlier = [m for m in registered if (m.source or "").startswith(SHIPPED_SOURCE)]
+    if not earlier or any(m.source == source for m in earlier):  # the user's own name, or up to date
+        return False
+    serving = next((m for m in registered if m.promoted), None)
+    model = register(path, name, home=home, source=source)
+    if serving is not None and (serving.source or "").startswith(SHIPPED_SOURCE):
+        _record_promotion(base / name, model.version, by=f"cdae-med {__version__} (shipped model updated)")
+        log.info("the shipped model %s is new in this version of cdae-med: registered as %s and serving",
+                 name, model.ref)
     return True
 
 

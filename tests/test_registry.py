@@ -131,3 +131,26 @@ def test_cli_train_registers_and_models_list_shows_it(tmp_path, monkeypatch):
     assert listed.exit_code == 0 and listed.output.startswith("mri:v1\tbrain\tage, sex, brain_volume, ventricle_volume")
     bad = CliRunner().invoke(app, ["train", "--dataset", "brain", "--register-as", "../x", "--out", str(tmp_path / "n")])
     assert bad.exit_code == 2 and "model name" in bad.output
+
+
+def test_an_upgrade_that_ships_other_weights_serves_them_unless_the_user_promoted_a_model(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    shipped = fake_checkpoint(tmp_path / "shipped")
+    monkeypatch.setattr(registry, "SHIPPED", {"brain": shipped})
+    first = resolve("brain", home=home)
+    assert first.ref == "brain:v1" and first.source.startswith("shipped with cdae-med")
+    assert resolve("brain", home=home).ref == "brain:v1"  # asked again: nothing new registered
+    assert [m.ref for m in list_models(home, all_versions=True)] == ["brain:v1"]
+
+    (shipped / "weights.pt").write_bytes(b"retrained")  # a later cdae-med ships another brain model
+    second = resolve("brain", home=home)
+    assert second.ref == "brain:v2" and second.promoted and second.source != first.source
+    assert (second.path / "weights.pt").read_bytes() == b"retrained"
+
+    own = register(fake_checkpoint(tmp_path / "own"), "brain", home=home)  # the user's own model, promoted
+    promote(own.ref, home=home, by="user")
+    (shipped / "weights.pt").write_bytes(b"retrained again")
+    assert resolve("brain", home=home).ref == own.ref  # theirs keeps serving ...
+    versions = list_models(home, all_versions=True)
+    assert [m.ref for m in versions] == ["brain:v1", "brain:v2", "brain:v3", "brain:v4"]  # ... the new one waits
+    assert (versions[-1].path / "weights.pt").read_bytes() == b"retrained again" and not versions[-1].promoted
