@@ -293,10 +293,11 @@ def main() -> None:
         path = args.work / f"sub-{i:02d}.nii.gz"
         write_nifti(path, v, affine)
         inputs.append(path)
-    scan_models = {name: ScanModel.load(path, device="cpu", num_steps=args.steps, depth=args.depth,
-                                        realisation=realisation.partition(",")[0] or None,
-                                        residual=realisation.partition(",")[2] or None)
-                   for name, (path, _, realisation) in specs.items()}
+    scan_models = {}
+    for name, (path, _, how) in specs.items():
+        realisation, _, residual = how.partition(",")
+        scan_models[name] = ScanModel.load(path, device="cpu", num_steps=args.steps, depth=args.depth,
+                                           realisation=realisation or None, residual=residual or None)
     residual = args.residual or next(iter(scan_models.values())).residual  # of the baselines and oracles
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
@@ -361,16 +362,17 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    training = {name: _training(path) for name, path in models.items()}
     result = {
         "machine": f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
         "models": {name: {"checkpoint": str(path), "realisation": scan_models[name].realisation,
                           "residual": scan_models[name].residual,
-                          "depth": scan_models[name].depth, **_training(path)}
+                          "depth": scan_models[name].depth, **training[name]}
                    for name, path in models.items()},
         "model": first,
         # the whole recipe (rendering, registration, first stage, optimisation) where the checkpoint
         # recorded it, else the optimisation's minutes alone
-        "train_cpu_minutes": _training(models[first]).get("cpu_minutes") or _training(models[first]).get("train_minutes"),
+        "train_cpu_minutes": training[first]["cpu_minutes"] or training[first]["train_minutes"],
         "seconds_per_scan": float(np.mean(seconds[first])),
         "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
         "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps,

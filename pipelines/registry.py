@@ -258,11 +258,16 @@ def shipped_models() -> dict[str, Path]:
 @functools.lru_cache(maxsize=8)
 def _content_id(weights: Path, size: int, mtime_ns: int) -> str:
     """The first 12 hex digits of a weights file's SHA-256 (cached per file, size and time)."""
-    digest = hashlib.sha256()
     with open(weights, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+        return hashlib.file_digest(fh, "sha256").hexdigest()[:12]
+
+
+def _source(version_dir: Path) -> str:
+    """Where a registered version came from (its ``registry.json``), "" where it does not say."""
+    try:
+        return str(json.loads((version_dir / "registry.json").read_text()).get("source") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def _register_shipped(name: str, home: str | Path | None) -> bool:
@@ -283,13 +288,13 @@ def _register_shipped(name: str, home: str | Path | None) -> bool:
     if not versions:
         register(path, name, home=home, source=source)
         return True
-    registered = [_read(base / name / f"v{v}", name, v) for v in versions]
-    earlier = [m for m in registered if (m.source or "").startswith(SHIPPED_SOURCE)]
-    if not earlier or any(m.source == source for m in earlier):  # the user's own name, or up to date
+    sources = {v: _source(base / name / f"v{v}") for v in versions}  # registry.json only: resolve() runs per job
+    shipped_before = [src for src in sources.values() if src.startswith(SHIPPED_SOURCE)]
+    if not shipped_before or source in shipped_before:  # the user's own name, or up to date
         return False
-    serving = next((m for m in registered if m.promoted), None)
+    serving = _serving(base / name, versions)
     model = register(path, name, home=home, source=source)
-    if serving is not None and (serving.source or "").startswith(SHIPPED_SOURCE):
+    if sources.get(serving, "").startswith(SHIPPED_SOURCE):
         _record_promotion(base / name, model.version, by=f"cdae-med {__version__} (shipped model updated)")
         log.info("the shipped model %s is new in this version of cdae-med: registered as %s and serving",
                  name, model.ref)
