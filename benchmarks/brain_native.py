@@ -12,6 +12,8 @@ grid, carried back through the inverse registration onto the 2 mm grid):
 - ``copy``: the input unchanged;
 - ``baseline``: a voxelwise linear regression of registered intensity on the graph's variables
   (fitted on generated subjects), whose change is coefficients x (counterfactual - factual values);
+- ``baseline_quantile``: the same regression of every voxel's normal score under the cohort's quantiles
+  there (:class:`VoxelwiseQuantile`), its shift mapped back through the subject's own voxel;
 - ``baseline_deformation``: the same regression of the demons displacement onto each subject from
   the cohort's mean (:class:`VoxelwiseDeformation`), its change warping the scan itself;
 - ``baseline_latent``: the same regression of the first model's own first-stage code
@@ -106,6 +108,38 @@ class VoxelwiseLinear:
         return (d @ self.coef[1:]).reshape(len(labels), *self.shape)
 
 
+class VoxelwiseQuantile:
+    """:class:`VoxelwiseLinear` in quantile space: every voxel's intensity through the cohort's quantiles
+    at that voxel to a normal score (:class:`cdae_med.latent.VoxelQuantiles`, the transform of a first
+    stage with ``latent_quantiles``), the score ~ [1, normalised graph variables]. Its counterfactual keeps
+    a subject's residual score and maps the shifted score back through the same voxel's quantiles, so a
+    shift that is the same for every subject changes the intensity most where the subject sits between
+    the cohort's modes at that voxel and least on a mode: what a model on that first stage can do with a
+    change that is the population's."""
+
+    def __init__(self, n_quantiles: int = 256):
+        self.n_quantiles = n_quantiles
+
+    def fit(self, images: np.ndarray, labels: np.ndarray) -> "VoxelwiseQuantile":
+        from cdae_med.latent import VoxelQuantiles
+
+        flat = torch.from_numpy(np.asarray(images, np.float32).reshape(len(images), -1))
+        self.transform = VoxelQuantiles(self.n_quantiles, flat.shape[1]).fit(flat)
+        with torch.no_grad():
+            scores = self.transform(flat).numpy()
+        self.coef, *_ = np.linalg.lstsq(design(labels), scores, rcond=None)
+        self.shape = images.shape[1:]
+        return self
+
+    def change(self, images: np.ndarray, labels: np.ndarray, labels_cf: np.ndarray) -> np.ndarray:
+        flat = torch.from_numpy(np.asarray(images, np.float32).reshape(len(images), -1))
+        shift = torch.from_numpy(((brain.normalise(labels_cf) - brain.normalise(labels)) @ self.coef[1:])
+                                 .astype(np.float32))
+        with torch.no_grad():
+            moved = self.transform.inverse(self.transform(flat) + shift)
+        return (moved - flat).numpy().reshape(len(images), *self.shape)
+
+
 class VoxelwiseDeformation:
     """The deformation analogue of :class:`VoxelwiseLinear`: the displacement that carries ``template``
     (the cohort's mean registered image) onto each subject (diffeomorphic demons, as
@@ -142,9 +176,9 @@ class LatentLinear:
     shape). It asks what the diffusion model adds to its first stage beyond a linear model of the labels."""
 
     def __init__(self, first_stage, grid_affine: np.ndarray, mask: np.ndarray, inset_mm: float = 0.0,
-                 residual: str = "upsampled"):
+                 residual: str = "upsampled", as_intensity: bool = False):
         self.first_stage, self.grid_affine, self.mask, self.inset_mm = first_stage, grid_affine, mask, inset_mm
-        self.residual = residual
+        self.residual, self.as_intensity = residual, as_intensity
 
     def fit(self, images01: np.ndarray, labels: np.ndarray) -> "LatentLinear":
         x = design(labels)
@@ -155,8 +189,8 @@ class LatentLinear:
         c = encode_images(self.first_stage, np.stack([pp.image[0] for pp in prepared]))
         c_cf = c + torch.from_numpy(((brain.normalise(labels_cf) - brain.normalise(labels)) @ self.coef[1:])
                                     .astype(np.float32))
-        return realise_codes(self.first_stage, prepared, c, c_cf, self.grid_affine, self.mask, inset_mm=self.inset_mm,
-                             residual=self.residual)
+        return realise_codes(self.first_stage, prepared, c, c_cf, self.grid_affine, self.mask, self.as_intensity,
+                             self.inset_mm, self.residual)
 
 
 def encode_images(first_stage, images01: np.ndarray) -> torch.Tensor:
@@ -280,6 +314,7 @@ def main() -> None:
         prep = Preprocessing.from_dict(data.image_meta["preprocessing"])
     baseline = VoxelwiseLinear().fit(fit_images, fit_labels)
     print(f"baseline fitted on {args.n_fit} registered subjects in {time.perf_counter() - t0:.0f} s", flush=True)
+    quantile_baseline = VoxelwiseQuantile().fit(fit_images, fit_labels)
     t0 = time.perf_counter()
     n_def = min(args.n_fit_deformation, len(fit_images))
     shape_baseline = VoxelwiseDeformation(fit_images[:n_def].mean(0), prep.grid_affine, mask)
@@ -301,16 +336,19 @@ def main() -> None:
     residual = args.residual or next(iter(scan_models.values())).residual  # of the baselines and oracles
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
+    grid_images = np.stack([pp.image[0] for pp in prepared])  # the subjects registered onto the model grid
     # the linear regression in the first model's own code, where it has a first stage
     coded = next(iter(scan_models.values())).pipeline.model.first_stage
     latent_baseline = None
     if coded is not None and tuple(coded.shape[1:]) == tuple(prep.spatial_size):
         t0 = time.perf_counter()
-        inset = next(iter(scan_models.values())).inset_mm  # realised as the model's change is
-        latent_baseline = LatentLinear(coded, prep.grid_affine, mask, inset, residual).fit(fit_images[:n_def], fit_labels[:n_def])
+        # realised as the model's change is
+        inset = next(iter(scan_models.values())).inset_mm
+        as_intensity = next(iter(scan_models.values())).realisation == "intensity"
+        latent_baseline = LatentLinear(coded, prep.grid_affine, mask, inset, residual, as_intensity).fit(
+            fit_images[:n_def], fit_labels[:n_def])
         print(f"latent baseline fitted on {n_def} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
-        factual_grid = np.stack([pp.image[0] for pp in prepared])
-        factual_code = encode_images(coded, factual_grid)  # the oracle_code row's starting point, every intervention's
+        factual_code = encode_images(coded, grid_images)  # the oracle_code row's starting point, every intervention's
     test_ratios = np.array([pp.registration.volume_ratio for pp in prepared])
     input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
     first = next(iter(models))
@@ -323,6 +361,8 @@ def main() -> None:
         # the baselines' variables in reference space, as the model's
         factual, cf = (reference_space_labels(y, GRAPH, prep, test_ratios) for y in (samples.labels, truth.labels))
         outputs["baseline"] = [realise(pp, ch, mask, residual) for pp, ch in zip(prepared, baseline.change(factual, cf))]
+        outputs["baseline_quantile"] = [realise(pp, ch, mask, residual) for pp, ch in
+                                        zip(prepared, quantile_baseline.change(grid_images, factual, cf))]
         outputs["baseline_deformation"] = [deform_scan(pp.registration, phi) for pp, phi in
                                            zip(prepared, shape_baseline.deformations(factual, cf))]
         if latent_baseline is not None:
@@ -332,10 +372,10 @@ def main() -> None:
         outputs["oracle_deformation"] = [realise_deformation(pp, oracle_change(pp, prep, t), mask, residual)
                                          for pp, t in zip(prepared, truth.images[..., 0])]
         if latent_baseline is not None:  # the true counterfactual in the model's own code, realised as its change
-            true_grid = factual_grid + np.stack([oracle_change(pp, prep, t) * mask
+            true_grid = grid_images + np.stack([oracle_change(pp, prep, t) * mask
                                                  for pp, t in zip(prepared, truth.images[..., 0])])
             outputs["oracle_code"] = realise_codes(coded, prepared, factual_code, encode_images(coded, true_grid),
-                                                   prep.grid_affine, mask, inset_mm=inset, residual=residual)
+                                                   prep.grid_affine, mask, as_intensity, inset, residual)
         for name, sm in scan_models.items():
             outs = []
             for i, path in enumerate(inputs):

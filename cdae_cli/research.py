@@ -78,6 +78,11 @@ def train(
                    "[default: 0]."),
     latent_shape_smoothing: Optional[float] = typer.Option(
         None, help="Smoothness of those displacements (demons' Gaussian, voxels of the model grid) [default: 2]."),
+    latent_quantiles: Optional[int] = typer.Option(
+        None, help="With --latent-components and no shape components: take the principal components of every "
+                   "voxel's normal score under this many quantiles of the training images there, so a "
+                   "counterfactual changes each subject's voxels by where they sit in the cohort [default: 0, "
+                   "intensities]."),
     n_train: int = _param("n_train"),
     seed: int = _param("seed"),
     device: str = _param("device"),
@@ -124,7 +129,8 @@ def train(
                        **({} if latent_components is None else {"latent_components": latent_components}),
                        **({} if latent_shape_components is None
                           else {"latent_shape_components": latent_shape_components}),
-                       **({} if latent_shape_smoothing is None else {"latent_shape_smoothing": latent_shape_smoothing})},
+                       **({} if latent_shape_smoothing is None else {"latent_shape_smoothing": latent_shape_smoothing}),
+                       **({} if latent_quantiles is None else {"latent_quantiles": latent_quantiles})},
                 data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
                 registration=registration,
                 distributed=distributed, compile=compile)
@@ -134,7 +140,8 @@ def train(
                        .replace("model: unknown conditioning", "unknown --conditioning")
                        .replace("model: latent_components", "--latent-components")
                        .replace("model: latent_shape_components", "--latent-shape-components")
-                       .replace("model: latent_shape_smoothing", "--latent-shape-smoothing"))
+                       .replace("model: latent_shape_smoothing", "--latent-shape-smoothing")
+                       .replace("model: latent_quantiles", "--latent-quantiles"))
             raise UserError(message) from None
         path = pipelines.train.train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":

@@ -11,6 +11,14 @@ in a small space that a fixed first stage maps to and from the image:
 - :class:`LinearAutoencoder`: the first stage, whitened principal components of the training
   images (fitted once, with scikit-learn's PCA, before training; buffers, not trained). Voxels that
   never vary over the training set (outside a registered reference's head) keep their value.
+- :class:`VoxelQuantiles`: an optional front of the linear first stage: every voxel's intensity to its
+  normal score under the training set's distribution at that voxel. Principal components and diffusion
+  then run on scores, and a shift of score that is much the same for every subject (what a conditional
+  diffusion on a near-Gaussian code gives: docs/design-notes.md, "What limits the brain model") becomes,
+  through each voxel's quantiles, a change of intensity that is the subject's own: large where the
+  subject's voxel sits between the cohort's tissue modes (a partial-volume voxel turning to CSF), small
+  on a mode (deep white matter stays white). It is a monotone flow per voxel, as DDIM abduction is one
+  per image.
 - :class:`DeformationAutoencoder`: a first stage of shape and appearance. Anatomy changes by moving
   tissue, and a voxelwise linear model of the *displacement* from the cohort's mean image beats one of
   intensity on two of three brain interventions (``benchmarks/results/brain_native.json``), while 64
@@ -37,17 +45,89 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LinearAutoencoder", "DeformationAutoencoder", "demons_displacement", "VectorEncoder", "VectorDenoiser"]
+__all__ = ["VoxelQuantiles", "LinearAutoencoder", "DeformationAutoencoder", "demons_displacement", "VectorEncoder", "VectorDenoiser"]
+
+
+class VoxelQuantiles(nn.Module):
+    """x (B, V) <-> normal scores (B, V): each voxel's value through the ``n`` quantiles of the training
+    values at that voxel (levels 0, 1/(n-1), ..., 1, linearly interpolated), then the standard normal's
+    quantile function, as scikit-learn's ``QuantileTransformer(output_distribution="normal")`` does
+    column by column (here vectorised over voxels, in torch, so that it is a checkpoint's buffer). A value
+    on a run of equal quantiles (a voxel that is background in most subjects) gets the run's middle level;
+    scores are kept within the normal's 1e-3 and 1 - 1e-3 quantiles, and a score decodes to a value within
+    the training range. ``fit`` sets the buffer; an unfitted one refuses to run."""
+
+    EPS = 1e-3
+
+    def __init__(self, n: int, voxels: int):
+        super().__init__()
+        if n < 2:
+            raise ValueError(f"a quantile transform needs at least 2 quantiles, got {n}")
+        self.n = n
+        self.register_buffer("quantiles", torch.zeros(voxels, 0))  # (V, n), sorted along the last dimension
+
+    @property
+    def fitted(self) -> bool:
+        return self.quantiles.shape[1] > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "quantiles"
+        if key in state_dict:
+            self.quantiles = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> "VoxelQuantiles":
+        """The quantiles of ``x`` (N, V) at every voxel; stored in half precision (as the principal
+        components: a voxel's intensity is known to far less than 5e-4 of its range)."""
+        s = x.float().sort(0).values
+        pos = torch.linspace(0, len(s) - 1, self.n)
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp(max=len(s) - 1)
+        frac = (pos - lo)[:, None]
+        self.quantiles = (s[lo] * (1 - frac) + s[hi] * frac).T.contiguous().half()
+        return self
+
+    def _check(self) -> None:
+        if not self.fitted:
+            raise RuntimeError("the voxel quantiles have not been fitted (VoxelQuantiles.fit)")
+
+    def _level(self, q: torch.Tensor, v: torch.Tensor, right: bool) -> torch.Tensor:
+        """Fractional quantile index of values ``v`` (V, B) in ``q`` (V, n), from the left or the right
+        end of a run of equal quantiles."""
+        i = torch.searchsorted(q, v, right=right).clamp(1, self.n - 1)
+        q0, q1 = q.gather(1, i - 1), q.gather(1, i)
+        width = q1 - q0
+        frac = torch.where(width > 0, (v - q0) / width.clamp_min(1e-12), 0.0 if right else 1.0)
+        return i - 1 + frac.clamp(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check()
+        q = self.quantiles.float()
+        v = torch.maximum(torch.minimum(x.float().T.contiguous(), q[:, -1:]), q[:, :1])
+        level = (self._level(q, v, right=False) + self._level(q, v, right=True)) / 2 / (self.n - 1)
+        return torch.special.ndtri(level.clamp(self.EPS, 1 - self.EPS)).T.to(x.dtype)
+
+    def inverse(self, scores: torch.Tensor) -> torch.Tensor:
+        self._check()
+        q = self.quantiles.float()
+        pos = torch.special.ndtr(scores.float().T.clamp(-6, 6)) * (self.n - 1)
+        lo = pos.floor().long().clamp(0, self.n - 2)
+        frac = (pos - lo).clamp(0, 1)
+        return (q.gather(1, lo) * (1 - frac) + q.gather(1, lo + 1) * frac).T.contiguous().to(scores.dtype)
 
 
 class LinearAutoencoder(nn.Module):
-    """x (B, *shape) <-> c (B, k): c = (x - mean)[varying] W^T / scale, x = mean + (c scale) W on the
-    varying voxels. ``fit`` sets the buffers; an unfitted one refuses to run."""
+    """x (B, *shape) <-> c (B, k): c = (s(x) - mean)[varying] W^T / scale, s(x) = mean + (c scale) W on the
+    varying voxels; s is the identity, or with ``quantiles`` > 0 the voxels' normal scores
+    (:class:`VoxelQuantiles`, decoded back to intensity). ``fit`` sets the buffers; an unfitted one
+    refuses to run."""
 
-    def __init__(self, k: int, shape: tuple[int, ...]):
+    def __init__(self, k: int, shape: tuple[int, ...], quantiles: int = 0):
         super().__init__()
         self.k, self.shape = k, tuple(shape)
         n = math.prod(self.shape)
+        self.scores = VoxelQuantiles(quantiles, n) if quantiles else None
         self.register_buffer("mean", torch.zeros(n))
         # 1.0 where the training images vary; float, not bool, so that a weight average over
         # buffers (torch.optim.swa_utils.AveragedModel) leaves it as it is
@@ -77,6 +157,8 @@ class LinearAutoencoder(nn.Module):
             raise ValueError(f"images of {tuple(images.shape[1:])} voxels for a first stage of shape {self.shape}")
         if len(x) <= self.k:
             raise ValueError(f"{self.k} principal components need more than {self.k} training images, got {len(x)}")
+        if self.scores is not None:
+            x = self.scores.fit(x)(x)
         mean = x.mean(0)
         varying = (x - mean).abs().amax(0) > 1e-6
         pca = PCA(self.k, whiten=True, random_state=seed).fit(x[:, varying].numpy())
@@ -100,14 +182,30 @@ class LinearAutoencoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self._check()
-        d = x.reshape(len(x), -1).to(self.mean.dtype) - self.mean
+        x = x.reshape(len(x), -1).to(self.mean.dtype)
+        d = (x if self.scores is None else self.scores(x)) - self.mean
         return d[:, self.varying.bool()] @ self.components.T.to(d.dtype) / self.scale
 
     def decode(self, c: torch.Tensor) -> torch.Tensor:
         self._check()
         out = self.mean.expand(len(c), -1).clone()
         out[:, self.varying.bool()] += (c.to(self.scale.dtype) * self.scale) @ self.components.to(self.scale.dtype)
+        if self.scores is not None:
+            out = self.scores.inverse(out)
         return out.view(len(c), *self.shape)
+
+    def change(self, x: torch.Tensor, c: torch.Tensor, c_cf: torch.Tensor) -> torch.Tensor:
+        """The change of images ``x`` (B, *shape) when their code moves from ``c`` to ``c_cf``, taken at the
+        images' own values rather than at their decoding: the decoded difference, which for a first stage
+        on scores shifts each voxel's own score, s(x) + (s(c_cf) - s(c)), and decodes that, less the
+        image's own decoding so that an unchanged code changes nothing, bit for bit."""
+        self._check()
+        delta = torch.zeros(len(c), self.mean.numel(), dtype=self.scale.dtype, device=c.device)
+        delta[:, self.varying.bool()] = ((c_cf - c).to(self.scale.dtype) * self.scale) @ self.components.to(self.scale.dtype)
+        if self.scores is None:
+            return delta.view(len(c), *self.shape)
+        s = self.scores(x.reshape(len(x), -1).to(self.scale.dtype))
+        return (self.scores.inverse(s + delta) - self.scores.inverse(s)).view(len(c), *self.shape)
 
 
 def demons_displacement(fixed: torch.Tensor, moving: torch.Tensor, iterations: int = 40,

@@ -100,6 +100,10 @@ class CausalDiffAEConfig:
     # fine changes (a cortex thinning in place) to the residual and codes only movement (ventricles growing);
     # 2 voxels measured better than 1 on brain validation subjects (docs/design-notes.md, "Shape and appearance").
     latent_shape_smoothing: float = 2.0
+    # > 0 (with latent_components > 0 and no shape components): the principal components are those of every
+    # voxel's normal score under this many quantiles of the training set's values there
+    # (cdae_med.latent.VoxelQuantiles), so the decoded change is the subject's own.
+    latent_quantiles: int = 0
     latent_hidden: int = 256
     latent_depth: int = 2
 
@@ -120,6 +124,10 @@ class CausalDiffAEConfig:
         if self.latent_shape_components < 0 or (self.latent_shape_components and not self.latent_components):
             raise ValueError("latent_shape_components must be >= 0 and needs latent_components > 0 "
                              "(the residual's components)")
+        if self.latent_quantiles and (self.latent_quantiles < 2 or not self.latent_components
+                                      or self.latent_shape_components):
+            raise ValueError("latent_quantiles must be 0 or >= 2 and needs latent_components > 0 and no "
+                             f"latent_shape_components, got {self.latent_quantiles}")
         factor = 2 ** max(len(self.encoder_channels), len(self.unet_channels) - 1)
         if not self.latent_components and any(s % factor for s in self.image_size):
             raise ValueError(f"every image dimension must be a multiple of {factor}, got {self.image_size}")
@@ -301,7 +309,7 @@ class CausalDiffAE(nn.Module):
                 self.first_stage = DeformationAutoencoder(cfg.latent_shape_components, cfg.latent_components, shape,
                                                           smoothing_voxels=cfg.latent_shape_smoothing)
             else:
-                self.first_stage = LinearAutoencoder(cfg.latent_components, shape)
+                self.first_stage = LinearAutoencoder(cfg.latent_components, shape, cfg.latent_quantiles)
             k = self.first_stage.k
             self.encoder = VectorEncoder(k, n, cfg.latent_dim, cfg.latent_hidden)
             self.denoiser = VectorDenoiser(k, n * cfg.latent_dim, cfg.latent_hidden, cfg.latent_depth)

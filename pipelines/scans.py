@@ -206,12 +206,18 @@ class ScanModel:
         # intervention's effect with the reconstruction error cancelled.
         out = self.pipeline(x0, do, observed=observed, num_steps=self.num_steps, depth=self.depth,
                             guidance=self.guidance, reconstruction=True, progress=tick)
-        change = ((out.images - out.reconstruction) / 2.0).cpu().numpy()  # [-1, 1] -> the [0, 1] window units
+        first_stage = self.pipeline.model.first_stage
+        if getattr(first_stage, "scores", None) is not None and axis is None:
+            # A first stage on the voxels' scores: the change shifts the scan's own scores (LinearAutoencoder.change).
+            with torch.no_grad():
+                change = (first_stage.change(x0.float(), out.latents[1].float(), out.latents[0].float()).clamp(-2, 2)
+                          / 2.0).cpu().numpy()
+        else:
+            change = ((out.images - out.reconstruction) / 2.0).cpu().numpy()  # [-1, 1] -> the [0, 1] window units
         reconstruction = ((out.reconstruction + 1.0) / 2.0).cpu().numpy()
         # A first stage that codes shape decodes the displacement the change moves tissue by.
         shape_coded = self.decodes_deformation and out.latents is not None
         if shape_coded and self.realisation == "deformation":
-            first_stage = self.pipeline.model.first_stage
             displacements = [first_stage.displacement(c.float()).cpu().numpy() for c in (out.latents[1], out.latents[0])]
         factual = out.factual_values.cpu().numpy().astype(np.float64)
         values = out.counterfactual_values.cpu().numpy().astype(np.float64)

@@ -7,7 +7,7 @@ import torch
 from cdae_med.checkpoint import load_checkpoint
 from cdae_med.diffusion import DDIM
 from cdae_med.graph import builtin_graph
-from cdae_med.latent import DeformationAutoencoder, LinearAutoencoder
+from cdae_med.latent import DeformationAutoencoder, LinearAutoencoder, VoxelQuantiles
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
 from cdae_med.pipeline import CounterfactualPipeline
 from pipelines.datasets import get_dataset, to_tensor
@@ -45,6 +45,66 @@ def test_linear_first_stage_round_trips_what_it_can_hold():
     assert torch.equal(fresh.encode(x), c)
     with pytest.raises(ValueError, match="more than 5 training images"):
         LinearAutoencoder(5, (1, 6, 6, 6)).fit(x[:5])
+
+
+def test_voxel_quantiles_give_normal_scores_and_invert():
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    x = torch.rand(n, 4, generator=g)
+    # voxel 1: a tissue boundary, 0.8 in 60 % of subjects, 0.1 in the rest; voxel 2: background everywhere
+    x[:, 1] = torch.where(torch.rand(n, generator=g) < 0.6, 0.8, 0.1) + 0.01 * torch.randn(n, generator=g)
+    x[:, 2] = -1.0
+    q = VoxelQuantiles(64, 4)
+    with pytest.raises(RuntimeError, match="not been fitted"):
+        q(x)
+    q.fit(x)
+    s = q(x)
+    assert s.shape == x.shape
+    assert torch.allclose(s[:, [0, 1, 3]].mean(0), torch.zeros(3), atol=0.05)
+    assert torch.allclose(s[:, [0, 1, 3]].std(0), torch.ones(3), atol=0.05)
+    assert (s[:, 2] == 0).all()  # a run of equal quantiles: its middle level
+    assert (q.inverse(s) - x).abs().max() < 3e-3  # half-precision quantiles, interpolated
+    assert (q.inverse(torch.full_like(s, 10.0))[:, 0] <= x[:, 0].max() + 1e-3).all()  # decodes within the range
+    # the same shift of score moves a subject between the two modes far more than one on a mode
+    shifted = q.inverse(s - 0.5)[:, 1] - x[:, 1]
+    between = (x[:, 1] - 0.45).abs().argmin()  # none sits between: the nearest to the boundary
+    on_mode = (x[:, 1] - 0.8).abs().argmin()
+    assert shifted[between].abs() > 10 * shifted[on_mode].abs()
+    fresh = VoxelQuantiles(64, 4)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(x), s)
+    with pytest.raises(ValueError, match="at least 2"):
+        VoxelQuantiles(1, 4)
+
+
+def test_linear_first_stage_on_scores_decodes_intensities():
+    x = low_rank_volumes(200, rank=4)
+    ae = LinearAutoencoder(4, (1, 6, 6, 6), quantiles=32)
+    ae.fit(x)
+    y = ae.decode(ae.encode(x))
+    assert y.shape == x.shape and (y[:, :, 0] == -1.0).all()
+    # the scores of a Gaussian low-rank volume are nearly its whitened values: four components hold it
+    assert (y - x).abs().mean() < 0.1 * (x - x.mean(0)).abs().mean()
+    fresh = LinearAutoencoder(4, (1, 6, 6, 6), quantiles=32)
+    fresh.load_state_dict(ae.state_dict())
+    assert torch.equal(fresh.decode(fresh.encode(x[:3])), y[:3])
+    # a change taken at the images' own scores: none for an unchanged code, bit for bit; otherwise
+    # the shifted scores of the images themselves, decoded
+    c = ae.encode(x[:3])
+    assert torch.equal(ae.change(x[:3], c, c), torch.zeros_like(x[:3]))
+    moved = c.clone()
+    moved[:, 0] += 1.0
+    d = ae.change(x[:3], c, moved)
+    shift = ae.decode(moved) - ae.decode(c)
+    assert d.shape == x[:3].shape and (d[:, :, 0] == 0).all()
+    assert torch.corrcoef(torch.stack([d.flatten(), shift.flatten()]))[0, 1] > 0.9
+    plain = LinearAutoencoder(4, (1, 6, 6, 6))
+    plain.fit(x)
+    c = plain.encode(x[:3])
+    assert torch.allclose(plain.change(x[:3], c, c + 1), plain.decode(c + 1) - plain.decode(c), atol=1e-5)
+    with pytest.raises(ValueError, match="latent_quantiles"):
+        CausalDiffAEConfig(spatial_dims=3, in_channels=1, image_size=(6, 6, 6), latent_components=4,
+                           latent_shape_components=4, latent_quantiles=16)
 
 
 def shifted_blobs(n: int, size: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
