@@ -347,10 +347,22 @@ class VectorEncoder(nn.Module):
 
 class VectorDenoiser(nn.Module):
     """The denoiser's output for c_t (B, k) at t (B,) under the condition (B, cond_features + 1) whose last
-    column is the keep flag (0: a learned null condition, the unconditional model)."""
+    column is the keep flag (0: a learned null condition, the unconditional model).
 
-    def __init__(self, k: int, cond_features: int, hidden: int, depth: int):
+    ``linear_path``: beside the MLP, a(t) * c_t + b(t) * (W z + w): the exact denoiser of a code that is
+    Gaussian about a mean linear in z (a(t), b(t) per component, read from the time embedding), so that what
+    a voxelwise regression finds in a few thousand subjects is the model's starting point rather than
+    something its MLP has to find; the MLP learns what departs from it. Zero at initialisation."""
+
+    def __init__(self, k: int, cond_features: int, hidden: int, depth: int, linear_path: bool = False):
         super().__init__()
+        self.linear_path = linear_path
+        if linear_path:
+            self.gate_c, self.gate_z = nn.Linear(hidden, k), nn.Linear(hidden, k)
+            for gate in (self.gate_c, self.gate_z):
+                nn.init.zeros_(gate.weight)
+                nn.init.zeros_(gate.bias)
+            self.mean = nn.Linear(cond_features, k)
         self.inp = nn.Linear(k, hidden)
         self.time = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.cond = nn.Sequential(nn.Linear(cond_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -365,10 +377,13 @@ class VectorDenoiser(nn.Module):
     def forward(self, c_t: torch.Tensor, t: torch.Tensor, cond_and_keep: torch.Tensor) -> torch.Tensor:
         a = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
         cond, keep = cond_and_keep[:, :-1], cond_and_keep[:, -1:]
-        e = self.time(torch.cat([a.sin(), a.cos()], 1)) + keep * self.cond(cond) + (1 - keep) * self.null
-        e = nn.functional.silu(e)
+        time = self.time(torch.cat([a.sin(), a.cos()], 1))
+        e = nn.functional.silu(time + keep * self.cond(cond) + (1 - keep) * self.null)
         h = self.inp(c_t)
         for norm, ss, mlp in zip(self.norms, self.scale_shift, self.mlps):
             scale, shift = ss(e).chunk(2, 1)
             h = h + mlp(norm(h) * (1 + scale) + shift)
-        return self.out(h)
+        if not self.linear_path:
+            return self.out(h)
+        time = nn.functional.silu(time)
+        return self.out(h) + self.gate_c(time) * c_t + keep * self.gate_z(time) * self.mean(cond)

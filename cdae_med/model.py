@@ -104,6 +104,8 @@ class CausalDiffAEConfig:
     # voxel's normal score under this many quantiles of the training set's values there
     # (cdae_med.latent.VoxelQuantiles), so the decoded change is the subject's own.
     latent_quantiles: int = 0
+    # The latent denoiser's linear path beside its MLP (cdae_med.latent.VectorDenoiser); older checkpoints lack it.
+    latent_linear_path: bool = False
     latent_hidden: int = 256
     latent_depth: int = 2
 
@@ -119,6 +121,7 @@ class CausalDiffAEConfig:
             raise ValueError(f"image_size {self.image_size} does not have {self.spatial_dims} dimensions")
         if self.latent_components < 0 or self.latent_hidden < 1 or self.latent_depth < 1:
             raise ValueError("latent_components must be >= 0, latent_hidden and latent_depth >= 1")
+        self.latent_shape_smoothing = float(self.latent_shape_smoothing)  # 2 and 2.0 are one setting (a cache key)
         if not 0.0 < self.latent_shape_smoothing <= 10.0:
             raise ValueError(f"latent_shape_smoothing must be in (0, 10] voxels, got {self.latent_shape_smoothing}")
         if self.latent_shape_components < 0 or (self.latent_shape_components and not self.latent_components):
@@ -312,7 +315,8 @@ class CausalDiffAE(nn.Module):
                 self.first_stage = LinearAutoencoder(cfg.latent_components, shape, cfg.latent_quantiles)
             k = self.first_stage.k
             self.encoder = VectorEncoder(k, n, cfg.latent_dim, cfg.latent_hidden)
-            self.denoiser = VectorDenoiser(k, n * cfg.latent_dim, cfg.latent_hidden, cfg.latent_depth)
+            self.denoiser = VectorDenoiser(k, n * cfg.latent_dim, cfg.latent_hidden, cfg.latent_depth,
+                                           cfg.latent_linear_path)
             return
         self.encoder = Encoder(cfg, n)
         self.unet = DiffusionModelUNet(

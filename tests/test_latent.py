@@ -7,7 +7,7 @@ import torch
 from cdae_med.checkpoint import load_checkpoint
 from cdae_med.diffusion import DDIM
 from cdae_med.graph import builtin_graph
-from cdae_med.latent import DeformationAutoencoder, LinearAutoencoder, VoxelQuantiles
+from cdae_med.latent import DeformationAutoencoder, LinearAutoencoder, VectorDenoiser, VoxelQuantiles
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
 from cdae_med.pipeline import CounterfactualPipeline
 from pipelines.datasets import get_dataset, to_tensor
@@ -226,3 +226,28 @@ def test_a_shape_coding_model_moves_the_scan_by_its_own_deformation(tmp_path, sh
     assert np.abs(diff).max() > 0.01 * np.ptp(s.images[0])
     shape_scan_model.run(path, {"age": age}, tmp_path / "null", covariates={"age": age, "sex": sex})
     assert np.abs(nib.load(tmp_path / "null" / "difference.nii.gz").get_fdata()).max() == 0.0
+
+
+def test_shape_smoothing_is_one_setting_however_it_is_written():
+    """2 and 2.0 voxels are one setting: the template displacements' cache is keyed by it."""
+    a, b = (CausalDiffAEConfig(spatial_dims=3, in_channels=1, image_size=(6, 6, 6), latent_components=4,
+                               latent_shape_components=4, latent_shape_smoothing=v) for v in (2, 2.0))
+    assert repr(a.latent_shape_smoothing) == repr(b.latent_shape_smoothing) == "2.0"
+
+
+def test_the_denoisers_linear_path_starts_at_nothing_and_adds_a_linear_mean():
+    torch.manual_seed(0)
+    plain, linear = VectorDenoiser(4, 3, 16, 1), VectorDenoiser(4, 3, 16, 1, linear_path=True)
+    missing, unexpected = linear.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and {m.split(".")[0] for m in missing} == {"gate_c", "gate_z", "mean"}
+    c_t, t = torch.randn(5, 4), torch.randint(0, 1000, (5,))
+    cond = torch.cat([torch.randn(5, 3), torch.ones(5, 1)], 1)
+    assert torch.equal(linear(c_t, t, cond), plain(c_t, t, cond))  # zero gates: the MLP alone
+    with torch.no_grad():
+        linear.gate_c.bias.fill_(0.5)
+        linear.gate_z.bias.fill_(2.0)
+    expected = plain(c_t, t, cond) + 0.5 * c_t + 2.0 * linear.mean(cond[:, :3])
+    assert torch.allclose(linear(c_t, t, cond), expected, atol=1e-6)
+    dropped = cond.clone()
+    dropped[:, 3] = 0  # the null condition has no mean
+    assert torch.allclose(linear(c_t, t, dropped), plain(c_t, t, dropped) + 0.5 * c_t, atol=1e-6)
