@@ -71,6 +71,8 @@ def test_train_rejects_bad_options(tmp_path):
     assert r.exit_code == 2 and "unknown data set 'mnist'" in r.output
     r = run("train", "--steps", 0, "--out", tmp_path)
     assert r.exit_code == 2 and "--steps must be at least 1" in r.output
+    r = run("train", "--dataset", "brain", "--latent-quantiles", 16, "--out", tmp_path)
+    assert r.exit_code == 2 and "--latent-quantiles must be 0 or >= 2 and needs latent_components > 0" in r.output
 
 
 def test_data_generate(tmp_path):
