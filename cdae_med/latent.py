@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["VoxelQuantiles", "LinearAutoencoder", "DeformationAutoencoder", "demons_displacement", "VectorEncoder", "VectorDenoiser"]
+__all__ = ["VoxelQuantiles", "LinearAutoencoder", "DeformationAutoencoder", "demons_displacement", "VectorEncoder",
+           "VectorDenoiser"]
 
 
 class VoxelQuantiles(nn.Module):
@@ -201,7 +202,8 @@ class LinearAutoencoder(nn.Module):
         image's own decoding so that an unchanged code changes nothing, bit for bit."""
         self._check()
         delta = torch.zeros(len(c), self.mean.numel(), dtype=self.scale.dtype, device=c.device)
-        delta[:, self.varying.bool()] = ((c_cf - c).to(self.scale.dtype) * self.scale) @ self.components.to(self.scale.dtype)
+        step = (c_cf - c).to(self.scale.dtype) * self.scale
+        delta[:, self.varying.bool()] = step @ self.components.to(self.scale.dtype)
         if self.scores is None:
             return delta.view(len(c), *self.shape)
         s = self.scores(x.reshape(len(x), -1).to(self.scale.dtype))
