@@ -418,6 +418,8 @@ def main() -> None:
         "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps,
         "depth": scan_models[first].depth,
         "baseline_fit_subjects": args.n_fit, "baseline_deformation_fit_subjects": n_def,
+        "baseline_quantile": f"voxelwise regression of the normal score under {quantile_baseline.n_quantiles} quantiles "
+                             f"per voxel, fitted on {args.n_fit} subjects",
         "baseline_latent": None if latent_baseline is None else
         f"linear regression in the first model's first-stage code, fitted on {n_def} subjects",
         "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed, "registration": registration,
