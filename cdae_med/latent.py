@@ -49,7 +49,25 @@ __all__ = ["VoxelQuantiles", "LinearAutoencoder", "DeformationAutoencoder", "dem
            "VectorDenoiser"]
 
 
-class VoxelQuantiles(nn.Module):
+class _FittedBuffer(nn.Module):
+    """A module whose ``fit`` sets the buffer named ``FITTED``, empty along its last dimension until then: it
+    is fitted once that dimension is not empty, and a saved one loads with the saved shape and type (its
+    size and precision are the fit's; float32 in checkpoints from before bases were stored in half)."""
+
+    FITTED = ""
+
+    @property
+    def fitted(self) -> bool:
+        return getattr(self, self.FITTED).shape[-1] > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + self.FITTED
+        if key in state_dict:
+            setattr(self, self.FITTED, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class VoxelQuantiles(_FittedBuffer):
     """x (B, V) <-> normal scores (B, V): each voxel's value through the ``n`` quantiles of the training
     values at that voxel (levels 0, 1/(n-1), ..., 1, linearly interpolated), then the standard normal's
     quantile function, as scikit-learn's ``QuantileTransformer(output_distribution="normal")`` does
@@ -59,6 +77,7 @@ class VoxelQuantiles(nn.Module):
     the training range. ``fit`` sets the buffer; an unfitted one refuses to run."""
 
     EPS = 1e-3
+    FITTED = "quantiles"
 
     def __init__(self, n: int, voxels: int):
         super().__init__()
@@ -66,16 +85,6 @@ class VoxelQuantiles(nn.Module):
             raise ValueError(f"a quantile transform needs at least 2 quantiles, got {n}")
         self.n = n
         self.register_buffer("quantiles", torch.zeros(voxels, 0))  # (V, n), sorted along the last dimension
-
-    @property
-    def fitted(self) -> bool:
-        return self.quantiles.shape[1] > 0
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "quantiles"
-        if key in state_dict:
-            self.quantiles = torch.empty_like(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def fit(self, x: torch.Tensor) -> "VoxelQuantiles":
@@ -118,11 +127,13 @@ class VoxelQuantiles(nn.Module):
         return (q.gather(1, lo) * (1 - frac) + q.gather(1, lo + 1) * frac).T.contiguous().to(scores.dtype)
 
 
-class LinearAutoencoder(nn.Module):
+class LinearAutoencoder(_FittedBuffer):
     """x (B, *shape) <-> c (B, k): c = (s(x) - mean)[varying] W^T / scale, s(x) = mean + (c scale) W on the
     varying voxels; s is the identity, or with ``quantiles`` > 0 the voxels' normal scores
     (:class:`VoxelQuantiles`, decoded back to intensity). ``fit`` sets the buffers; an unfitted one
     refuses to run."""
+
+    FITTED = "components"
 
     def __init__(self, k: int, shape: tuple[int, ...], quantiles: int = 0):
         super().__init__()
@@ -135,18 +146,6 @@ class LinearAutoencoder(nn.Module):
         self.register_buffer("varying", torch.zeros(n))
         self.register_buffer("components", torch.zeros(k, 0))
         self.register_buffer("scale", torch.ones(k))
-
-    @property
-    def fitted(self) -> bool:
-        return self.components.shape[1] > 0
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The number of varying voxels is the fit's, and so is the basis's precision (float32 in checkpoints
-        # from before it was stored in half): take the saved shape and type before copying.
-        key = prefix + "components"
-        if key in state_dict:
-            self.components = torch.empty_like(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor, seed: int = 0) -> float:
