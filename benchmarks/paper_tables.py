@@ -218,6 +218,9 @@ def markdown(results: dict) -> str:
         names = list(rows)
         short = {r: f"({i + 1})" for i, r in enumerate(names)}
         lines += [f"## {ds}", ""] + [f"{short[r]} {r}; trained {rows[r]['model']['steps']} steps"
+                                     + (f" in {rows[r]['model']['train_minutes']:.1f} min, recipe "
+                                        f"{rows[r]['model'].get('recipe') or 'defaults'}"
+                                        if rows[r]["model"].get("train_minutes") else "")
                                      + (f", labels for {rows[r]['model']['labelled_fraction']:g} of the training set, "
                                         f"z dropped at {rows[r]['model']['cond_drop_prob']:g}"
                                         if rows[r]["model"]["labelled_fraction"] < 1 else "") + "  "
@@ -337,13 +340,20 @@ def main() -> None:
 def combine(parts: list[Path], out_dir: Path) -> None:
     """Join per-data-set results run side by side; `seconds` is the longest part's (the wall time)."""
     loaded = [json.loads(p.read_text()) for p in parts]
-    budgets = {json.dumps(r["budget"], sort_keys=True) for r in loaded}
+    # Parts may differ in a model's training time and recipe (every row records its own: model.train_minutes,
+    # model.recipe), not in anything the evaluation does; the budget shown is that of the parts that hold
+    # our CausalDiffAE, the later one where several do.
+    per_model = ("minutes", "recipe")
+    budgets = {json.dumps({k: v for k, v in r["budget"].items() if k not in per_model}, sort_keys=True)
+               for r in loaded}
     if len(budgets) != 1:
-        raise SystemExit("the parts were run with different budgets; combine only parts of one run")
+        raise SystemExit("the parts were evaluated with different settings; combine only parts of one evaluation")
+    ours = [r for r in loaded if any(OURS in d["rows"] for d in r["datasets"].values())] or loaded
     machine = loaded[0]["machine"]  # a combined file may be given as a part: it says so already
     if len(parts) > 1 and "side by side" not in machine:
         machine += f", {len(parts)} processes side by side"
-    results = {**loaded[0], "datasets": {}, "seconds": max(r["seconds"] for r in loaded), "machine": machine}
+    results = {**loaded[0], "budget": ours[-1]["budget"], "datasets": {}, "seconds": max(r["seconds"] for r in loaded),
+               "machine": machine}
     for r in loaded:  # parts may split one data set's models: merge their rows
         for ds, data in r["datasets"].items():
             merged = results["datasets"].setdefault(ds, {"rows": {}})

@@ -148,8 +148,18 @@ class LinearAutoencoder(_FittedBuffer):
         self.register_buffer("scale", torch.ones(k))
 
     @torch.no_grad()
-    def fit(self, images: torch.Tensor, seed: int = 0) -> float:
-        """Principal components of ``images`` (N, *shape); returns the share of variance they hold."""
+    def fit(self, images: torch.Tensor, seed: int = 0, labels: torch.Tensor | None = None,
+            labelled: torch.Tensor | None = None) -> float:
+        """Principal components of ``images`` (N, *shape); returns the share of variance the code holds.
+
+        ``labels`` (N, m): the first components are instead the directions along which the images move with
+        the labels (the least-squares slope of every voxel on them, over the ``labelled`` rows, orthonormalised),
+        and the others the principal components of what those leave, so a linear regression in the code is the
+        voxelwise regression itself rather than its projection on directions of most variance (which, for the
+        brain, lose a third of a true counterfactual's change: ``benchmarks/results/brain_native.json``,
+        ``baseline_latent`` against ``baseline_quantile``). The directions are the first m components of a
+        reduced-rank regression; partial least squares (scikit-learn's ``PLSSVD``) spans the same space only
+        for whitened labels and one component per label."""
         from sklearn.decomposition import PCA
 
         x = images.reshape(len(images), -1).float()
@@ -161,19 +171,40 @@ class LinearAutoencoder(_FittedBuffer):
             x = self.scores.fit(x)(x)
         mean = x.mean(0)
         varying = (x - mean).abs().amax(0) > 1e-6
-        pca = PCA(self.k, whiten=True, random_state=seed).fit(x[:, varying].numpy())
+        d = x[:, varying] - mean[varying]
+        directions = torch.zeros(0, d.shape[1])
+        if labels is not None:
+            directions = self._label_directions(d, labels, labelled)
+            d = d - (d @ directions.T) @ directions
+        pca = PCA(self.k - len(directions), whiten=True, random_state=seed).fit(d.numpy())
         self.mean = mean
         self.varying = varying.float()
         # Stored in half precision: the basis is most of a checkpoint's size (a shipped model is package data),
         # and its rounding (about 5e-4 of a unit vector's entries) is far below any model's error.
-        self.components = torch.tensor(np.ascontiguousarray(pca.components_), dtype=torch.float16)
-        self.scale = torch.tensor(pca.explained_variance_, dtype=torch.float32).sqrt()
-        self.mean[varying] = torch.as_tensor(pca.mean_, dtype=torch.float32)
-        return float(pca.explained_variance_ratio_.sum())
+        self.components = torch.cat([directions, torch.as_tensor(pca.components_, dtype=torch.float32)]).half()
+        along = ((x[:, varying] - mean[varying]) @ directions.T).var(0) if len(directions) else torch.zeros(0)
+        residual = torch.tensor(pca.explained_variance_, dtype=torch.float32)
+        self.scale = torch.cat([along, residual]).sqrt()
+        return float((along.sum() + residual.sum()) / (x[:, varying] - mean[varying]).var(0).sum())
 
-    def fit_transform(self, images: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, float]:
+    def _label_directions(self, d: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor | None) -> torch.Tensor:
+        """(r, V) orthonormal rows spanning the voxels' least-squares slopes on ``labels`` (centred data ``d``)."""
+        y = labels.float()
+        if len(y) != len(d):
+            raise ValueError(f"{len(y)} label rows for {len(d)} training images")
+        rows = torch.ones(len(y), dtype=torch.bool) if labelled is None else labelled.bool()
+        y, dl = y[rows] - y[rows].mean(0), d[rows] - d[rows].mean(0)
+        slopes = torch.linalg.lstsq(y.double(), dl.double()).solution.float()  # (m, V)
+        q, r = torch.linalg.qr(slopes.T)
+        keep = r.diagonal().abs() > 1e-6 * r.diagonal().abs().amax().clamp_min(1e-12)
+        if int(keep.sum()) >= self.k:
+            raise ValueError(f"{self.k} components cannot hold {int(keep.sum())} label directions and a residual")
+        return q[:, keep].T.contiguous()
+
+    def fit_transform(self, images: torch.Tensor, seed: int = 0, labels: torch.Tensor | None = None,
+                      labelled: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """:meth:`fit`, then the images' coefficients (as scikit-learn's ``fit_transform``)."""
-        share = self.fit(images, seed)
+        share = self.fit(images, seed, labels, labelled)
         return torch.cat([self.encode(images[i:i + 256]) for i in range(0, len(images), 256)]), share
 
     def _check(self) -> None:
@@ -293,27 +324,30 @@ class DeformationAutoencoder(nn.Module):
         return self.warp(self.template.expand(len(v), *self.shape).to(v.dtype), v)
 
     @torch.no_grad()
-    def fit_transform(self, images: torch.Tensor, seed: int = 0,
-                      fields: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    def fit_transform(self, images: torch.Tensor, seed: int = 0, fields: torch.Tensor | None = None,
+                      labels: torch.Tensor | None = None,
+                      labelled: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """Template, then the principal components of the displacements, then those of the residuals
         after the projected displacement; returns the images' coefficients and the share of the images'
         variance the code holds. ``fields``: the images' displacements from their mean, where computed
-        before (:meth:`fields` of a first stage whose template is ``images.mean(0)``)."""
+        before (:meth:`fields` of a first stage whose template is ``images.mean(0)``). ``labels``,
+        ``labelled``: each part's first components are the labels' directions (:meth:`LinearAutoencoder.fit`)."""
         x = images.float()
         self.template = x.mean(0)
         shows = (x > x.amin() + 1e-6).any(0).float()
         pool = nn.functional.max_pool3d if len(self.shape) == 4 else nn.functional.max_pool2d
         self.support = pool(shows[None], 5, 1, 2)[0]
         v = (self.fields(x) if fields is None else fields.to(self.template)) * self.support
-        self.displacements.fit(v, seed=seed)
+        self.displacements.fit(v, seed, labels, labelled)
         residual = x - self.warped(self.displacements.decode(self.displacements.encode(v)))
-        self.residuals.fit(residual, seed=seed)
+        self.residuals.fit(residual, seed, labels, labelled)
         codes = self.encode_fields(x, v)
         err = x - self.decode(codes)
         return codes, float(1 - err.var(0).sum() / x.var(0).sum())
 
-    def fit(self, images: torch.Tensor, seed: int = 0) -> float:
-        return self.fit_transform(images, seed)[1]
+    def fit(self, images: torch.Tensor, seed: int = 0, labels: torch.Tensor | None = None,
+            labelled: torch.Tensor | None = None) -> float:
+        return self.fit_transform(images, seed, labels=labels, labelled=labelled)[1]
 
     def encode_fields(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cs = self.displacements.encode(v)
@@ -374,6 +408,18 @@ class VectorDenoiser(nn.Module):
                                   for _ in range(depth))
         self.out = nn.Linear(hidden, k)
         self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(32) / 32), persistent=False)
+
+    @torch.no_grad()
+    def fit_linear_mean(self, cond: torch.Tensor, c: torch.Tensor) -> None:
+        """Start the linear path's mean W z + w at the least-squares fit of codes ``c`` (N, k) on conditions
+        ``cond`` (N, cond_features) (the minimum-norm one where conditions repeat, as a label's latent block
+        does), so that its gates, not W, are what training has to find."""
+        if not self.linear_path:
+            raise ValueError("this denoiser has no linear path (linear_path=False)")
+        design = torch.cat([cond.double(), torch.ones(len(cond), 1, dtype=torch.float64)], 1)
+        coef = torch.linalg.pinv(design) @ c.double()  # (cond_features + 1, k)
+        self.mean.weight.copy_(coef[:-1].T)
+        self.mean.bias.copy_(coef[-1])
 
     def forward(self, c_t: torch.Tensor, t: torch.Tensor, cond_and_keep: torch.Tensor) -> torch.Tensor:
         a = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs

@@ -104,6 +104,10 @@ class CausalDiffAEConfig:
     # voxel's normal score under this many quantiles of the training set's values there
     # (cdae_med.latent.VoxelQuantiles), so the decoded change is the subject's own.
     latent_quantiles: int = 0
+    # The first stage's leading components are the directions along which the training images move with the
+    # labels, the others principal components of the rest (cdae_med.latent.LinearAutoencoder.fit); older
+    # checkpoints lack it and are principal components throughout.
+    latent_label_directions: bool = False
     # The latent denoiser's linear path beside its MLP (cdae_med.latent.VectorDenoiser); older checkpoints lack it.
     latent_linear_path: bool = False
     latent_hidden: int = 256
@@ -131,6 +135,8 @@ class CausalDiffAEConfig:
                                       or self.latent_shape_components):
             raise ValueError("latent_quantiles must be 0 or >= 2 and needs latent_components > 0 and no "
                              f"latent_shape_components, got {self.latent_quantiles}")
+        if self.latent_label_directions and not self.latent_components:
+            raise ValueError("latent_label_directions needs latent_components > 0 (a first stage to hold them)")
         factor = 2 ** max(len(self.encoder_channels), len(self.unet_channels) - 1)
         if not self.latent_components and any(s % factor for s in self.image_size):
             raise ValueError(f"every image dimension must be a multiple of {factor}, got {self.image_size}")

@@ -47,6 +47,44 @@ def test_linear_first_stage_round_trips_what_it_can_hold():
         LinearAutoencoder(5, (1, 6, 6, 6)).fit(x[:5])
 
 
+def test_label_directions_make_the_codes_regression_the_voxelwise_regression():
+    # volumes that move with two labels along directions of little variance, beside large unlabelled variation
+    g = torch.Generator().manual_seed(1)
+    n, v = 400, 64
+    labels = torch.randn(n, 2, generator=g)
+    slopes = torch.randn(2, v, generator=g) * 0.05
+    x = (labels @ slopes + torch.randn(n, 20, generator=g) @ torch.randn(20, v, generator=g)
+         + 0.01 * torch.randn(n, v, generator=g)).view(n, 1, 4, 4, 4)
+    plain, directed = LinearAutoencoder(6, (1, 4, 4, 4)), LinearAutoencoder(6, (1, 4, 4, 4))
+    plain.fit(x)
+    directed.fit(x, labels=labels)
+    rows = directed.components.float()
+    assert torch.allclose(rows @ rows.T, torch.eye(6), atol=2e-3)  # an orthonormal basis: encode is a projection
+
+    def regression_change(ae):  # a linear regression of the code on the labels, its change for d(label 0) = 1
+        c = ae.encode(x)
+        coef = torch.linalg.lstsq(torch.cat([labels, torch.ones(n, 1)], 1), c).solution
+        return ae.decode(coef[0:1] + 0 * c[:1]) - ae.decode(0 * c[:1])
+
+    design = torch.cat([labels, torch.ones(n, 1)], 1)
+    voxelwise = torch.linalg.lstsq(design, x.reshape(n, -1)).solution[0]  # the voxels' own slopes on label 0
+    err_directed = (regression_change(directed).reshape(-1) - voxelwise).abs().max()
+    err_plain = (regression_change(plain).reshape(-1) - voxelwise).abs().max()
+    assert err_directed < 2e-3 < 0.5 * err_plain  # principal components alone lose much of the labels' change
+    # hidden labels are left out of the slopes: the same directions from the labelled rows alone
+    labelled = torch.arange(n) < 300
+    part = LinearAutoencoder(6, (1, 4, 4, 4))
+    part.fit(x, labels=torch.where(labelled[:, None], labels, 0.0), labelled=labelled)
+    ref = LinearAutoencoder(6, (1, 4, 4, 4))
+    ref.fit(x[:300], labels=labels[:300])
+    a, b = part.components[:2].float(), ref.components[:2].float()
+    assert torch.linalg.svdvals(a @ b.T).min() > 0.99  # the same plane (the data's mean differs a little)
+    with pytest.raises(ValueError, match="label rows"):
+        LinearAutoencoder(6, (1, 4, 4, 4)).fit(x, labels=labels[:10])
+    with pytest.raises(ValueError, match="cannot hold"):
+        LinearAutoencoder(2, (1, 4, 4, 4)).fit(x, labels=labels)
+
+
 def test_voxel_quantiles_give_normal_scores_and_invert():
     g = torch.Generator().manual_seed(0)
     n = 2000
@@ -281,3 +319,17 @@ def test_the_denoisers_linear_path_starts_at_nothing_and_adds_a_linear_mean():
     dropped = cond.clone()
     dropped[:, 3] = 0  # the null condition has no mean
     assert torch.allclose(linear(c_t, t, dropped), plain(c_t, t, dropped) + 0.5 * c_t, atol=1e-6)
+
+
+def test_the_linear_paths_mean_starts_at_the_least_squares_fit_of_the_codes():
+    torch.manual_seed(0)
+    labels = torch.randn(200, 2)
+    cond = labels.repeat_interleave(3, dim=1)  # a label's latent block repeats its value, as label_latent does
+    c = labels @ torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.0, 1.0, 3.0, -1.0]]) + 0.7 + 0.01 * torch.randn(200, 4)
+    linear = VectorDenoiser(4, 6, 16, 1, linear_path=True)
+    linear.fit_linear_mean(cond, c)
+    assert (linear.mean(cond) - c).abs().max() < 0.05  # the codes' conditional mean, not zero
+    weight = linear.mean.weight.view(4, 2, 3)
+    assert torch.allclose(weight, weight[..., :1].expand_as(weight), atol=1e-5)  # spread evenly over a block
+    with pytest.raises(ValueError, match="no linear path"):
+        VectorDenoiser(4, 6, 16, 1).fit_linear_mean(cond, c)
