@@ -16,6 +16,7 @@ grid, carried back through the inverse registration onto the 2 mm grid):
   there (:class:`VoxelwiseQuantile`), its shift mapped back through the subject's own voxel;
 - ``baseline_deformation``: the same regression of the demons displacement onto each subject from
   the cohort's mean (:class:`VoxelwiseDeformation`), its change warping the scan itself;
+  ``baseline_deformation_transported`` the same change carried to where the subject's own anatomy is;
 - ``baseline_latent``: the same regression of the first model's own first-stage code
   (:class:`LatentLinear`), realised as that model's change is: what the diffusion model adds;
 - ``oracle``: the true counterfactual itself, registered and resampled onto the model grid: the
@@ -162,11 +163,26 @@ class VoxelwiseDeformation:
         self.shape = fields.shape[1:]
         return self
 
-    def deformations(self, labels: np.ndarray, labels_cf: np.ndarray) -> list[GridDeformation]:
-        """Per subject: the counterfactual samples the subject at x - du(x), du the predicted change of u."""
+    def deformations(self, labels: np.ndarray, labels_cf: np.ndarray,
+                     fields: np.ndarray | None = None) -> list[GridDeformation]:
+        """Per subject: the counterfactual samples the subject at x - du(x), du the predicted change of u.
+
+        du is a field in the template's coordinates. With the subjects' own ``fields`` (:meth:`fields`) it is
+        carried to each subject's: its point x is the template's x - u(x) (to first order), so it takes du
+        from there (the subject's ventricle wall gets the change of the template's wall, wherever the
+        subject's wall lies: the transport of a population's change onto a subject of longitudinal atlases,
+        Lorenzi and Pennec 2013, to first order). Without, du(x) is taken at x, where the cohort's average
+        subject has it."""
         d = brain.normalise(labels_cf) - brain.normalise(labels)
-        return [GridDeformation.from_displacement(-du, self.grid_affine)
-                for du in (d @ self.coef[1:]).reshape(len(labels), *self.shape)]
+        changes = (d @ self.coef[1:]).reshape(len(labels), *self.shape)
+        if fields is not None:
+            changes = [self.transported(du, u) for du, u in zip(changes, fields)]
+        return [GridDeformation.from_displacement(-du, self.grid_affine) for du in changes]
+
+    def transported(self, du: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """du (X, Y, Z, 3) sampled at x - u(x)."""
+        pull = GridDeformation.from_displacement(-u, self.grid_affine)
+        return np.stack([pull.warp_grid(du[..., i]) for i in range(du.shape[-1])], -1)
 
 
 class LatentLinear:
@@ -346,6 +362,7 @@ def main() -> None:
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
     grid_images = np.stack([pp.image[0] for pp in prepared])  # the subjects registered onto the model grid
+    test_fields = shape_baseline.fields(grid_images)  # each subject's own, for the transported deformation baseline
     # the linear regression in the first model's own code, where it has a first stage
     coded = next(iter(scan_models.values())).pipeline.model.first_stage
     latent_baseline = None
@@ -374,6 +391,9 @@ def main() -> None:
                                         zip(prepared, quantile_baseline.change(grid_images, factual, cf))]
         outputs["baseline_deformation"] = [deform_scan(pp.registration, phi) for pp, phi in
                                            zip(prepared, shape_baseline.deformations(factual, cf))]
+        outputs["baseline_deformation_transported"] = [
+            deform_scan(pp.registration, phi) for pp, phi in
+            zip(prepared, shape_baseline.deformations(factual, cf, test_fields))]
         if latent_baseline is not None:
             outputs["baseline_latent"] = latent_baseline.outputs(prepared, factual, cf)
         outputs["oracle"] = [realise(pp, oracle_change(pp, prep, t), mask, residual)
