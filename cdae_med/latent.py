@@ -155,11 +155,9 @@ class LinearAutoencoder(_FittedBuffer):
         ``labels`` (N, m): the first components are instead the directions along which the images move with
         the labels (the least-squares slope of every voxel on them, over the ``labelled`` rows, orthonormalised),
         and the others the principal components of what those leave, so a linear regression in the code is the
-        voxelwise regression itself rather than its projection on directions of most variance (which, for the
-        brain, lose a third of a true counterfactual's change: ``benchmarks/results/brain_native.json``,
-        ``baseline_latent`` against ``baseline_quantile``). The directions are the first m components of a
-        reduced-rank regression; partial least squares (scikit-learn's ``PLSSVD``) spans the same space only
-        for whitened labels and one component per label."""
+        voxelwise regression itself rather than its projection on the directions of most variance. On the brain
+        it did not help: principal components already held that regression
+        (``benchmarks/results/brain_native_evaluations/label_directions_validation.json``)."""
         from sklearn.decomposition import PCA
 
         x = images.reshape(len(images), -1).float()
@@ -408,18 +406,6 @@ class VectorDenoiser(nn.Module):
                                   for _ in range(depth))
         self.out = nn.Linear(hidden, k)
         self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(32) / 32), persistent=False)
-
-    @torch.no_grad()
-    def fit_linear_mean(self, cond: torch.Tensor, c: torch.Tensor) -> None:
-        """Start the linear path's mean W z + w at the least-squares fit of codes ``c`` (N, k) on conditions
-        ``cond`` (N, cond_features) (the minimum-norm one where conditions repeat, as a label's latent block
-        does), so that its gates, not W, are what training has to find."""
-        if not self.linear_path:
-            raise ValueError("this denoiser has no linear path (linear_path=False)")
-        design = torch.cat([cond.double(), torch.ones(len(cond), 1, dtype=torch.float64)], 1)
-        coef = torch.linalg.pinv(design) @ c.double()  # (cond_features + 1, k)
-        self.mean.weight.copy_(coef[:-1].T)
-        self.mean.bias.copy_(coef[-1])
 
     def forward(self, c_t: torch.Tensor, t: torch.Tensor, cond_and_keep: torch.Tensor) -> torch.Tensor:
         a = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs

@@ -104,9 +104,6 @@ class _Run:
                 fields.update(labels=data.labels, labelled=data.labelled)
             self.inputs, share = model.first_stage.fit_transform(data.images, seed=cfg.seed, **fields)
             self.encoded = True
-            if model.config.latent_linear_path:
-                rows = data.labelled.bool()
-                model.denoiser.fit_linear_mean(model.label_latent(data.labels[rows]).flatten(1), self.inputs[rows])
             log.info("first stage: %d components hold %.1f %% of the training images' variance (%.0f s)",
                      model.first_stage.k, 100 * share, time.perf_counter() - t0)
         self.model = optimise_for_device(model.to(device), device)

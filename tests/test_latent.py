@@ -320,16 +320,3 @@ def test_the_denoisers_linear_path_starts_at_nothing_and_adds_a_linear_mean():
     dropped[:, 3] = 0  # the null condition has no mean
     assert torch.allclose(linear(c_t, t, dropped), plain(c_t, t, dropped) + 0.5 * c_t, atol=1e-6)
 
-
-def test_the_linear_paths_mean_starts_at_the_least_squares_fit_of_the_codes():
-    torch.manual_seed(0)
-    labels = torch.randn(200, 2)
-    cond = labels.repeat_interleave(3, dim=1)  # a label's latent block repeats its value, as label_latent does
-    c = labels @ torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.0, 1.0, 3.0, -1.0]]) + 0.7 + 0.01 * torch.randn(200, 4)
-    linear = VectorDenoiser(4, 6, 16, 1, linear_path=True)
-    linear.fit_linear_mean(cond, c)
-    assert (linear.mean(cond) - c).abs().max() < 0.05  # the codes' conditional mean, not zero
-    weight = linear.mean.weight.view(4, 2, 3)
-    assert torch.allclose(weight, weight[..., :1].expand_as(weight), atol=1e-5)  # spread evenly over a block
-    with pytest.raises(ValueError, match="no linear path"):
-        VectorDenoiser(4, 6, 16, 1).fit_linear_mean(cond, c)
