@@ -227,8 +227,8 @@ def score(outputs: dict[str, list[np.ndarray]], samples, truth, affected: int, i
 
     Volumes are compared as changes from the input, measured on both images the same way, so the
     segmentation's own bias on a subject cancels: error = |measured change - true change|, the true change
-    being the labels' difference. That segmentation reads a change of tissue a few tens of ml off even on the
-    true counterfactual image (the intervention's ``volume_measurement_floor_ml``), so the same errors are
+    being the labels' difference. That segmentation misreads a change of tissue even on the true
+    counterfactual image (by the intervention's ``volume_measurement_floor_ml``), so the same errors are
     also given against the true image's own measured change (``volume_error_against_true_image_ml``), where
     the true counterfactual scores 0 and the segmentation's bias on a change cancels as well.
     """

@@ -155,8 +155,8 @@ class LinearAutoencoder(_FittedBuffer):
         ``labels`` (N, m): the first components are instead the directions along which the images move with
         the labels (the least-squares slope of every voxel on them, over the ``labelled`` rows, orthonormalised),
         and the others the principal components of what those leave, so a linear regression in the code is the
-        voxelwise regression itself rather than its projection on the directions of most variance. On the brain
-        it did not help: principal components already held that regression
+        voxelwise regression itself rather than its projection on the directions of most variance. It is for a
+        first stage whose principal components miss the labels' directions; the brain's do not
         (``benchmarks/results/brain_native_evaluations/label_directions_validation.json``)."""
         from sklearn.decomposition import PCA
 
