@@ -2,7 +2,7 @@
 (on its 3 mm grid) for each validation subject under do(ventricle_volume) and do(age), the amount being the
 labels' true ventricle change (as in that benchmark). Prints them; nothing is written.
 
-    python benchmarks/brain_ventricle_push_folding.py
+    python benchmarks/brain_ventricle_push_folding.py [--velocity]
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from synthetic_data import brain
 
 
 def main() -> None:
+    import sys
+
+    velocity = "--velocity" in sys.argv[1:]  # the push integrated as a stationary velocity field
     reference = Reference(*brain.reference(64))
     prep = Preprocessing(spacing_mm=(6.0,) * 3, spatial_size=(32,) * 3, registration="affine",
                          volume_variables=bn.VOLUMES)
@@ -27,7 +30,7 @@ def main() -> None:
     samples = brain.sample(6, seed=test_seed(0) + 30, size=bn.FINE)
     affine = brain.affine(bn.FINE)
     prepared = [prepare_registered(Scan(v[..., 0], affine, "test"), prep, reference, mask) for v in samples.images]
-    push = realisation.VentriclePush(reference)
+    push = realisation.VentriclePush(reference, velocity=velocity)
     captured = []
     warp = realisation.deform_scan
     realisation.deform_scan = lambda registration, deformation: (captured.append(deformation),

@@ -64,10 +64,12 @@ class VentriclePush:
     scan's own CSF there and its white matter."""
 
     def __init__(self, reference: Reference, decay_mm: float = 10.0, incompressible: bool = False,
-                 spacing_mm: float = 3.0, deep_mm: float = 25.0, region_mm: float = 12.0):
+                 spacing_mm: float = 3.0, deep_mm: float = 25.0, region_mm: float = 12.0, velocity: bool = False,
+                 smoothing_voxels: float = 1.5):
         from scipy.ndimage import binary_dilation, distance_transform_edt
 
-        self.spacing, self.decay, self.incompressible = spacing_mm, decay_mm, incompressible
+        self.spacing, self.decay, self.incompressible, self.velocity = spacing_mm, decay_mm, incompressible, velocity
+        self.smoothing = smoothing_voxels
         self.size = int(round(brain.FOV_MM / spacing_mm))
         self.affine = grid_affine(spacing_mm, self.size)
         ref = reference_on_grid(reference, self.affine, self.size)
@@ -116,9 +118,20 @@ class VentriclePush:
             if solve_on_changed:
                 g = (registration.resample(*grid) - lo) / (hi - lo)
         field = self.field(self.fraction(g, csf, white))
+        if self.velocity:  # a velocity integrates to a diffeomorphism only where it is smooth on the grid
+            from scipy.ndimage import gaussian_filter
+
+            field = np.stack([gaussian_filter(c, self.smoothing) for c in field])
 
         def deformation(s: float) -> GridDeformation:
-            return GridDeformation.from_displacement((s * field).transpose(1, 2, 3, 0) * np.array([-1.0, -1.0, 1.0]),
+            u = s * field
+            if self.velocity:  # the push as a stationary velocity field, integrated by scaling and squaring
+                import torch
+                from monai.networks.blocks import DVF2DDF
+
+                u = DVF2DDF(num_steps=7)(torch.from_numpy((u / self.spacing).astype(np.float32))[None])[0]
+                u = u.numpy().astype(np.float64) * self.spacing
+            return GridDeformation.from_displacement(u.transpose(1, 2, 3, 0) * np.array([-1.0, -1.0, 1.0]),
                                                      self.affine)  # RAS -> ITK's LPS
 
         def excess(s: float) -> float:
@@ -127,6 +140,16 @@ class VentriclePush:
         lo_s, hi_s = -12.0, 12.0
         s = lo_s if excess(lo_s) > 0 else hi_s if excess(hi_s) < 0 else brentq(excess, lo_s, hi_s, xtol=1e-3)
         return deform_scan(registration, deformation(s))
+
+
+def run_pushes(pushes: dict, outputs: dict, pp, delta_ml: float) -> None:
+    """Every push alone, and the 10 mm one after the intensity regression's change (``outputs`` holds it)."""
+    for name, push in pushes.items():
+        outputs[name].append(push(pp, delta_ml))
+    changed = outputs["intensity_regression"][-1]
+    outputs["ventricle_push_plus_intensity_regression"].append(pushes["ventricle_push"](pp, delta_ml, changed=changed))
+    outputs["intensity_regression_then_scans_own_ventricle_push"].append(
+        pushes["ventricle_push"](pp, delta_ml, changed=changed, solve_on_changed=False))
 
 
 def reference_on_grid(reference: Reference, affine: np.ndarray, size: int) -> dict:
@@ -151,6 +174,10 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=6)
     p.add_argument("--test-offset", type=int, default=30, help="as brain_native.py (30: validation subjects)")
     p.add_argument("--intervention", choices=list(bn.INTERVENTIONS), default="ventricle_volume")
+    p.add_argument("--velocity", action="store_true",
+                   help="every push integrated as a stationary velocity field (VentriclePush(velocity=True))")
+    p.add_argument("--pushes-only", action="store_true",
+                   help="only copy, the pushes and the intensity regression (no displacement fields or oracle)")
     p.add_argument("--results", type=Path, default=None)
     args = p.parse_args()
     import SimpleITK as sitk
@@ -171,7 +198,8 @@ def main() -> None:
     fit_labels = reference_space_labels(fit.labels, bn.GRAPH, prep, ratios)
     del fit_prepared, fit
     shape = bn.VoxelwiseDeformation(fit_images.mean(0), prep.grid_affine, mask)
-    shape.fit(shape.fields(fit_images), fit_labels)
+    if not args.pushes_only:
+        shape.fit(shape.fields(fit_images), fit_labels)
     intensity = bn.VoxelwiseLinear().fit(fit_images, fit_labels)
     print(f"regressions fitted on {args.n_fit} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -181,7 +209,7 @@ def main() -> None:
     prepared = [prepare_registered(Scan(v[..., 0], affine, "test"), prep, reference, mask) for v in samples.images]
     ratios = np.array([pp.registration.volume_ratio for pp in prepared])
     factual, cf = (reference_space_labels(y, bn.GRAPH, prep, ratios) for y in (samples.labels, truth.labels))
-    regressed = shape.deformations(factual, cf)
+    regressed = [None] * len(prepared) if args.pushes_only else shape.deformations(factual, cf)
     changes = intensity.change(factual, cf)
     outputs: dict[str, list[np.ndarray]] = {k: [] for k in (
         "copy", "oracle_intensity", "oracle_deformation_only", "oracle_deformation_plus_rest",
@@ -190,21 +218,32 @@ def main() -> None:
         "intensity_regression_then_fine_deformation", "ventricle_push", "ventricle_push_plus_intensity_regression",
         "ventricle_push_20mm", "ventricle_push_40mm", "ventricle_push_incompressible",
         "intensity_regression_then_scans_own_ventricle_push")}
-    pushes = {"ventricle_push": VentriclePush(reference), "ventricle_push_20mm": VentriclePush(reference, 20.0),
-              "ventricle_push_40mm": VentriclePush(reference, 40.0),
-              "ventricle_push_incompressible": VentriclePush(reference, incompressible=True)}
+    v = args.velocity
+    pushes = {"ventricle_push": VentriclePush(reference, velocity=v),
+              "ventricle_push_20mm": VentriclePush(reference, 20.0, velocity=v),
+              "ventricle_push_40mm": VentriclePush(reference, 40.0, velocity=v),
+              "ventricle_push_incompressible": VentriclePush(reference, incompressible=True, velocity=v)}
+    if args.pushes_only:
+        for name in ("oracle_intensity", "oracle_deformation_only", "oracle_deformation_plus_rest",
+                     "intensity_regression_as_deformation_plus_rest", "displacement_regression_only",
+                     "displacement_regression_plus_intensity_regression_rest", "oracle_intensity_then_fine_deformation",
+                     "intensity_regression_then_fine_deformation"):
+            del outputs[name]
     # the volume change the graph prescribes (here the true one: do(ventricle_volume) sets it)
     delta_vv = truth.labels[:, bn.VV] - samples.labels[:, bn.VV]
     for pp, t, phi, change, dv in zip(prepared, truth.images[..., 0], regressed, changes, delta_vv):
+        outputs["copy"].append(pp.scan.data)
+        outputs["intensity_regression"].append(bn.realise(pp, change, mask, RESIDUAL))
+        if args.pushes_only:
+            run_pushes(pushes, outputs, pp, float(dv))
+            continue
         g = pp.image[0]
         true_change = bn.oracle_change(pp, prep, t)
         fitted = fit_deformation(g, g + true_change * mask, prep.grid_affine, mask)
-        outputs["copy"].append(pp.scan.data)
         outputs["oracle_intensity"].append(bn.realise(pp, true_change, mask, RESIDUAL))
         outputs["oracle_deformation_only"].append(deform_scan(pp.registration, fitted))
         outputs["oracle_deformation_plus_rest"].append(
             pp.scan.data + deformation_change(pp, g, true_change, mask, fitted, residual=RESIDUAL))
-        outputs["intensity_regression"].append(bn.realise(pp, change, mask, RESIDUAL))
         outputs["intensity_regression_as_deformation_plus_rest"].append(
             pp.scan.data + deformation_change(pp, g, change, mask, residual=RESIDUAL))
         outputs["displacement_regression_only"].append(deform_scan(pp.registration, phi))
@@ -212,12 +251,7 @@ def main() -> None:
             pp.scan.data + deformation_change(pp, g, change, mask, phi, residual=RESIDUAL))
         for name in ("oracle_intensity", "intensity_regression"):
             outputs[f"{name}_then_fine_deformation"].append(fine_deformation(pp.scan, outputs[name][-1]))
-        for name, push in pushes.items():
-            outputs[name].append(push(pp, float(dv)))
-        outputs["ventricle_push_plus_intensity_regression"].append(
-            pushes["ventricle_push"](pp, float(dv), changed=outputs["intensity_regression"][-1]))
-        outputs["intensity_regression_then_scans_own_ventricle_push"].append(
-            pushes["ventricle_push"](pp, float(dv), changed=outputs["intensity_regression"][-1], solve_on_changed=False))
+        run_pushes(pushes, outputs, pp, float(dv))
     volumes_in = brain.measure_volumes(samples.images[..., 0], samples.noise, bn.FINE)
     image_change = brain.measure_volumes(truth.images[..., 0], truth.noise, bn.FINE) - volumes_in
     label_change = truth.labels[:, [bn.BV, bn.VV]] - samples.labels[:, [bn.BV, bn.VV]]
