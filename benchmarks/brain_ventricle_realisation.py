@@ -15,15 +15,18 @@ Beside them, a realisation that needs no image change at all (:class:`VentricleP
 ventricles, read off the registered scan, grown by the volume change the graph prescribes (for
 do(ventricle_volume) the intervention itself), by a push that decays away from their walls (10, 20 or 40 mm)
 or by an incompressible flow; and the intensity regression's change followed by the 10 mm push, which makes
-up the ventricle change that the intensity change has not made.
+up the ventricle change that the intensity change has not made. ``--velocity`` smooths every push and integrates
+it as a stationary velocity field, so that it cannot fold (`brain_ventricle_push_folding.py` measures that).
 
 Brain and ventricle volume are measured on every output by the generator's tissue model, against the labels'
 change and against the true image's own measured change (as `brain_native.py`); image MAE x 255 against the
 true counterfactual at 2 mm.
 
-    python benchmarks/brain_ventricle_realisation.py [--grid 32] [--n-fit 150] [--n-test 6]
+    python benchmarks/brain_ventricle_realisation.py [--grid 32] [--n-fit 150] [--n-test 6] \
+        [--intervention ventricle_volume|age|brain_volume] [--velocity] [--pushes-only] [--results R]
 
-writes benchmarks/results/brain_ventricle_realisation_<grid>.json.
+writes benchmarks/results/brain_ventricle_realisation_<grid>.json unless --results says otherwise (the committed
+runs: brain_ventricle_realisation_32_<intervention>[_velocity].json).
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ class VentriclePush:
 
     The ventricles are read off the registered scan: within a region around the reference's deep CSF (dark
     voxels over 25 mm inside its head), a voxel's ventricle fraction is where its intensity lies between the
-    scan's own CSF there and its white matter."""
+    scan's own CSF there and its white matter. With ``velocity`` the push is smoothed over ``smoothing_voxels``
+    and integrated as a stationary velocity field (scaling and squaring, MONAI's ``DVF2DDF``): one displacement
+    of the size a large change needs folds where the direction to the nearest wall jumps."""
 
     def __init__(self, reference: Reference, decay_mm: float = 10.0, incompressible: bool = False,
                  spacing_mm: float = 3.0, deep_mm: float = 25.0, region_mm: float = 12.0, velocity: bool = False,
