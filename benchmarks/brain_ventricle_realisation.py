@@ -85,6 +85,7 @@ class VentriclePush:
         self.weight = head_weight(ref["mask"].astype(np.float32), 0.0, spacing_mm)
 
     def fraction(self, g: np.ndarray, csf: float, white: float) -> np.ndarray:
+        """Each voxel's share of ventricle (0 outside the region around the reference's ventricles)."""
         return np.clip((white - g) / (white - csf), 0.0, 1.0) * self.region
 
     def field(self, v: np.ndarray) -> np.ndarray:
