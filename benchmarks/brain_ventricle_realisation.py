@@ -15,7 +15,8 @@ Beside them, a realisation that needs no image change at all (:class:`VentricleP
 ventricles, read off the registered scan, grown by the volume change the graph prescribes (for
 do(ventricle_volume) the intervention itself), by a push that decays away from their walls (10, 20 or 40 mm)
 or by an incompressible flow; and the intensity regression's change followed by the 10 mm push, which makes
-up the ventricle change that the intensity change has not made. ``--velocity`` smooths every push and integrates
+up the ventricle change that the intensity change has not made, or the push the scan itself needs after that
+change, whole or without its part in the ventricles' region. ``--velocity`` smooths every push and integrates
 it as a stationary velocity field, so that it cannot fold (`brain_ventricle_push_folding.py` measures that).
 
 Brain and ventricle volume are measured on every output by the generator's tissue model, against the labels'
@@ -42,7 +43,7 @@ import numpy as np
 import brain_native as bn
 from cdae_med.io import Scan
 from pipelines.mri import Preprocessing, prepare_registered, reference_mask
-from pipelines.realisation import (GridDeformation, deform_scan, deformation_change, fit_deformation,
+from pipelines.realisation import (GridDeformation, carry_change, deform_scan, deformation_change, fit_deformation,
                                    head_weight)
 from pipelines.registration import grid_affine
 from pipelines.registration import Reference
@@ -148,14 +149,18 @@ class VentriclePush:
         return deform_scan(registration, deformation(s))
 
 
-def run_pushes(pushes: dict, outputs: dict, pp, delta_ml: float) -> None:
-    """Every push alone, and the 10 mm one after the intensity regression's change (``outputs`` holds it)."""
+def run_pushes(pushes: dict, outputs: dict, pp, delta_ml: float, change: np.ndarray, outside: np.ndarray) -> None:
+    """Every push alone, and the 10 mm one after the intensity regression's change (``outputs`` holds it), and
+    after that change with its ventricle part (``outside``: 0 in the ventricles' region on the model grid) left out."""
     for name, push in pushes.items():
         outputs[name].append(push(pp, delta_ml))
     changed = outputs["intensity_regression"][-1]
     outputs["ventricle_push_plus_intensity_regression"].append(pushes["ventricle_push"](pp, delta_ml, changed=changed))
     outputs["intensity_regression_then_scans_own_ventricle_push"].append(
         pushes["ventricle_push"](pp, delta_ml, changed=changed, solve_on_changed=False))
+    outside_change = pp.scan.data + carry_change(pp, change * outside, RESIDUAL)
+    outputs["intensity_regression_outside_ventricles_then_push"].append(
+        pushes["ventricle_push"](pp, delta_ml, changed=outside_change, solve_on_changed=False))
 
 
 def reference_on_grid(reference: Reference, affine: np.ndarray, size: int) -> dict:
@@ -223,7 +228,7 @@ def main() -> None:
         "displacement_regression_plus_intensity_regression_rest", "oracle_intensity_then_fine_deformation",
         "intensity_regression_then_fine_deformation", "ventricle_push", "ventricle_push_plus_intensity_regression",
         "ventricle_push_20mm", "ventricle_push_40mm", "ventricle_push_incompressible",
-        "intensity_regression_then_scans_own_ventricle_push")}
+        "intensity_regression_then_scans_own_ventricle_push", "intensity_regression_outside_ventricles_then_push")}
     v = args.velocity
     pushes = {"ventricle_push": VentriclePush(reference, velocity=v),
               "ventricle_push_20mm": VentriclePush(reference, 20.0, velocity=v),
@@ -235,13 +240,17 @@ def main() -> None:
                      "displacement_regression_plus_intensity_regression_rest", "oracle_intensity_then_fine_deformation",
                      "intensity_regression_then_fine_deformation"):
             del outputs[name]
+    from pipelines.registration import resample_grid
+
+    region = pushes["ventricle_push"].region.astype(np.float32)
+    outside = (1.0 - resample_grid(region, pushes["ventricle_push"].affine, prep.grid_affine, prep.spatial_size)) * mask
     # the volume change the graph prescribes (here the true one: do(ventricle_volume) sets it)
     delta_vv = truth.labels[:, bn.VV] - samples.labels[:, bn.VV]
     for pp, t, phi, change, dv in zip(prepared, truth.images[..., 0], regressed, changes, delta_vv):
         outputs["copy"].append(pp.scan.data)
         outputs["intensity_regression"].append(bn.realise(pp, change, mask, RESIDUAL))
         if args.pushes_only:
-            run_pushes(pushes, outputs, pp, float(dv))
+            run_pushes(pushes, outputs, pp, float(dv), change, outside)
             continue
         g = pp.image[0]
         true_change = bn.oracle_change(pp, prep, t)
@@ -257,7 +266,7 @@ def main() -> None:
             pp.scan.data + deformation_change(pp, g, change, mask, phi, residual=RESIDUAL))
         for name in ("oracle_intensity", "intensity_regression"):
             outputs[f"{name}_then_fine_deformation"].append(fine_deformation(pp.scan, outputs[name][-1]))
-        run_pushes(pushes, outputs, pp, float(dv))
+        run_pushes(pushes, outputs, pp, float(dv), change, outside)
     volumes_in = brain.measure_volumes(samples.images[..., 0], samples.noise, bn.FINE)
     image_change = brain.measure_volumes(truth.images[..., 0], truth.noise, bn.FINE) - volumes_in
     label_change = truth.labels[:, [bn.BV, bn.VV]] - samples.labels[:, [bn.BV, bn.VV]]
