@@ -77,11 +77,13 @@ INTERVENTIONS = {
 }
 
 
-def registered_fit_set(prep: Preprocessing, reference: Reference, n: int, seed: int):
-    """Generated subjects registered onto the model grid as a scan is: (N, X, Y, Z) in [0, 1], labels
-    in the model's reference space and ``prep`` with the cohort's volume ratio."""
-    s = brain.sample(n, seed=seed, size=2 * prep.spatial_size[0])
-    affine = brain.affine(2 * prep.spatial_size[0])
+def registered_fit_set(prep: Preprocessing, reference: Reference, n: int, seed: int, size: int | None = None):
+    """Generated subjects (rendered ``size`` voxels a side, twice the model grid's by default) registered onto
+    the model grid as a scan is: (N, X, Y, Z) in [0, 1], labels in the model's reference space and ``prep``
+    with the cohort's volume ratio."""
+    size = size or 2 * prep.spatial_size[0]
+    s = brain.sample(n, seed=seed, size=size)
+    affine = brain.affine(size)
     mask = reference_mask(reference, prep)
     prepared = [prepare_registered(Scan(v[..., 0], affine, "fit"), prep, reference, mask) for v in s.images]
     ratios = np.array([pp.registration.volume_ratio for pp in prepared])

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,8 +46,7 @@ from cdae_med.io import Scan
 from pipelines.mri import Preprocessing, prepare_registered, reference_mask
 from pipelines.realisation import (GridDeformation, carry_change, deform_scan, deformation_change, fit_deformation,
                                    head_weight)
-from pipelines.registration import grid_affine
-from pipelines.registration import Reference
+from pipelines.registration import Reference, grid_affine, resample_grid
 from pipelines.train_config import test_seed
 from pipelines.training_data import reference_space_labels
 from synthetic_data import brain
@@ -76,6 +76,10 @@ class VentriclePush:
 
         self.spacing, self.decay, self.incompressible, self.velocity = spacing_mm, decay_mm, incompressible, velocity
         self.smoothing = smoothing_voxels
+        if velocity:
+            from monai.networks.blocks import DVF2DDF
+
+            self.integrate = DVF2DDF(num_steps=7)
         self.size = int(round(brain.FOV_MM / spacing_mm))
         self.affine = grid_affine(spacing_mm, self.size)
         ref = reference_on_grid(reference, self.affine, self.size)
@@ -105,12 +109,10 @@ class VentriclePush:
         outward = grad / np.maximum(np.linalg.norm(grad, axis=0), 1e-6)
         return -np.exp(-distance / self.decay)[None] * outward * self.weight[None]
 
-    def __call__(self, pp, delta_ml: float, changed: np.ndarray | None = None, solve_on_changed: bool = True
-                 ) -> np.ndarray:
-        """The scan (or ``changed``, another version of it, e.g. with an intensity change) warped so that its
-        ventricles are the scan's plus ``delta_ml``; measured on ``changed`` (so that the push makes up what
-        its change has not made) or, with ``solve_on_changed=False``, on the scan (the push the scan needs,
-        applied to ``changed``)."""
+    def deformation(self, pp, delta_ml: float, measured_on: np.ndarray | None = None) -> GridDeformation:
+        """The push (on this grid of reference space) that grows the ventricles of ``pp``'s scan by ``delta_ml``
+        (its volume, ml); measured on ``measured_on`` (another version of the scan on its grid) where given, so
+        that the push makes up what that version's own change has not made."""
         from scipy.optimize import brentq
 
         lo, hi = pp.window
@@ -119,11 +121,8 @@ class VentriclePush:
         csf, white = float(np.median(g[self.core])), float(np.median(g[self.white]))
         voxel_ml = self.spacing ** 3 / 1000.0
         target = self.fraction(g, csf, white).sum() * voxel_ml + delta_ml / pp.registration.volume_ratio
-        registration = pp.registration
-        if changed is not None:
-            registration = replace(registration, scan=replace(registration.scan, data=changed.astype(np.float32)))
-            if solve_on_changed:
-                g = (registration.resample(*grid) - lo) / (hi - lo)
+        if measured_on is not None:
+            g = (pp.registration.resample(*grid, data=measured_on) - lo) / (hi - lo)
         field = self.field(self.fraction(g, csf, white))
         if self.velocity:  # a velocity integrates to a diffeomorphism only where it is smooth on the grid
             from scipy.ndimage import gaussian_filter
@@ -134,9 +133,8 @@ class VentriclePush:
             u = s * field
             if self.velocity:  # the push as a stationary velocity field, integrated by scaling and squaring
                 import torch
-                from monai.networks.blocks import DVF2DDF
 
-                u = DVF2DDF(num_steps=7)(torch.from_numpy((u / self.spacing).astype(np.float32))[None])[0]
+                u = self.integrate(torch.from_numpy((u / self.spacing).astype(np.float32))[None])[0]
                 u = u.numpy().astype(np.float64) * self.spacing
             return GridDeformation.from_displacement(u.transpose(1, 2, 3, 0) * np.array([-1.0, -1.0, 1.0]),
                                                      self.affine)  # RAS -> ITK's LPS
@@ -146,7 +144,19 @@ class VentriclePush:
 
         lo_s, hi_s = -12.0, 12.0
         s = lo_s if excess(lo_s) > 0 else hi_s if excess(hi_s) < 0 else brentq(excess, lo_s, hi_s, xtol=1e-3)
-        return deform_scan(registration, deformation(s))
+        return deformation(s)
+
+    def __call__(self, pp, delta_ml: float, changed: np.ndarray | None = None, solve_on_changed: bool = True
+                 ) -> np.ndarray:
+        """The scan (or ``changed``, another version of it, e.g. with an intensity change) warped so that its
+        ventricles are the scan's plus ``delta_ml``; measured on ``changed`` (so that the push makes up what
+        its change has not made) or, with ``solve_on_changed=False``, on the scan (the push the scan needs,
+        applied to ``changed``)."""
+        phi = self.deformation(pp, delta_ml, changed if solve_on_changed else None)
+        registration = pp.registration
+        if changed is not None:
+            registration = replace(registration, scan=replace(registration.scan, data=changed.astype(np.float32)))
+        return deform_scan(registration, phi)
 
 
 def run_pushes(pushes: dict, outputs: dict, pp, delta_ml: float, change: np.ndarray, outside: np.ndarray) -> None:
@@ -165,8 +175,6 @@ def run_pushes(pushes: dict, outputs: dict, pp, delta_ml: float, change: np.ndar
 
 def reference_on_grid(reference: Reference, affine: np.ndarray, size: int) -> dict:
     """The reference's image and mask on another grid of its space."""
-    from pipelines.registration import resample_grid
-
     return {k: resample_grid(getattr(reference, k), reference.affine, affine, (size,) * 3) for k in ("image", "mask")}
 
 
@@ -200,16 +208,9 @@ def main() -> None:
     prep = Preprocessing(spacing_mm=(brain.FOV_MM / size,) * 3, spatial_size=(size,) * 3, registration="affine",
                          volume_variables=bn.VOLUMES)
     mask = reference_mask(reference, prep)
-    affine = brain.affine(bn.FINE)
-    fit = brain.sample(args.n_fit, seed=4242, size=bn.FINE)
-    fit_prepared = [prepare_registered(Scan(v[..., 0], affine, "fit"), prep, reference, mask) for v in fit.images]
-    ratios = np.array([pp.registration.volume_ratio for pp in fit_prepared])
-    prep = replace(prep, cohort_volume_ratio=float(ratios.mean()))
-    fit_images = np.stack([pp.image[0] for pp in fit_prepared])
-    fit_labels = reference_space_labels(fit.labels, bn.GRAPH, prep, ratios)
-    del fit_prepared, fit
-    shape = bn.VoxelwiseDeformation(fit_images.mean(0), prep.grid_affine, mask)
+    fit_images, fit_labels, prep = bn.registered_fit_set(prep, reference, args.n_fit, seed=4242, size=bn.FINE)
     if not args.pushes_only:
+        shape = bn.VoxelwiseDeformation(fit_images.mean(0), prep.grid_affine, mask)
         shape.fit(shape.fields(fit_images), fit_labels)
     intensity = bn.VoxelwiseLinear().fit(fit_images, fit_labels)
     print(f"regressions fitted on {args.n_fit} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -217,31 +218,18 @@ def main() -> None:
     samples = brain.sample(args.n_test, seed=test_seed(0) + args.test_offset, size=bn.FINE)
     targets = bn.INTERVENTIONS[args.intervention][1](samples.labels)
     truth = brain.counterfactual(samples, {args.intervention: targets}, size=bn.FINE)
+    affine = brain.affine(bn.FINE)
     prepared = [prepare_registered(Scan(v[..., 0], affine, "test"), prep, reference, mask) for v in samples.images]
     ratios = np.array([pp.registration.volume_ratio for pp in prepared])
     factual, cf = (reference_space_labels(y, bn.GRAPH, prep, ratios) for y in (samples.labels, truth.labels))
     regressed = [None] * len(prepared) if args.pushes_only else shape.deformations(factual, cf)
     changes = intensity.change(factual, cf)
-    outputs: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "copy", "oracle_intensity", "oracle_deformation_only", "oracle_deformation_plus_rest",
-        "intensity_regression", "intensity_regression_as_deformation_plus_rest", "displacement_regression_only",
-        "displacement_regression_plus_intensity_regression_rest", "oracle_intensity_then_fine_deformation",
-        "intensity_regression_then_fine_deformation", "ventricle_push", "ventricle_push_plus_intensity_regression",
-        "ventricle_push_20mm", "ventricle_push_40mm", "ventricle_push_incompressible",
-        "intensity_regression_then_scans_own_ventricle_push", "intensity_regression_outside_ventricles_then_push")}
+    outputs: dict[str, list[np.ndarray]] = defaultdict(list)  # method -> its output per subject
     v = args.velocity
     pushes = {"ventricle_push": VentriclePush(reference, velocity=v),
               "ventricle_push_20mm": VentriclePush(reference, 20.0, velocity=v),
               "ventricle_push_40mm": VentriclePush(reference, 40.0, velocity=v),
               "ventricle_push_incompressible": VentriclePush(reference, incompressible=True, velocity=v)}
-    if args.pushes_only:
-        for name in ("oracle_intensity", "oracle_deformation_only", "oracle_deformation_plus_rest",
-                     "intensity_regression_as_deformation_plus_rest", "displacement_regression_only",
-                     "displacement_regression_plus_intensity_regression_rest", "oracle_intensity_then_fine_deformation",
-                     "intensity_regression_then_fine_deformation"):
-            del outputs[name]
-    from pipelines.registration import resample_grid
-
     region = pushes["ventricle_push"].region.astype(np.float32)
     outside = (1.0 - resample_grid(region, pushes["ventricle_push"].affine, prep.grid_affine, prep.spatial_size)) * mask
     # the volume change the graph prescribes (here the true one: do(ventricle_volume) sets it)
