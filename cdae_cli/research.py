@@ -32,8 +32,11 @@ _CHECKPOINT = typer.Option(..., help="Checkpoint directory written by `cdae-med 
 _SCAN_CHECKPOINT = typer.Option(None, help="Checkpoint directory written by `cdae-med train` [default for scans: "
                                            "the registered model --model].")
 _REALISATION = typer.Option(None, help="Scans: how the change reaches the scan, intensity (the upsampled "
-                                       "difference) or deformation (a warp of the scan plus a residual; "
-                                       "registered models) [default: the model's].")
+                                       "difference), deformation (a warp of the scan plus a residual), "
+                                       "ventricles (the scan's own ventricles pushed by the model's ventricle-volume "
+                                       "change, its intensity change elsewhere) or volumes (ventricles, with the "
+                                       "intensity change scaled to the model's brain-volume change); all but "
+                                       "intensity need a registered model [default: the model's].")
 _RESIDUAL = typer.Option(None, help="Scans: the intensity part of the change upsampled (upsampled) or moved onto "
                                     "the scan's own tissue boundaries (tissue) [default: the model's].")
 _SCAN_MODEL = typer.Option("brain", "--model", help="Scans: the registered model NAME or NAME:vN to use when no "

@@ -1,7 +1,7 @@
 """How the change a registered model decides on its grid reaches the scan at the scan's resolution.
 
 The model gives, on its grid in reference space, the factual reconstruction ``rec`` and the
-counterfactual ``cf`` (window units). Two ways to put their difference onto the patient's scan:
+counterfactual ``cf`` (window units). Ways to put their difference onto the patient's scan:
 
 - ``"intensity"``: ``scan + carry_back(cf - rec)``, the difference upsampled through the inverse
   registration. Simple, exact for a null intervention, but a 6 mm change is a blurred one at 2 mm.
@@ -17,6 +17,11 @@ counterfactual ``cf`` (window units). Two ways to put their difference onto the 
   deformation itself (:func:`model_deformation`: the change of its decoded displacement, integrated as a
   stationary velocity field); for any other model it is found afterwards, by SimpleITK's diffeomorphic
   demons from ``rec`` onto ``cf`` on the model grid (:func:`fit_deformation`, Vercauteren et al. 2009).
+
+- ``"ventricles"`` and ``"volumes"`` (:class:`AnatomicalRealisation`): the volumes the causal model decides put
+  on the subject's own anatomy, its ventricles pushed to the model's ventricle-volume change
+  (:mod:`pipelines.anatomy`) and its intensity change elsewhere, for ``"volumes"`` scaled to the model's
+  brain-volume change.
 
 Either way, the intensity part (all of the change, or the residual) is a change decided on the model's grid.
 ``residual="upsampled"`` adds it as upsampled; ``residual="tissue"`` (:func:`onto_tissue`) moves it, within
@@ -37,12 +42,12 @@ import numpy as np
 from .mri import PreparedScan, restore_change
 from .registration import _LPS, Registration, _array, to_sitk
 
-__all__ = ["REALISATIONS", "RESIDUALS", "GridDeformation", "onto_tissue", "carry_change", "fit_deformation", "model_deformation", "deform_scan",
+__all__ = ["REALISATIONS", "RESIDUALS", "AnatomicalRealisation", "GridDeformation", "onto_tissue", "carry_change", "fit_deformation", "model_deformation", "deform_scan",
            "deformation_change", "jacobian_determinant"]
 
 log = logging.getLogger("cdae_med")
 
-REALISATIONS = ("intensity", "deformation")
+REALISATIONS = ("intensity", "deformation", "ventricles", "volumes")
 RESIDUALS = ("upsampled", "tissue")
 
 # onto_tissue's weights: edge strength from the scan's gradient at TISSUE_EDGE_MM, to TISSUE_POWER; a floor (a
@@ -187,12 +192,13 @@ def model_deformation(displacement_rec: np.ndarray, displacement_cf: np.ndarray,
     raise RuntimeError("the model's deformation folds even at 1/%d of its size" % 2**max_halvings)
 
 
-def deform_scan(registration: Registration, deformation: GridDeformation) -> np.ndarray:
-    """The scan, at its own resolution, warped by a deformation found in reference space: a scan
-    point p samples the scan at T(T^-1(p) + u(T^-1(p))), with T the registration (reference -> scan)."""
+def deform_scan(registration: Registration, deformation: GridDeformation, data: np.ndarray | None = None) -> np.ndarray:
+    """The scan (or ``data``, another volume on its grid), at its own resolution, warped by a deformation
+    found in reference space: a scan point p samples the scan at T(T^-1(p) + u(T^-1(p))), with T the
+    registration (reference -> scan). Linear in the data."""
     import SimpleITK as sitk
 
-    scan = to_sitk(registration.scan.data, registration.scan.affine)
+    scan = to_sitk(registration.scan.data if data is None else np.asarray(data, np.float32), registration.scan.affine)
     # SimpleITK's composite transform applies its last transform first
     composite = sitk.CompositeTransform([registration.transform, deformation.transform(),
                                          registration.transform.GetInverse()])
@@ -219,3 +225,78 @@ def jacobian_determinant(deformation: GridDeformation) -> np.ndarray:
     import SimpleITK as sitk
 
     return _array(sitk.DisplacementFieldJacobianDeterminant(sitk.Cast(deformation.field, sitk.sitkVectorFloat64)))
+
+
+class AnatomicalRealisation:
+    """The volumes the causal model decides, realised on the scan's own anatomy (:mod:`pipelines.anatomy`).
+
+    ``"ventricles"``: the subject's ventricles grown by the model's ventricle-volume change
+    (:class:`pipelines.anatomy.VentriclePush`), measured on the scan with the rest of the model's change (its
+    intensity change, on the scan's tissue, everywhere but within ``wall_mm`` of the ventricles' wall, where
+    the change is the push's). ``"volumes"``: the same, with that intensity change scaled so that the brain
+    volume measured on the output changes by the model's brain-volume change (the push's compression of the
+    tissue around the ventricles included): both volumes as the graph decides them. A 6 mm change carries only
+    part of a volume change onto a 2 mm scan, even the true change does
+    (`benchmarks/results/brain_ventricle_realisation_32_*.json`); which of the three realisations measures
+    better on image and volumes is in `benchmarks/results/brain_native.json`.
+
+    The scale is found in [0, ``max_scale``]; where no scale in it gives the model's brain change (its
+    intensity change moves brain volume the other way, or too little), the nearer end is kept and the details
+    say so."""
+
+    def __init__(self, reference, prep, mask: np.ndarray, scale_to_brain_volume: bool = False,
+                 wall_mm: float = 4.0, max_scale: float = 4.0):
+        from .anatomy import VentriclePush, reference_levels
+
+        self.levels = reference_levels(reference)
+        extent = float(prep.spacing_mm[0]) * int(prep.spatial_size[0])
+        self.push = VentriclePush(reference, extent, self.levels.grey_share)
+        self.mask, self.scale_to_brain_volume, self.wall_mm, self.max_scale = mask, scale_to_brain_volume, wall_mm, max_scale
+
+    def scan_levels(self, prepared):
+        """The scan's CSF, grey- and white-matter intensities (its units): CSF and white matter read through
+        the registration, grey matter where the reference's lies between them."""
+        from .anatomy import TissueLevels
+
+        lo, hi = prepared.window
+        csf, white = (lo + v * (hi - lo) for v in self.push.levels(prepared))
+        return TissueLevels(csf, csf + self.levels.grey_share * (white - csf), white)
+
+    def __call__(self, prepared: PreparedScan, change: np.ndarray, delta_brain_ml: float,
+                 delta_ventricles_ml: float, residual: str = "tissue") -> tuple[np.ndarray, dict]:
+        """The scan's change (its grid, its units) for the model's ``change`` on its grid (window units) and
+        its volume changes (ml of the scan), with what was done."""
+        from scipy.optimize import brentq
+
+        from .anatomy import brain_volume_ml
+
+        scan = prepared.scan.data
+        intensity = carry_change(prepared, change.reshape(self.mask.shape) * self.mask, residual)
+        intensity *= 1.0 - self.push.wall(prepared, self.wall_mm)
+        if delta_ventricles_ml:
+            phi = self.push.deformation(prepared, delta_ventricles_ml, scan + intensity)
+            pushed = deform_scan(prepared.registration, phi)
+            intensity = deform_scan(prepared.registration, phi, intensity)
+        else:
+            pushed = scan
+        details = {"ventricle_volume_change_ml": float(delta_ventricles_ml),
+                   "brain_volume_change_ml": float(delta_brain_ml), "intensity_scale": 1.0}
+        if self.scale_to_brain_volume:
+            head = prepared.registration.carry_back(self.mask.astype(np.float32), prepared.prep.grid_affine) > 0.5
+            levels = self.scan_levels(prepared)
+            voxel_ml = float(np.prod(prepared.scan.spacing)) / 1000.0
+            target = brain_volume_ml(scan, head, levels, voxel_ml) + delta_brain_ml
+
+            def excess(k: float) -> float:
+                return brain_volume_ml(pushed + k * intensity, head, levels, voxel_ml) - target
+
+            ends = excess(0.0), excess(self.max_scale)
+            if ends[0] * ends[1] < 0:
+                details["intensity_scale"] = round(float(brentq(excess, 0.0, self.max_scale, xtol=1e-3)), 4)
+            else:
+                details["intensity_scale"] = 0.0 if abs(ends[0]) <= abs(ends[1]) else self.max_scale
+                details["brain_volume_change_reached"] = False
+        out = pushed + details["intensity_scale"] * intensity
+        details["ventricle_volume_change_measured_ml"] = round(self.push.volume_ml(prepared, out)
+                                                               - self.push.volume_ml(prepared), 2)
+        return out - scan, details

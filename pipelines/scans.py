@@ -36,13 +36,16 @@ from cdae_med.values import parse_values
 
 from .mri import (Preprocessing, PreparedScan, from_slices, prepare, reference_mask,
                   spatial_transforms, to_slices)
-from .realisation import REALISATIONS, RESIDUALS, carry_change, deformation_change, model_deformation
+from .realisation import (REALISATIONS, RESIDUALS, AnatomicalRealisation, carry_change, deformation_change,
+                          model_deformation)
 from .registration import Reference, RegistrationError
 
 __all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "orthogonal_preview"]
 
 log = logging.getLogger("cdae_med")
 
+# The graph's volumes the anatomical realisation puts on the scan (pipelines.realisation.AnatomicalRealisation).
+ANATOMY_VOLUMES = ("brain_volume", "ventricle_volume")
 OUT_OF_RANGE = ("flag", "refuse")  # what an intervention outside the training range gets
 OUTPUT_FILES = ("counterfactual.nii.gz", "difference.nii.gz", "preview.png", "report.json")
 
@@ -57,6 +60,7 @@ class _Result:
     difference: np.ndarray
     factual: dict[str, float]
     values: dict[str, float]
+    realised: dict | None = None  # what the anatomical realisation did (AnatomicalRealisation)
 
 
 class ScanModel:
@@ -117,9 +121,17 @@ class ScanModel:
                 raise CheckpointError(f"{checkpoint.path}: this model registers scans to its reference, "
                                       f"which cannot be read: {err}") from None
             self.mask = reference_mask(self.reference, self.preprocessing)
-        if self.realisation == "deformation" and self.reference is None:
-            raise ValueError("realisation 'deformation' needs a registered model (its change is found in "
+        if self.realisation != "intensity" and self.reference is None:
+            raise ValueError(f"realisation {self.realisation!r} needs a registered model (its change is found in "
                              "reference space); this one is not registered")
+        self.anatomy = None
+        if self.realisation in ("ventricles", "volumes"):
+            missing = [n for n in ANATOMY_VOLUMES if n not in self.graph.names]
+            if missing:
+                raise ValueError(f"realisation {self.realisation!r} realises the graph's {' and '.join(ANATOMY_VOLUMES)}; "
+                                 f"this model's graph has no {', '.join(missing)}")
+            self.anatomy = AnatomicalRealisation(self.reference, self.preprocessing, self.mask,
+                                                 scale_to_brain_volume=self.realisation == "volumes")
 
     @property
     def model_kind(self) -> str:
@@ -234,7 +246,16 @@ class ScanModel:
             # The intervention changes the head, not the air around it: decoding noise there would
             # otherwise add intensity to every background voxel and skew any volume read from the output.
             where = self.mask if self.mask is not None else head_mask(p.image[0])
-            if self.realisation == "deformation" and change[i].any():
+            realised = None
+            if self.anatomy is not None:
+                brain_change, ventricle_change = (float(values[i, graph.index(n)] - factual[i, graph.index(n)])
+                                                  for n in ANATOMY_VOLUMES)
+                if change[i].any() or brain_change or ventricle_change:
+                    diff, realised = self.anatomy(p, change[i, 0] * where, brain_change, ventricle_change,
+                                                  self.residual)
+                else:  # nothing changes: the input itself
+                    diff = np.zeros_like(p.scan.data)
+            elif self.realisation == "deformation" and change[i].any():
                 decided = None if not shape_coded else model_deformation(
                     displacements[0][i], displacements[1][i], p.prep.grid_affine, where, inset_mm=self.inset_mm)
                 diff = deformation_change(p, reconstruction[i, 0], change[i, 0], where, decided, self.inset_mm,
@@ -243,7 +264,7 @@ class ScanModel:
                 diff = carry_change(p, change[i] * where, self.residual)
             results.append(_Result(counterfactual=p.scan.data + diff, difference=diff,
                                    factual=dict(zip(graph.names, factual[i].tolist())),
-                                   values=dict(zip(graph.names, values[i].tolist()))))
+                                   values=dict(zip(graph.names, values[i].tolist())), realised=realised))
         if progress:
             progress(1.0)
         return results
@@ -300,7 +321,12 @@ class ScanModel:
                          **({"deformation_inset_mm": self.inset_mm} if self.realisation == "deformation" else {}),
                          "model_kind": self.model_kind,
                          "preprocessing": self.preprocessing.to_dict(),
-                         "output": ("input warped by the deformation that carries the reconstruction onto the "
+                         "output": ("input with its ventricles grown by the model's ventricle-volume change (a "
+                                    "push of the tissue around them) and the model's intensity change elsewhere"
+                                    + (", scaled to its brain-volume change" if self.realisation == "volumes" else "")
+                                    + ", through the inverse registration"
+                                    if self.anatomy is not None else
+                                    "input warped by the deformation that carries the reconstruction onto the "
                                     "counterfactual ("
                                     + ("decoded by the model" if self.decodes_deformation else "fitted by demons")
                                     + "), plus its residual, through the inverse registration"
@@ -309,6 +335,7 @@ class ScanModel:
                                     + ("registration" if reg is not None else "preprocessing"))
                                    + (", the intensity change moved onto the scan's tissue boundaries"
                                       if self.residual == "tissue" else "")},
+            **({"realised": r.realised} if r.realised is not None else {}),
             "files": list(OUTPUT_FILES),
             "seconds": round(seconds, 3),
         }

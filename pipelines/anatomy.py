@@ -1,0 +1,211 @@
+"""The subject's own anatomy read off a registered scan, and changed by volumes a model prescribes.
+
+A model on a 6 mm grid can say by how much a brain shrinks and its ventricles grow, not which 2 mm voxels
+do: its change, carried onto the scan, moves only part of a ventricle wall even when it is the true change
+(`benchmarks/results/brain_ventricle_realisation_32_ventricle_volume.json`: the oracle's intensity change
+leaves 13.8 of copying's 15.1 ml ventricle error). So the volumes the causal model decides can be realised on
+the scan's own anatomy, as atrophy happens (:class:`pipelines.realisation.AnatomicalRealisation`):
+
+- :class:`TissueLevels`: a scan's CSF, grey- and white-matter intensities, read through its registration
+  (CSF in the reference's lateral ventricles, white matter where the reference is brightest, grey matter at
+  the reference's own grey-matter level between the two);
+- :func:`brain_volume_ml`: brain (grey plus white matter) by partial volume between CSF and grey matter, as
+  the generator's tissue model and partial-volume segmentations measure it;
+- :class:`VentriclePush`: the subject's own ventricles grown or shrunk by a prescribed volume, the tissue
+  around them pushed along the distance to their wall by a push that decays away from it, integrated as a
+  stationary velocity field.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .registration import Reference, grid_affine, resample_grid
+
+__all__ = ["TissueLevels", "VentriclePush", "brain_volume_ml", "reference_levels"]
+
+log = logging.getLogger("cdae_med")
+
+# The reference's tissue classes, in its intensities scaled to its 99th percentile (white matter): CSF
+# darker than CSF_BELOW deeper than DEEP_MM inside its head (its largest connected body: the lateral
+# ventricles), white matter brighter than WHITE_ABOVE.
+CSF_BELOW = 0.35
+WHITE_ABOVE = 0.88
+DEEP_MM = 25.0
+
+
+@dataclass(frozen=True)
+class TissueLevels:
+    """A scan's (or the reference's) CSF, grey- and white-matter intensities."""
+
+    csf: float
+    grey: float
+    white: float
+
+    @property
+    def grey_share(self) -> float:
+        """Grey matter's place between CSF (0) and white matter (1)."""
+        return (self.grey - self.csf) / (self.white - self.csf)
+
+    def brain_fraction(self, data: np.ndarray) -> np.ndarray:
+        """Each voxel's share of brain: 0 at CSF, 1 at grey matter and brighter."""
+        return np.clip((np.asarray(data, np.float64) - self.csf) / (self.grey - self.csf), 0.0, 1.0)
+
+
+def _reference_classes(reference: Reference, affine: np.ndarray, size: int) -> dict:
+    """The reference's image (scaled to its white matter), head, lateral ventricles and white matter on a grid."""
+    from scipy.ndimage import distance_transform_edt, label
+
+    spacing = float(np.linalg.norm(affine[:3, 0]))
+    image, mask = (resample_grid(a, reference.affine, affine, (size,) * 3) for a in (reference.image, reference.mask))
+    head = mask > 0.5
+    image = image / max(float(np.percentile(image[head], 99)), 1e-6)
+    deep_csf = (image < CSF_BELOW) & (distance_transform_edt(head) * spacing > DEEP_MM)
+    labels, n = label(deep_csf)  # the lateral ventricles: the largest body of deep CSF (not the third ventricle)
+    core = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:])) if n else deep_csf
+    return {"image": image, "mask": mask, "head": head, "core": core, "white": (image > WHITE_ABOVE) & head}
+
+
+def reference_levels(reference: Reference) -> TissueLevels:
+    """The reference's own levels: CSF and white matter as medians of its classes, grey matter the most
+    common intensity between them (a T1 head's largest tissue peak after white matter's)."""
+    classes = _reference_classes(reference, reference.affine, reference.image.shape[0])
+    image, head = classes["image"], classes["head"]
+    csf, white = float(np.median(image[classes["core"]])), float(np.median(image[classes["white"]]))
+    lo, hi = csf + 0.35 * (white - csf), white - 0.2 * (white - csf)
+    counts, edges = np.histogram(image[head & (image > lo) & (image < hi)], bins=24, range=(lo, hi))
+    grey = float((edges[np.argmax(counts)] + edges[np.argmax(counts) + 1]) / 2)
+    return TissueLevels(csf, grey, white)
+
+
+def brain_volume_ml(data: np.ndarray, head: np.ndarray, levels: TissueLevels, voxel_ml: float) -> float:
+    """Brain volume (ml) of a scan inside ``head`` (bool, the scan's grid) by partial volume."""
+    return float(levels.brain_fraction(data[head]).sum() * voxel_ml)
+
+
+class VentriclePush:
+    """The subject's own ventricles grown (or shrunk) by a prescribed volume, as ventricles enlarge: the
+    tissue around them pushed along the signed distance to their wall (the inside moving with the wall, so
+    that a shrinking ventricle does not collapse onto it), by a push that decays outside with that distance
+    (``decay_mm``; 10 mm measured best of 10, 20 and 40 and an incompressible flow:
+    `benchmarks/results/brain_ventricle_realisation_32_*.json`). The push is smoothed over
+    ``smoothing_voxels`` of a ``spacing_mm`` grid of reference space spanning ``extent_mm`` and integrated as a
+    stationary velocity field (scaling and squaring, MONAI's ``DVF2DDF``): one displacement of the size a
+    large change needs folds where the direction to the nearest wall jumps
+    (`benchmarks/brain_ventricle_push_folding.py`). Its size is solved so that the ventricles measured on the
+    warped scan, at the scan's own resolution, change by the volume asked for, and halved where it would
+    still fold on the grid.
+
+    The ventricles are read off the scan: within ``region_mm`` of the reference's lateral ventricles (carried
+    through the registration), a voxel's share of CSF by partial volume between the scan's CSF there and its
+    grey matter (``grey_share`` of the way to its white matter: :attr:`TissueLevels.grey_share`)."""
+
+    def __init__(self, reference: Reference, extent_mm: float, grey_share: float, decay_mm: float = 10.0,
+                 spacing_mm: float = 3.0, region_mm: float = 16.0, smoothing_voxels: float = 1.5):
+        from scipy.ndimage import binary_dilation
+
+        from .realisation import head_weight
+
+        self.spacing, self.decay, self.smoothing, self.grey_share = spacing_mm, decay_mm, smoothing_voxels, grey_share
+        self.size = int(round(extent_mm / spacing_mm))
+        self.affine = grid_affine(spacing_mm, self.size)
+        classes = _reference_classes(reference, self.affine, self.size)
+        self.core, self.white = classes["core"], classes["white"]
+        if not self.core.any():
+            raise ValueError("the reference has no deep CSF (ventricles) to grow")
+        self.region = binary_dilation(self.core, iterations=int(round(region_mm / spacing_mm))) & classes["head"]
+        self.weight = head_weight(classes["mask"].astype(np.float32), 0.0, spacing_mm)
+        from monai.networks.blocks import DVF2DDF
+
+        with warnings.catch_warnings():  # MONAI notes that it uses torch's grid_sample, which is what we want
+            warnings.simplefilter("ignore")
+            self.integrate = DVF2DDF(num_steps=7)
+
+    def share(self, g: np.ndarray, csf: float, white: float) -> np.ndarray:
+        """Each voxel's share of CSF (``g`` in any units the levels are in)."""
+        grey = csf + self.grey_share * (white - csf)
+        return np.clip((grey - g) / (grey - csf), 0.0, 1.0)
+
+    def on_grid(self, prepared, data: np.ndarray | None = None) -> np.ndarray:
+        """The scan (or ``data`` on its grid) on this grid of reference space, in [0, 1] of its window."""
+        lo, hi = prepared.window
+        return (prepared.registration.resample(self.affine, (self.size,) * 3, data=data) - lo) / (hi - lo)
+
+    def levels(self, prepared) -> tuple[float, float]:
+        """The scan's CSF (in the reference's lateral ventricles) and white matter, in its window's [0, 1]."""
+        g = self.on_grid(prepared)
+        return float(np.median(g[self.core])), float(np.median(g[self.white]))
+
+    def field(self, ventricles: np.ndarray) -> np.ndarray:
+        """(3, X, Y, Z) RAS, per unit of push, from the ventricles (bool) on this grid: the counterfactual at p
+        samples the scan at p + s field(p); smoothed, so that it integrates to a diffeomorphism."""
+        from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+        distance = (distance_transform_edt(~ventricles) - distance_transform_edt(ventricles)) * self.spacing
+        distance = gaussian_filter(distance, 1.0)
+        grad = np.stack(np.gradient(distance, self.spacing))
+        outward = grad / np.maximum(np.linalg.norm(grad, axis=0), 1e-6)
+        field = -np.exp(-np.maximum(distance, 0.0) / self.decay)[None] * outward * self.weight[None]
+        return np.stack([gaussian_filter(c, self.smoothing) for c in field])
+
+    def wall(self, prepared, within_mm: float) -> np.ndarray:
+        """The scan's ventricles and the tissue within ``within_mm`` of their wall, on its grid, in [0, 1]
+        (smoothed over a voxel): where a change of the ventricles is the push's, not an intensity change's."""
+        from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+        csf, white = self.levels(prepared)
+        lo, hi = prepared.window
+        region = prepared.registration.carry_back(self.region.astype(np.float32), self.affine) > 0.5
+        ventricles = (self.share((prepared.scan.data - lo) / (hi - lo), csf, white) > 0.5) & region
+        near = distance_transform_edt(~ventricles, sampling=prepared.scan.spacing) <= within_mm
+        return np.clip(gaussian_filter(near.astype(np.float32), 1.0), 0.0, 1.0)
+
+    def volume_ml(self, prepared, data: np.ndarray | None = None) -> float:
+        """The ventricles (ml) of the scan, or of ``data`` (another version of it on its grid), by partial
+        volume within the region, at the scan's own resolution."""
+        csf, white = self.levels(prepared)
+        lo, hi = prepared.window
+        data = prepared.scan.data if data is None else data
+        region = prepared.registration.carry_back(self.region.astype(np.float32), self.affine) > 0.5
+        return float(self.share((data[region] - lo) / (hi - lo), csf, white).sum() * np.prod(prepared.scan.spacing)
+                     / 1000.0)
+
+    def deformation(self, prepared, delta_ml: float, measured_on: np.ndarray | None = None,
+                    max_halvings: int = 6):
+        """The push (a :class:`pipelines.realisation.GridDeformation` on this grid) that grows the ventricles
+        of ``prepared``'s scan by ``delta_ml`` (the scan's ml), measured at the scan's own resolution (a 3 mm
+        grid's partial volumes are not a 2 mm scan's) on ``measured_on`` (another version of the scan on its
+        grid, e.g. with the rest of a change) where given."""
+        import torch
+        from scipy.optimize import brentq
+
+        from .realisation import GridDeformation, deform_scan, jacobian_determinant
+
+        csf, white = self.levels(prepared)
+        measured = prepared.scan.data if measured_on is None else np.asarray(measured_on, np.float32)
+        target = self.volume_ml(prepared) + delta_ml
+        field = self.field(self.share(self.on_grid(prepared, measured), csf, white) * self.region > 0.5)
+
+        def deformation(s: float) -> GridDeformation:
+            # the push as a stationary velocity field, integrated by scaling and squaring
+            u = self.integrate(torch.from_numpy((s * field / self.spacing).astype(np.float32))[None])[0]
+            u = u.numpy().astype(np.float64) * self.spacing
+            return GridDeformation.from_displacement(u.transpose(1, 2, 3, 0) * np.array([-1.0, -1.0, 1.0]),
+                                                     self.affine)  # RAS -> ITK's LPS
+
+        def excess(s: float) -> float:
+            return self.volume_ml(prepared, deform_scan(prepared.registration, deformation(s), measured)) - target
+
+        lo_s, hi_s = -12.0, 12.0
+        s = lo_s if excess(lo_s) > 0 else hi_s if excess(hi_s) < 0 else brentq(excess, lo_s, hi_s, xtol=1e-2)
+        for halving in range(max_halvings + 1):
+            phi = deformation(s / 2 ** halving)
+            if jacobian_determinant(phi).min() > 0:
+                if halving:
+                    log.warning("the ventricle push folded on its grid; applied at 1/%d of its size", 2 ** halving)
+                return phi
+        raise RuntimeError("the ventricle push folds even at 1/%d of its size" % 2 ** max_halvings)

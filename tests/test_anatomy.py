@@ -1,0 +1,117 @@
+"""The subject's own anatomy changed by prescribed volumes (pipelines.anatomy, the "ventricles" and "volumes"
+realisations): on generator subjects at 2 mm, measured by the generator's own tissue model."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cdae_med.io import Scan, write_nifti
+from pipelines.anatomy import VentriclePush, brain_volume_ml, reference_levels
+from pipelines.mri import Preprocessing, prepare_registered, reference_mask
+from pipelines.realisation import AnatomicalRealisation, deform_scan, jacobian_determinant
+from pipelines.registration import Reference
+from synthetic_data import brain
+
+FINE = 96  # 2 mm
+VV = brain.VARIABLES.index("ventricle_volume")
+
+
+@pytest.fixture(scope="module")
+def case():
+    reference = Reference(*brain.reference(64))
+    prep = Preprocessing(spacing_mm=(6.0,) * 3, spatial_size=(32,) * 3, registration="affine")
+    mask = reference_mask(reference, prep)
+    s = brain.sample(1, seed=43, size=FINE)
+    p = prepare_registered(Scan(s.images[0, ..., 0], brain.affine(FINE), "s"), prep, reference, mask)
+    return reference, prep, mask, s, p
+
+
+def _measured(s, images):
+    """Brain and ventricle volume (ml) of versions of subject 0 by the generator's tissue model."""
+    return brain.measure_volumes(np.stack(images), {k: np.repeat(v, len(images), axis=0) for k, v in s.noise.items()},
+                                 FINE)
+
+
+def test_the_reference_levels_are_its_tissues():
+    levels = reference_levels(Reference(*brain.reference(64)))
+    # the generator's T1: CSF 0.12, grey 0.55, white 0.85 (grey 0.59 of the way from CSF to white)
+    assert abs(levels.grey_share - (0.55 - 0.12) / (0.85 - 0.12)) < 0.06, levels
+    assert levels.csf < 0.25 < levels.grey < levels.white
+
+
+@pytest.mark.parametrize("delta", [12.0, -6.0])
+def test_the_push_changes_the_ventricles_by_the_volume_asked_and_folds_nowhere(case, delta):
+    reference, prep, mask, s, p = case
+    push = VentriclePush(reference, 192.0, reference_levels(reference).grey_share)
+    phi = push.deformation(p, delta)
+    assert jacobian_determinant(phi).min() > 0
+    out = deform_scan(p.registration, phi)
+    assert abs(push.volume_ml(p, out) - push.volume_ml(p) - delta) < 0.5  # what it solved for, on its own reading
+    moved = np.diff(_measured(s, [p.scan.data, out]), axis=0)[0]  # the generator's reading (measured: within 3 %)
+    assert abs(moved[1] - delta) < 0.15 * abs(delta), moved
+    assert abs(moved[0]) < 0.5 * abs(delta) + 2.5, moved  # the brain is moved, little of it removed
+
+
+def test_the_brain_volume_is_read_as_the_generator_reads_it(case):
+    reference, prep, mask, s, p = case
+    truth = brain.counterfactual(s, {"brain_volume": s.labels[:, 2] - 100.0}, size=FINE)
+    realise = AnatomicalRealisation(reference, prep, mask)
+    head = p.registration.carry_back(mask.astype(np.float32), prep.grid_affine) > 0.5
+    levels = realise.scan_levels(p)
+    ours = [brain_volume_ml(x, head, levels, 0.008) for x in (p.scan.data, truth.images[0, ..., 0])]
+    theirs = _measured(s, [p.scan.data, truth.images[0, ..., 0]])[:, 0]
+    assert abs((ours[1] - ours[0]) - (theirs[1] - theirs[0])) < 0.2 * abs(theirs[1] - theirs[0]), (ours, theirs)
+
+
+def test_the_volumes_realisation_gives_the_volumes_it_is_given(case):
+    """No model: an intensity change that darkens the whole brain a little, realised with the volumes a graph
+    would prescribe; the output's volumes, read by the generator, move by them."""
+    reference, prep, mask, s, p = case
+    realise = AnatomicalRealisation(reference, prep, mask, scale_to_brain_volume=True)
+    change = -0.03 * mask * (p.image[0] > 0.4)
+    diff, details = realise(p, change, -60.0, 10.0)
+    moved = np.diff(_measured(s, [p.scan.data, p.scan.data + diff]), axis=0)[0]
+    assert 0 < details["intensity_scale"] < realise.max_scale and "brain_volume_change_reached" not in details
+    assert abs(moved[0] + 60.0) < 6.0 and abs(moved[1] - 10.0) < 2.0, (moved, details)
+    zero, _ = realise(p, np.zeros_like(change), 0.0, 0.0)
+    assert np.abs(zero).max() == 0.0
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    from pipelines.registry import SHIPPED
+    from pipelines.scans import ScanModel
+
+    d = tmp_path_factory.mktemp("anatomy")
+    s = brain.sample(1, seed=3_000_019, size=FINE)
+    path = d / "sub.nii.gz"
+    write_nifti(path, s.images[0, ..., 0], brain.affine(FINE))
+    return ScanModel.load(SHIPPED["brain"], device="cpu", num_steps=10, realisation="volumes"), s, path
+
+
+def test_the_shipped_model_realised_by_volumes(tmp_path, shipped):
+    model, s, path = shipped
+    age, sex = float(s.labels[0, 0]), float(s.labels[0, 1])
+    covariates = {"age": age, "sex": sex}
+    model.run(path, {"age": age}, tmp_path / "null", covariates=covariates)  # a null intervention: the input
+    assert np.abs(nib.load(tmp_path / "null" / "difference.nii.gz").get_fdata()).max() == 0.0
+    report = model.run(path, {"ventricle_volume": float(s.labels[0, VV]) * 1.5}, tmp_path / "vv", covariates=covariates)
+    realised, asked = report["realised"], report["counterfactual"]["ventricle_volume"]["value"]
+    assert realised["ventricle_volume_change_ml"] == pytest.approx(asked - report["factual"]["ventricle_volume"]["value"])
+    assert "ventricles grown" in report["settings"]["output"] and report["settings"]["realisation"] == "volumes"
+    out = nib.load(tmp_path / "vv" / "counterfactual.nii.gz").get_fdata(dtype=np.float32)
+    moved = np.diff(_measured(s, [s.images[0, ..., 0], out]), axis=0)[0]
+    # the generator's reading of the output moves by the model's ventricle change, and the brain stays
+    assert abs(moved[1] - realised["ventricle_volume_change_ml"]) < 0.35 * abs(realised["ventricle_volume_change_ml"])
+    assert abs(moved[0]) < 15.0, moved
+
+
+def test_an_anatomical_realisation_needs_a_registered_model():
+    from pipelines.scans import ScanModel
+
+    tiny = Path(__file__).parent / "assets" / "brain16-tiny"  # not registered
+    for how in ("ventricles", "volumes"):
+        with pytest.raises(ValueError, match="needs a registered model"):
+            ScanModel.load(tiny, device="cpu", realisation=how)
