@@ -323,7 +323,8 @@ class ScanModel:
                          "preprocessing": self.preprocessing.to_dict(),
                          "output": ("input with its ventricles grown by the model's ventricle-volume change (a "
                                     "push of the tissue around them) and the model's intensity change elsewhere"
-                                    + (", scaled to its brain-volume change" if self.realisation == "volumes" else "")
+                                    + (", scaled where brain meets CSF to its brain-volume change" if self.realisation == "volumes"
+                                       else "")
                                     + ", through the inverse registration"
                                     if self.anatomy is not None else
                                     "input warped by the deformation that carries the reconstruction onto the "

@@ -125,7 +125,8 @@ def test_linear_first_stage_on_scores_decodes_intensities():
     assert (y - x).abs().mean() < 0.1 * (x - x.mean(0)).abs().mean()
     fresh = LinearAutoencoder(4, (1, 6, 6, 6), quantiles=32)
     fresh.load_state_dict(ae.state_dict())
-    assert torch.equal(fresh.decode(fresh.encode(x[:3])), y[:3])
+    # (against the same batch: a batch of 3 and one of 200 may round differently in the matrix products)
+    assert torch.equal(fresh.decode(fresh.encode(x[:3])), ae.decode(ae.encode(x[:3])))
     # a change taken at the images' own scores: none for an unchanged code, bit for bit; otherwise
     # the shifted scores of the images themselves, decoded
     c = ae.encode(x[:3])
