@@ -20,8 +20,8 @@ counterfactual ``cf`` (window units). Ways to put their difference onto the pati
 
 - ``"ventricles"`` and ``"volumes"`` (:class:`AnatomicalRealisation`): the volumes the causal model decides put
   on the subject's own anatomy, its ventricles pushed to the model's ventricle-volume change
-  (:mod:`pipelines.anatomy`) and its intensity change elsewhere, for ``"volumes"`` scaled to the model's
-  brain-volume change.
+  (:mod:`pipelines.anatomy`) and its intensity change elsewhere, for ``"volumes"`` scaled where brain meets CSF
+  to the model's brain-volume change.
 
 Either way, the intensity part (all of the change, or the residual) is a change decided on the model's grid.
 ``residual="upsampled"`` adds it as upsampled; ``residual="tissue"`` (:func:`onto_tissue`) moves it, within
@@ -239,10 +239,11 @@ class AnatomicalRealisation:
     Scaled everywhere instead, the change cost half as much again in image error
     (docs/design-notes.md, "The push as a realisation of the model"). A 6 mm change carries only
     part of a volume change onto a 2 mm scan, even the true change does
-    (`benchmarks/results/brain_ventricle_realisation_32_*.json`); which of the three realisations measures
-    better on image and volumes is in `benchmarks/results/brain_native.json`.
+    (`benchmarks/results/brain_ventricle_realisation_32_*.json`); what each realisation gains in volumes and
+    costs in image error is in `benchmarks/results/brain_native.json`.
 
-    The scale is found in [0, ``max_scale``]; where no scale in it gives the model's brain change (its
+    The scale (``intensity_scale`` in the details: of the change where brain meets CSF) is found in
+    [0, ``max_scale``]; where no scale in it gives the model's brain change (its
     intensity change moves brain volume the other way, or too little), the nearer end is kept and the details
     say so (``brain_volume_change_reached``)."""
 
