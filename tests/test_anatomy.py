@@ -115,3 +115,16 @@ def test_an_anatomical_realisation_needs_a_registered_model():
     for how in ("ventricles", "volumes"):
         with pytest.raises(ValueError, match="needs a registered model"):
             ScanModel.load(tiny, device="cpu", realisation=how)
+
+
+def test_a_push_too_large_to_stay_unfolded_is_halved_until_it_does(case, caplog):
+    """Shrinking the ventricles by most of their volume needs a pull that folds on the push's grid; it is applied
+    at a half (a quarter, ...) of its size, with a warning, and folds nowhere."""
+    import logging
+
+    reference, prep, mask, s, p = case
+    push = VentriclePush(reference, 192.0, reference_levels(reference).grey_share)
+    with caplog.at_level(logging.WARNING, logger="cdae_med"):
+        phi = push.deformation(p, -0.8 * float(s.labels[0, VV]))
+    assert jacobian_determinant(phi).min() > 0
+    assert any("folded" in r.getMessage() for r in caplog.records)
