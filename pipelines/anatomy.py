@@ -4,7 +4,8 @@ A model on a 6 mm grid can say by how much a brain shrinks and its ventricles gr
 do: its change, carried onto the scan, moves only part of a ventricle wall even when it is the true change
 (`benchmarks/results/brain_ventricle_realisation_32_ventricle_volume.json`: the oracle's intensity change
 leaves 13.8 of copying's 15.1 ml ventricle error). So the volumes the causal model decides can be realised on
-the scan's own anatomy, as atrophy happens (:class:`pipelines.realisation.AnatomicalRealisation`):
+the scan's own anatomy, as atrophy happens (:class:`AnatomicalRealisation`, the realisations ``"ventricles"``
+and ``"volumes"``, built on :mod:`pipelines.realisation`):
 
 - :class:`TissueLevels`: a scan's CSF, grey- and white-matter intensities, read through its registration
   (CSF in the reference's lateral ventricles, white matter where the reference is brightest, grey matter at
@@ -24,9 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .mri import PreparedScan
+from .realisation import GridDeformation, carry_change, deform_scan, head_weight, jacobian_determinant
 from .registration import Reference, grid_affine, resample_grid
 
-__all__ = ["TissueLevels", "VentriclePush", "brain_volume_ml", "reference_levels"]
+__all__ = ["AnatomicalRealisation", "TissueLevels", "VentriclePush", "brain_volume_ml", "reference_levels"]
 
 log = logging.getLogger("cdae_med")
 
@@ -113,8 +116,6 @@ class VentriclePush:
                  spacing_mm: float = 3.0, region_mm: float = 16.0, smoothing_voxels: float = 1.5):
         from scipy.ndimage import binary_dilation
 
-        from .realisation import head_weight
-
         self.spacing, self.decay, self.smoothing, self.grey_share = spacing_mm, decay_mm, smoothing_voxels, grey_share
         self.size = int(round(extent_mm / spacing_mm))
         self.affine = grid_affine(spacing_mm, self.size)
@@ -181,14 +182,12 @@ class VentriclePush:
 
     def deformation(self, prepared, delta_ml: float, measured_on: np.ndarray | None = None,
                     max_halvings: int = 6):
-        """The push (a :class:`pipelines.realisation.GridDeformation` on this grid) that grows the ventricles
+        """The push (a :class:`GridDeformation` on this grid) that grows the ventricles
         of ``prepared``'s scan by ``delta_ml`` (the scan's ml), measured at the scan's own resolution (a 3 mm
         grid's partial volumes are not a 2 mm scan's) on ``measured_on`` (another version of the scan on its
         grid, e.g. with the rest of a change) where given."""
         import torch
         from scipy.optimize import brentq
-
-        from .realisation import GridDeformation, deform_scan, jacobian_determinant
 
         csf, white = self.levels(prepared)
         measured = prepared.scan.data if measured_on is None else np.asarray(measured_on, np.float32)
@@ -215,3 +214,84 @@ class VentriclePush:
                     log.warning("the ventricle push folded on its grid; applied at 1/%d of its size", 2 ** halving)
                 return phi
         raise RuntimeError("the ventricle push folds even at 1/%d of its size" % 2 ** max_halvings)
+
+
+class AnatomicalRealisation:
+    """The volumes the causal model decides, realised on the scan's own anatomy.
+
+    ``"ventricles"``: the subject's ventricles grown by the model's ventricle-volume change
+    (:class:`VentriclePush`), measured on the scan with the rest of the model's change (its
+    intensity change, on the scan's tissue, everywhere but within ``wall_mm`` of the ventricles' wall, where
+    the change is the push's). ``"volumes"``: the same, with that intensity change scaled where brain meets
+    CSF so that the brain volume measured on the output changes by the model's brain-volume change (the push's
+    compression of the tissue around the ventricles included): both volumes as the graph decides them.
+    Scaled everywhere instead, the change cost half as much again in image error
+    (docs/design-notes.md, "The push as a realisation of the model"). A 6 mm change carries only
+    part of a volume change onto a 2 mm scan, even the true change does
+    (`benchmarks/results/brain_ventricle_realisation_32_*.json`); what each realisation gains in volumes and
+    costs in image error is in `benchmarks/results/brain_native.json`.
+
+    The scale (``intensity_scale`` in the details: of the change where brain meets CSF) is found in
+    [0, ``max_scale``]; where no scale in it gives the model's brain change (its
+    intensity change moves brain volume the other way, or too little), the nearer end is kept and the details
+    say so (``brain_volume_change_reached``)."""
+
+    def __init__(self, reference, prep, mask: np.ndarray, scale_to_brain_volume: bool = False,
+                 wall_mm: float = 4.0, max_scale: float = 8.0):
+        self.levels = reference_levels(reference)
+        extent = float(prep.spacing_mm[0]) * int(prep.spatial_size[0])
+        self.push = VentriclePush(reference, extent, self.levels.grey_share)
+        self.mask, self.scale_to_brain_volume, self.wall_mm, self.max_scale = mask, scale_to_brain_volume, wall_mm, max_scale
+
+    def scan_levels(self, prepared):
+        """The scan's CSF, grey- and white-matter intensities (its units): CSF and white matter read through
+        the registration, grey matter where the reference's lies between them."""
+        lo, hi = prepared.window
+        csf, white = (lo + v * (hi - lo) for v in self.push.levels(prepared))
+        return TissueLevels(csf, csf + self.levels.grey_share * (white - csf), white)
+
+    def __call__(self, prepared: PreparedScan, change: np.ndarray, delta_brain_ml: float,
+                 delta_ventricles_ml: float, residual: str = "tissue") -> tuple[np.ndarray, dict]:
+        """The scan's change (its grid, its units) for the model's ``change`` on its grid (window units) and
+        its volume changes (ml of the scan), with what was done."""
+        from scipy.ndimage import gaussian_filter
+        from scipy.optimize import brentq
+
+        scan = prepared.scan.data
+        intensity = carry_change(prepared, change.reshape(self.mask.shape) * self.mask, residual)
+        intensity *= 1.0 - self.push.wall(prepared, self.wall_mm)
+        if delta_ventricles_ml:
+            phi = self.push.deformation(prepared, delta_ventricles_ml, scan + intensity)
+            pushed = deform_scan(prepared.registration, phi)
+            intensity = deform_scan(prepared.registration, phi, intensity)
+        else:
+            pushed = scan
+        details = {"ventricle_volume_change_ml": float(delta_ventricles_ml),
+                   "brain_volume_change_ml": float(delta_brain_ml), "intensity_scale": 1.0}
+        if self.scale_to_brain_volume:
+            head = prepared.registration.carry_back(self.mask.astype(np.float32), prepared.prep.grid_affine) > 0.5
+            levels = self.scan_levels(prepared)
+            voxel_ml = float(np.prod(prepared.scan.spacing)) / 1000.0
+            target = brain_volume_ml(scan, head, levels, voxel_ml) + delta_brain_ml
+
+            # scaled where brain meets CSF (a voxel of partial volume, or beside one): there a change of intensity
+            # is a change of brain volume, where atrophy happens; elsewhere the change stays as the model made it
+            f = levels.brain_fraction(pushed)
+            border = np.clip(gaussian_filter(((f > 0.02) & (f < 0.98)).astype(np.float32), 1.0), 0.0, 1.0)
+
+            def scaled(k: float) -> np.ndarray:
+                return pushed + intensity * (1.0 + (k - 1.0) * border)
+
+            def excess(k: float) -> float:
+                return brain_volume_ml(scaled(k), head, levels, voxel_ml) - target
+
+            ends = excess(0.0), excess(self.max_scale)
+            if ends[0] * ends[1] < 0:
+                details["intensity_scale"] = round(float(brentq(excess, 0.0, self.max_scale, xtol=1e-3)), 4)
+            else:
+                details["intensity_scale"] = 0.0 if abs(ends[0]) <= abs(ends[1]) else self.max_scale
+                details["brain_volume_change_reached"] = False
+        out = scaled(details["intensity_scale"]) if self.scale_to_brain_volume else pushed + intensity
+        details["ventricle_volume_change_measured_ml"] = round(self.push.volume_ml(prepared, out)
+                                                               - self.push.volume_ml(prepared), 2)
+        return out - scan, details

@@ -18,9 +18,9 @@ counterfactual ``cf`` (window units). Ways to put their difference onto the pati
   stationary velocity field); for any other model it is found afterwards, by SimpleITK's diffeomorphic
   demons from ``rec`` onto ``cf`` on the model grid (:func:`fit_deformation`, Vercauteren et al. 2009).
 
-- ``"ventricles"`` and ``"volumes"`` (:class:`AnatomicalRealisation`): the volumes the causal model decides put
-  on the subject's own anatomy, its ventricles pushed to the model's ventricle-volume change
-  (:mod:`pipelines.anatomy`) and its intensity change elsewhere, for ``"volumes"`` scaled where brain meets CSF
+- ``"ventricles"`` and ``"volumes"`` (:class:`pipelines.anatomy.AnatomicalRealisation`): the volumes the causal model decides put
+  on the subject's own anatomy, its ventricles pushed to the model's ventricle-volume change and its
+  intensity change elsewhere, for ``"volumes"`` scaled where brain meets CSF
   to the model's brain-volume change.
 
 Either way, the intensity part (all of the change, or the residual) is a change decided on the model's grid.
@@ -42,7 +42,7 @@ import numpy as np
 from .mri import PreparedScan, restore_change
 from .registration import _LPS, Registration, _array, to_sitk
 
-__all__ = ["REALISATIONS", "RESIDUALS", "AnatomicalRealisation", "GridDeformation", "onto_tissue", "carry_change", "fit_deformation", "model_deformation", "deform_scan",
+__all__ = ["REALISATIONS", "RESIDUALS", "GridDeformation", "onto_tissue", "carry_change", "fit_deformation", "model_deformation", "deform_scan",
            "deformation_change", "jacobian_determinant"]
 
 log = logging.getLogger("cdae_med")
@@ -226,89 +226,3 @@ def jacobian_determinant(deformation: GridDeformation) -> np.ndarray:
 
     return _array(sitk.DisplacementFieldJacobianDeterminant(sitk.Cast(deformation.field, sitk.sitkVectorFloat64)))
 
-
-class AnatomicalRealisation:
-    """The volumes the causal model decides, realised on the scan's own anatomy (:mod:`pipelines.anatomy`).
-
-    ``"ventricles"``: the subject's ventricles grown by the model's ventricle-volume change
-    (:class:`pipelines.anatomy.VentriclePush`), measured on the scan with the rest of the model's change (its
-    intensity change, on the scan's tissue, everywhere but within ``wall_mm`` of the ventricles' wall, where
-    the change is the push's). ``"volumes"``: the same, with that intensity change scaled where brain meets
-    CSF so that the brain volume measured on the output changes by the model's brain-volume change (the push's
-    compression of the tissue around the ventricles included): both volumes as the graph decides them.
-    Scaled everywhere instead, the change cost half as much again in image error
-    (docs/design-notes.md, "The push as a realisation of the model"). A 6 mm change carries only
-    part of a volume change onto a 2 mm scan, even the true change does
-    (`benchmarks/results/brain_ventricle_realisation_32_*.json`); what each realisation gains in volumes and
-    costs in image error is in `benchmarks/results/brain_native.json`.
-
-    The scale (``intensity_scale`` in the details: of the change where brain meets CSF) is found in
-    [0, ``max_scale``]; where no scale in it gives the model's brain change (its
-    intensity change moves brain volume the other way, or too little), the nearer end is kept and the details
-    say so (``brain_volume_change_reached``)."""
-
-    def __init__(self, reference, prep, mask: np.ndarray, scale_to_brain_volume: bool = False,
-                 wall_mm: float = 4.0, max_scale: float = 8.0):
-        from .anatomy import VentriclePush, reference_levels
-
-        self.levels = reference_levels(reference)
-        extent = float(prep.spacing_mm[0]) * int(prep.spatial_size[0])
-        self.push = VentriclePush(reference, extent, self.levels.grey_share)
-        self.mask, self.scale_to_brain_volume, self.wall_mm, self.max_scale = mask, scale_to_brain_volume, wall_mm, max_scale
-
-    def scan_levels(self, prepared):
-        """The scan's CSF, grey- and white-matter intensities (its units): CSF and white matter read through
-        the registration, grey matter where the reference's lies between them."""
-        from .anatomy import TissueLevels
-
-        lo, hi = prepared.window
-        csf, white = (lo + v * (hi - lo) for v in self.push.levels(prepared))
-        return TissueLevels(csf, csf + self.levels.grey_share * (white - csf), white)
-
-    def __call__(self, prepared: PreparedScan, change: np.ndarray, delta_brain_ml: float,
-                 delta_ventricles_ml: float, residual: str = "tissue") -> tuple[np.ndarray, dict]:
-        """The scan's change (its grid, its units) for the model's ``change`` on its grid (window units) and
-        its volume changes (ml of the scan), with what was done."""
-        from scipy.ndimage import gaussian_filter
-        from scipy.optimize import brentq
-
-        from .anatomy import brain_volume_ml
-
-        scan = prepared.scan.data
-        intensity = carry_change(prepared, change.reshape(self.mask.shape) * self.mask, residual)
-        intensity *= 1.0 - self.push.wall(prepared, self.wall_mm)
-        if delta_ventricles_ml:
-            phi = self.push.deformation(prepared, delta_ventricles_ml, scan + intensity)
-            pushed = deform_scan(prepared.registration, phi)
-            intensity = deform_scan(prepared.registration, phi, intensity)
-        else:
-            pushed = scan
-        details = {"ventricle_volume_change_ml": float(delta_ventricles_ml),
-                   "brain_volume_change_ml": float(delta_brain_ml), "intensity_scale": 1.0}
-        if self.scale_to_brain_volume:
-            head = prepared.registration.carry_back(self.mask.astype(np.float32), prepared.prep.grid_affine) > 0.5
-            levels = self.scan_levels(prepared)
-            voxel_ml = float(np.prod(prepared.scan.spacing)) / 1000.0
-            target = brain_volume_ml(scan, head, levels, voxel_ml) + delta_brain_ml
-
-            # scaled where brain meets CSF (a voxel of partial volume, or beside one): there a change of intensity
-            # is a change of brain volume, where atrophy happens; elsewhere the change stays as the model made it
-            f = levels.brain_fraction(pushed)
-            border = np.clip(gaussian_filter(((f > 0.02) & (f < 0.98)).astype(np.float32), 1.0), 0.0, 1.0)
-
-            def scaled(k: float) -> np.ndarray:
-                return pushed + intensity * (1.0 + (k - 1.0) * border)
-
-            def excess(k: float) -> float:
-                return brain_volume_ml(scaled(k), head, levels, voxel_ml) - target
-
-            ends = excess(0.0), excess(self.max_scale)
-            if ends[0] * ends[1] < 0:
-                details["intensity_scale"] = round(float(brentq(excess, 0.0, self.max_scale, xtol=1e-3)), 4)
-            else:
-                details["intensity_scale"] = 0.0 if abs(ends[0]) <= abs(ends[1]) else self.max_scale
-                details["brain_volume_change_reached"] = False
-        out = scaled(details["intensity_scale"]) if self.scale_to_brain_volume else pushed + intensity
-        details["ventricle_volume_change_measured_ml"] = round(self.push.volume_ml(prepared, out)
-                                                               - self.push.volume_ml(prepared), 2)
-        return out - scan, details

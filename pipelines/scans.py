@@ -36,15 +36,15 @@ from cdae_med.values import parse_values
 
 from .mri import (Preprocessing, PreparedScan, from_slices, prepare, reference_mask,
                   spatial_transforms, to_slices)
-from .realisation import (REALISATIONS, RESIDUALS, AnatomicalRealisation, carry_change, deformation_change,
-                          model_deformation)
+from .anatomy import AnatomicalRealisation
+from .realisation import REALISATIONS, RESIDUALS, carry_change, deformation_change, model_deformation
 from .registration import Reference, RegistrationError
 
 __all__ = ["ScanError", "ScanModel", "OUTPUT_FILES", "orthogonal_preview"]
 
 log = logging.getLogger("cdae_med")
 
-# The graph's volumes the anatomical realisation puts on the scan (pipelines.realisation.AnatomicalRealisation).
+# The graph's volumes the anatomical realisation puts on the scan (pipelines.anatomy.AnatomicalRealisation).
 ANATOMY_VOLUMES = ("brain_volume", "ventricle_volume")
 OUT_OF_RANGE = ("flag", "refuse")  # what an intervention outside the training range gets
 OUTPUT_FILES = ("counterfactual.nii.gz", "difference.nii.gz", "preview.png", "report.json")

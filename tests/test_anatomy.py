@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cdae_med.io import Scan, write_nifti
-from pipelines.anatomy import VentriclePush, brain_volume_ml, reference_levels
+from pipelines.anatomy import AnatomicalRealisation, VentriclePush, brain_volume_ml, reference_levels
 from pipelines.mri import Preprocessing, prepare_registered, reference_mask
-from pipelines.realisation import AnatomicalRealisation, deform_scan, jacobian_determinant
+from pipelines.realisation import deform_scan, jacobian_determinant
 from pipelines.registration import Reference
 from synthetic_data import brain
 
