@@ -29,7 +29,8 @@ from .mri import PreparedScan
 from .realisation import GridDeformation, carry_change, deform_scan, head_weight, jacobian_determinant
 from .registration import Reference, grid_affine, resample_grid
 
-__all__ = ["AnatomicalRealisation", "TissueLevels", "VentriclePush", "brain_volume_ml", "reference_levels"]
+__all__ = ["AnatomicalRealisation", "TissueLevels", "VentricleReading", "VentriclePush", "brain_volume_ml",
+           "reference_levels"]
 
 log = logging.getLogger("cdae_med")
 
@@ -85,6 +86,15 @@ def reference_levels(reference: Reference) -> TissueLevels:
     return TissueLevels(csf, grey, white)
 
 
+@dataclass(frozen=True)
+class VentricleReading:
+    """A scan's CSF and white matter (its window's [0, 1]) and the ventricles' region on its grid (bool)."""
+
+    csf: float
+    white: float
+    region: np.ndarray
+
+
 def brain_volume_ml(data: np.ndarray, head: np.ndarray, levels: TissueLevels, voxel_ml: float) -> float:
     """Brain volume (ml) of a scan inside ``head`` (bool, the scan's grid) by partial volume."""
     return float(levels.brain_fraction(data[head]).sum() * voxel_ml)
@@ -94,8 +104,7 @@ class VentriclePush:
     """The subject's own ventricles grown (or shrunk) by a prescribed volume, as ventricles enlarge: the
     tissue around them pushed along the signed distance to their wall (the inside moving with the wall, so
     that a shrinking ventricle does not collapse onto it), by a push that decays outside with that distance
-    (``decay_mm``; 10 mm measured best of 10, 20 and 40 and an incompressible flow:
-    `benchmarks/results/brain_ventricle_realisation_32_*.json`). The push is smoothed over
+    (``decay_mm``, chosen in `benchmarks/results/brain_ventricle_realisation_32_*.json`). The push is smoothed over
     ``smoothing_voxels`` of a ``spacing_mm`` grid of reference space spanning ``extent_mm`` and integrated as a
     stationary velocity field (scaling and squaring, MONAI's ``DVF2DDF``): one displacement of the size a
     large change needs folds where the direction to the nearest wall jumps
@@ -107,9 +116,9 @@ class VentriclePush:
     through the registration), a voxel's share of CSF by partial volume between the scan's CSF there and its
     grey matter (``grey_share`` of the way to its white matter: :attr:`TissueLevels.grey_share`)."""
 
-    # The push starts from the ventricles' core: the voxels of its grid above this share of CSF (or 0.9 of the
-    # largest share, where none is), its walls already within its decay; measured against 0.3, 0.5, 0.7 and 0.85
-    # on the validation subjects (design notes, "The push as a realisation of the model").
+    # The push starts from the ventricles' core, the voxels of its grid above this share of CSF (or 0.9 of the
+    # largest share, where none is), so that their partial-volume wall already lies within its decay (design
+    # notes, "The push as a realisation of the model").
     ventricle_share = 0.95
 
     def __init__(self, reference: Reference, extent_mm: float, grey_share: float, decay_mm: float = 10.0,
@@ -141,10 +150,13 @@ class VentriclePush:
         lo, hi = prepared.window
         return (prepared.registration.resample(self.affine, (self.size,) * 3, data=data) - lo) / (hi - lo)
 
-    def levels(self, prepared) -> tuple[float, float]:
-        """The scan's CSF (in the reference's lateral ventricles) and white matter, in its window's [0, 1]."""
+    def read(self, prepared) -> "VentricleReading":
+        """What every measurement of ``prepared``'s ventricles needs, read once: the scan's CSF (in the
+        reference's lateral ventricles) and white matter, in its window's [0, 1], and the ventricles' region
+        carried onto the scan's grid."""
         g = self.on_grid(prepared)
-        return float(np.median(g[self.core])), float(np.median(g[self.white]))
+        region = prepared.registration.carry_back(self.region.astype(np.float32), self.affine) > 0.5
+        return VentricleReading(float(np.median(g[self.core])), float(np.median(g[self.white])), region)
 
     def field(self, ventricles: np.ndarray) -> np.ndarray:
         """(3, X, Y, Z) RAS, per unit of push, from the ventricles (bool) on this grid: the counterfactual at p
@@ -158,30 +170,28 @@ class VentriclePush:
         field = -np.exp(-np.maximum(distance, 0.0) / self.decay)[None] * outward * self.weight[None]
         return np.stack([gaussian_filter(c, self.smoothing) for c in field])
 
-    def wall(self, prepared, within_mm: float) -> np.ndarray:
+    def wall(self, prepared, within_mm: float, reading: "VentricleReading | None" = None) -> np.ndarray:
         """The scan's ventricles and the tissue within ``within_mm`` of their wall, on its grid, in [0, 1]
         (smoothed over a voxel): where a change of the ventricles is the push's, not an intensity change's."""
         from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-        csf, white = self.levels(prepared)
+        r = reading or self.read(prepared)
         lo, hi = prepared.window
-        region = prepared.registration.carry_back(self.region.astype(np.float32), self.affine) > 0.5
-        ventricles = (self.share((prepared.scan.data - lo) / (hi - lo), csf, white) > 0.5) & region
+        ventricles = (self.share((prepared.scan.data - lo) / (hi - lo), r.csf, r.white) > 0.5) & r.region
         near = distance_transform_edt(~ventricles, sampling=prepared.scan.spacing) <= within_mm
         return np.clip(gaussian_filter(near.astype(np.float32), 1.0), 0.0, 1.0)
 
-    def volume_ml(self, prepared, data: np.ndarray | None = None) -> float:
+    def volume_ml(self, prepared, data: np.ndarray | None = None, reading: "VentricleReading | None" = None) -> float:
         """The ventricles (ml) of the scan, or of ``data`` (another version of it on its grid), by partial
         volume within the region, at the scan's own resolution."""
-        csf, white = self.levels(prepared)
+        r = reading or self.read(prepared)
         lo, hi = prepared.window
         data = prepared.scan.data if data is None else data
-        region = prepared.registration.carry_back(self.region.astype(np.float32), self.affine) > 0.5
-        return float(self.share((data[region] - lo) / (hi - lo), csf, white).sum() * np.prod(prepared.scan.spacing)
-                     / 1000.0)
+        return float(self.share((data[r.region] - lo) / (hi - lo), r.csf, r.white).sum()
+                     * np.prod(prepared.scan.spacing) / 1000.0)
 
     def deformation(self, prepared, delta_ml: float, measured_on: np.ndarray | None = None,
-                    max_halvings: int = 6):
+                    reading: "VentricleReading | None" = None, max_halvings: int = 6):
         """The push (a :class:`GridDeformation` on this grid) that grows the ventricles
         of ``prepared``'s scan by ``delta_ml`` (the scan's ml), measured at the scan's own resolution (a 3 mm
         grid's partial volumes are not a 2 mm scan's) on ``measured_on`` (another version of the scan on its
@@ -189,10 +199,10 @@ class VentriclePush:
         import torch
         from scipy.optimize import brentq
 
-        csf, white = self.levels(prepared)
+        r = reading or self.read(prepared)
         measured = prepared.scan.data if measured_on is None else np.asarray(measured_on, np.float32)
-        target = self.volume_ml(prepared) + delta_ml
-        share = self.share(self.on_grid(prepared, measured), csf, white) * self.region
+        target = self.volume_ml(prepared, reading=r) + delta_ml
+        share = self.share(self.on_grid(prepared, measured), r.csf, r.white) * self.region
         field = self.field(share > min(self.ventricle_share, 0.9 * float(share.max())))
 
         def deformation(s: float) -> GridDeformation:
@@ -203,7 +213,7 @@ class VentriclePush:
                                                      self.affine)  # RAS -> ITK's LPS
 
         def excess(s: float) -> float:
-            return self.volume_ml(prepared, deform_scan(prepared.registration, deformation(s), measured)) - target
+            return self.volume_ml(prepared, deform_scan(prepared.registration, deformation(s), measured), r) - target
 
         lo_s, hi_s = -12.0, 12.0
         s = lo_s if excess(lo_s) > 0 else hi_s if excess(hi_s) < 0 else brentq(excess, lo_s, hi_s, xtol=1e-2)
@@ -225,8 +235,8 @@ class AnatomicalRealisation:
     the change is the push's). ``"volumes"``: the same, with that intensity change scaled where brain meets
     CSF so that the brain volume measured on the output changes by the model's brain-volume change (the push's
     compression of the tissue around the ventricles included): both volumes as the graph decides them.
-    Scaled everywhere instead, the change cost half as much again in image error
-    (docs/design-notes.md, "The push as a realisation of the model"). A 6 mm change carries only
+    Scaling the change everywhere instead makes a larger blurred change, not a sharper one (docs/design-notes.md,
+    "The push as a realisation of the model"). A 6 mm change carries only
     part of a volume change onto a 2 mm scan, even the true change does
     (`benchmarks/results/brain_ventricle_realisation_32_*.json`); what each realisation gains in volumes and
     costs in image error is in `benchmarks/results/brain_native.json`.
@@ -243,11 +253,12 @@ class AnatomicalRealisation:
         self.push = VentriclePush(reference, extent, self.levels.grey_share)
         self.mask, self.scale_to_brain_volume, self.wall_mm, self.max_scale = mask, scale_to_brain_volume, wall_mm, max_scale
 
-    def scan_levels(self, prepared):
+    def scan_levels(self, prepared, reading: VentricleReading | None = None):
         """The scan's CSF, grey- and white-matter intensities (its units): CSF and white matter read through
         the registration, grey matter where the reference's lies between them."""
+        r = reading or self.push.read(prepared)
         lo, hi = prepared.window
-        csf, white = (lo + v * (hi - lo) for v in self.push.levels(prepared))
+        csf, white = (lo + v * (hi - lo) for v in (r.csf, r.white))
         return TissueLevels(csf, csf + self.levels.grey_share * (white - csf), white)
 
     def __call__(self, prepared: PreparedScan, change: np.ndarray, delta_brain_ml: float,
@@ -258,10 +269,11 @@ class AnatomicalRealisation:
         from scipy.optimize import brentq
 
         scan = prepared.scan.data
+        reading = self.push.read(prepared)
         intensity = carry_change(prepared, change.reshape(self.mask.shape) * self.mask, residual)
-        intensity *= 1.0 - self.push.wall(prepared, self.wall_mm)
+        intensity *= 1.0 - self.push.wall(prepared, self.wall_mm, reading)
         if delta_ventricles_ml:
-            phi = self.push.deformation(prepared, delta_ventricles_ml, scan + intensity)
+            phi = self.push.deformation(prepared, delta_ventricles_ml, scan + intensity, reading)
             pushed = deform_scan(prepared.registration, phi)
             intensity = deform_scan(prepared.registration, phi, intensity)
         else:
@@ -270,7 +282,7 @@ class AnatomicalRealisation:
                    "brain_volume_change_ml": float(delta_brain_ml), "intensity_scale": 1.0}
         if self.scale_to_brain_volume:
             head = prepared.registration.carry_back(self.mask.astype(np.float32), prepared.prep.grid_affine) > 0.5
-            levels = self.scan_levels(prepared)
+            levels = self.scan_levels(prepared, reading)
             voxel_ml = float(np.prod(prepared.scan.spacing)) / 1000.0
             target = brain_volume_ml(scan, head, levels, voxel_ml) + delta_brain_ml
 
@@ -292,6 +304,6 @@ class AnatomicalRealisation:
                 details["intensity_scale"] = 0.0 if abs(ends[0]) <= abs(ends[1]) else self.max_scale
                 details["brain_volume_change_reached"] = False
         out = scaled(details["intensity_scale"]) if self.scale_to_brain_volume else pushed + intensity
-        details["ventricle_volume_change_measured_ml"] = round(self.push.volume_ml(prepared, out)
-                                                               - self.push.volume_ml(prepared), 2)
+        details["ventricle_volume_change_measured_ml"] = round(self.push.volume_ml(prepared, out, reading)
+                                                               - self.push.volume_ml(prepared, reading=reading), 2)
         return out - scan, details
