@@ -2,7 +2,8 @@
 
 Held-out generator subjects are rendered at 2 mm (the resolution of a clinical T1, finer than any
 model grid here), written as NIfTI files and sent through the scan pipeline
-(`pipelines.scans.ScanModel.run`, age and sex given as known covariates) under three
+(`pipelines.scans.ScanModel.run`, age and sex given as known covariates; ``--given all``: the volumes
+too) under three
 interventions: do(age = age +- 20), do(brain_volume = brain volume -+ 100 ml) and
 do(ventricle_volume = ventricle volume x 1.5 or / 1.5). Every output is compared, at 2 mm, with
 the generator's true counterfactual of the same subject, beside three references that are
@@ -11,7 +12,10 @@ grid, carried back through the inverse registration onto the 2 mm grid):
 
 - ``copy``: the input unchanged;
 - ``baseline``: a voxelwise linear regression of registered intensity on the graph's variables
-  (fitted on generated subjects), whose change is coefficients x (counterfactual - factual values);
+  (fitted on generated subjects), whose change is coefficients x (counterfactual - factual values).
+  Every baseline is given the generator's true values, factual and counterfactual, the descendants'
+  included: it is compared with the model as an image model, the model having to read the volumes off
+  the scan and to compute the descendants with its mechanisms;
 - ``baseline_quantile``: the same regression of every voxel's normal score under the cohort's quantiles
   there (:class:`VoxelwiseQuantile`), its shift mapped back through the subject's own voxel;
 - ``baseline_deformation``: the same regression of the demons displacement onto each subject from
@@ -302,6 +306,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32, help="the reference model grid of baseline and oracle")
     p.add_argument("--registration", choices=("rigid", "affine"), default=None,
                    help="of the baselines and oracle [default: the first model's]")
+    p.add_argument("--given", choices=("age_sex", "all"), default="age_sex",
+                   help="the factual values the models are given (age_sex: the volumes are read off the scan; "
+                        "all: the volumes too, as the baselines are, so that the image models are compared "
+                        "and not the read-out)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=ROOT / "work" / "brain_native")
     p.add_argument("--results", type=Path, default=ROOT / "results" / "brain_native.json")
@@ -393,8 +401,9 @@ def main() -> None:
             outs = []
             for i, path in enumerate(inputs):
                 t1 = time.perf_counter()
+                given = AGE, SEX, *((BV, VV) if args.given == "all" else ())
                 sm.run(path, {var: float(targets[i])}, args.work / name / var / f"sub-{i:02d}",
-                       covariates={"age": float(samples.labels[i, AGE]), "sex": float(samples.labels[i, SEX])})
+                       covariates={brain.VARIABLES[j]: float(samples.labels[i, j]) for j in given})
                 seconds[name].append(time.perf_counter() - t1)
                 outs.append(read_nifti(args.work / name / var / f"sub-{i:02d}" / "counterfactual.nii.gz").data)
             outputs[name] = outs
@@ -432,6 +441,7 @@ def main() -> None:
         "seconds_per_scan": float(np.mean(seconds[first])),
         "seconds_per_scan_by_model": {n: float(np.mean(s)) for n, s in seconds.items()},
         "test_seed": test_seed(0) + args.test_offset, "ddim_steps": args.steps,
+        "models_given": args.given,
         "depth": scan_models[first].depth,
         "baseline_fit_subjects": args.n_fit, "baseline_deformation_fit_subjects": n_def,
         "baseline_deformation_iterations": args.deformation_iterations,

@@ -385,38 +385,50 @@ class VectorDenoiser(nn.Module):
     ``linear_path``: beside the MLP, a(t) * c_t + b(t) * (W z + w): the exact denoiser of a code that is
     Gaussian about a mean linear in z (a(t), b(t) per component, read from the time embedding), so that what
     a voxelwise regression finds in a few thousand subjects is the model's starting point rather than
-    something its MLP has to find; the MLP learns what departs from it. Zero at initialisation."""
+    something its MLP has to find; the MLP learns what departs from it. Zero at initialisation.
 
-    def __init__(self, k: int, cond_features: int, hidden: int, depth: int, linear_path: bool = False):
+    ``mlp=False`` (with ``linear_path``): the linear path alone, the denoiser of that Gaussian and nothing
+    else. Its probability-flow map from p(c | z) to p(c | z') moves every code by W (z' - z): what a model
+    of a code that is near Gaussian given the labels can learn from a few thousand subjects without
+    overfitting them (docs/design-notes.md, "The latent denoiser's linear path alone")."""
+
+    def __init__(self, k: int, cond_features: int, hidden: int, depth: int, linear_path: bool = False,
+                 mlp: bool = True):
         super().__init__()
-        self.linear_path = linear_path
+        if not (mlp or linear_path):
+            raise ValueError("a latent denoiser needs its MLP, its linear path or both")
+        self.linear_path, self.mlp = linear_path, mlp
         if linear_path:
             self.gate_c, self.gate_z = nn.Linear(hidden, k), nn.Linear(hidden, k)
             for gate in (self.gate_c, self.gate_z):
                 nn.init.zeros_(gate.weight)
                 nn.init.zeros_(gate.bias)
             self.mean = nn.Linear(cond_features, k)
-        self.inp = nn.Linear(k, hidden)
         self.time = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.cond = nn.Sequential(nn.Linear(cond_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.null = nn.Parameter(torch.zeros(hidden))
-        self.norms = nn.ModuleList(nn.LayerNorm(hidden, elementwise_affine=False) for _ in range(depth))
-        self.scale_shift = nn.ModuleList(nn.Linear(hidden, 2 * hidden) for _ in range(depth))
-        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-                                  for _ in range(depth))
-        self.out = nn.Linear(hidden, k)
+        if mlp:
+            self.inp = nn.Linear(k, hidden)
+            self.cond = nn.Sequential(nn.Linear(cond_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            self.null = nn.Parameter(torch.zeros(hidden))
+            self.norms = nn.ModuleList(nn.LayerNorm(hidden, elementwise_affine=False) for _ in range(depth))
+            self.scale_shift = nn.ModuleList(nn.Linear(hidden, 2 * hidden) for _ in range(depth))
+            self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+                                      for _ in range(depth))
+            self.out = nn.Linear(hidden, k)
         self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(32) / 32), persistent=False)
 
     def forward(self, c_t: torch.Tensor, t: torch.Tensor, cond_and_keep: torch.Tensor) -> torch.Tensor:
         a = t.reshape(-1, 1).to(self.freqs.dtype) * self.freqs
         cond, keep = cond_and_keep[:, :-1], cond_and_keep[:, -1:]
         time = self.time(torch.cat([a.sin(), a.cos()], 1))
-        e = nn.functional.silu(time + keep * self.cond(cond) + (1 - keep) * self.null)
-        h = self.inp(c_t)
-        for norm, ss, mlp in zip(self.norms, self.scale_shift, self.mlps):
-            scale, shift = ss(e).chunk(2, 1)
-            h = h + mlp(norm(h) * (1 + scale) + shift)
+        out = 0
+        if self.mlp:
+            e = nn.functional.silu(time + keep * self.cond(cond) + (1 - keep) * self.null)
+            h = self.inp(c_t)
+            for norm, ss, mlp in zip(self.norms, self.scale_shift, self.mlps):
+                scale, shift = ss(e).chunk(2, 1)
+                h = h + mlp(norm(h) * (1 + scale) + shift)
+            out = self.out(h)
         if not self.linear_path:
-            return self.out(h)
+            return out
         time = nn.functional.silu(time)
-        return self.out(h) + self.gate_c(time) * c_t + keep * self.gate_z(time) * self.mean(cond)
+        return out + self.gate_c(time) * c_t + keep * self.gate_z(time) * self.mean(cond)

@@ -110,6 +110,8 @@ class CausalDiffAEConfig:
     latent_label_directions: bool = False
     # The latent denoiser's linear path beside its MLP (cdae_med.latent.VectorDenoiser); older checkpoints lack it.
     latent_linear_path: bool = False
+    # False (with latent_linear_path): the latent denoiser is its linear path alone, no MLP.
+    latent_mlp: bool = True
     latent_hidden: int = 256
     latent_depth: int = 2
 
@@ -125,6 +127,8 @@ class CausalDiffAEConfig:
             raise ValueError(f"image_size {self.image_size} does not have {self.spatial_dims} dimensions")
         if self.latent_components < 0 or self.latent_hidden < 1 or self.latent_depth < 1:
             raise ValueError("latent_components must be >= 0, latent_hidden and latent_depth >= 1")
+        if not (self.latent_mlp or self.latent_linear_path):
+            raise ValueError("latent_mlp=False needs latent_linear_path=True: the latent denoiser would be empty")
         self.latent_shape_smoothing = float(self.latent_shape_smoothing)  # 2 and 2.0 are one setting (a cache key)
         if not 0.0 < self.latent_shape_smoothing <= 10.0:
             raise ValueError(f"latent_shape_smoothing must be in (0, 10] voxels, got {self.latent_shape_smoothing}")
@@ -322,7 +326,7 @@ class CausalDiffAE(nn.Module):
             k = self.first_stage.k
             self.encoder = VectorEncoder(k, n, cfg.latent_dim, cfg.latent_hidden)
             self.denoiser = VectorDenoiser(k, n * cfg.latent_dim, cfg.latent_hidden, cfg.latent_depth,
-                                           cfg.latent_linear_path)
+                                           cfg.latent_linear_path, cfg.latent_mlp)
             return
         self.encoder = Encoder(cfg, n)
         self.unet = DiffusionModelUNet(

@@ -321,3 +321,21 @@ def test_the_denoisers_linear_path_starts_at_nothing_and_adds_a_linear_mean():
     dropped[:, 3] = 0  # the null condition has no mean
     assert torch.allclose(linear(c_t, t, dropped), plain(c_t, t, dropped) + 0.5 * c_t, atol=1e-6)
 
+
+
+def test_the_linear_path_alone_is_the_gaussian_denoiser_and_nothing_else():
+    """``mlp=False``: no MLP parameters, the output a(t) c_t + b(t) (W z + w); an empty denoiser is refused."""
+    torch.manual_seed(0)
+    alone = VectorDenoiser(4, 3, 16, 2, linear_path=True, mlp=False)
+    assert {name.split(".")[0] for name in alone.state_dict()} == {"gate_c", "gate_z", "mean", "time"}
+    c_t, t = torch.randn(5, 4), torch.randint(0, 1000, (5,))
+    cond = torch.cat([torch.randn(5, 3), torch.ones(5, 1)], 1)
+    assert torch.equal(alone(c_t, t, cond), torch.zeros(5, 4))  # zero gates at initialisation
+    with torch.no_grad():
+        alone.gate_c.bias.fill_(0.5)
+        alone.gate_z.bias.fill_(2.0)
+    assert torch.allclose(alone(c_t, t, cond), 0.5 * c_t + 2.0 * alone.mean(cond[:, :3]), atol=1e-6)
+    with pytest.raises(ValueError, match="MLP, its linear path or both"):
+        VectorDenoiser(4, 3, 16, 2, linear_path=False, mlp=False)
+    with pytest.raises(ValueError, match="latent_mlp=False needs latent_linear_path=True"):
+        CausalDiffAEConfig(spatial_dims=3, in_channels=1, image_size=(6, 6, 6), latent_components=4, latent_mlp=False)
