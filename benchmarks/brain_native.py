@@ -18,6 +18,8 @@ grid, carried back through the inverse registration onto the 2 mm grid):
   the scan and to compute the descendants with its mechanisms;
 - ``baseline_quantile``: the same regression of every voxel's normal score under the cohort's quantiles
   there (:class:`VoxelwiseQuantile`), its shift mapped back through the subject's own voxel;
+- ``baseline_location_scale``: the same regression with a log-variance linear in the variables too
+  (:class:`VoxelwiseLocationScale`), a subject's standardised residual kept;
 - ``baseline_deformation``: the same regression of the demons displacement onto each subject from
   the cohort's mean (:class:`VoxelwiseDeformation`), its change warping the scan itself;
 - ``baseline_latent``: the same regression of the first model's own first-stage code
@@ -112,6 +114,27 @@ class VoxelwiseLinear:
     def change(self, labels: np.ndarray, labels_cf: np.ndarray) -> np.ndarray:
         d = brain.normalise(labels_cf) - brain.normalise(labels)
         return (d @ self.coef[1:]).reshape(len(labels), *self.shape)
+
+
+class VoxelwiseLocationScale(VoxelwiseLinear):
+    """:class:`VoxelwiseLinear` with a variance that depends on the variables too: every voxel's intensity
+    ~ mu(y) + sigma(y) e, mu and log sigma^2 linear in [1, normalised graph variables] (the log-variance by
+    least squares on the log squared residuals). Its counterfactual keeps a subject's standardised residual
+    e: x' = mu(y') + sigma(y') / sigma(y) (x - mu(y)), so a subject far from the cohort's mean at a voxel
+    whose spread grows with the change (atrophy spreading with age) moves further than one near it. The
+    ratio is held within e^(+-1): a voxel with almost no spread has no reliable slope of it."""
+
+    def fit(self, images: np.ndarray, labels: np.ndarray) -> "VoxelwiseLocationScale":
+        super().fit(images, labels)
+        x, flat = design(labels), images.reshape(len(images), -1)
+        self.log_var, *_ = np.linalg.lstsq(x, np.log((flat - x @ self.coef) ** 2 + 1e-6), rcond=None)
+        return self
+
+    def change(self, images: np.ndarray, labels: np.ndarray, labels_cf: np.ndarray) -> np.ndarray:
+        x, x_cf = design(labels), design(labels_cf)
+        flat = images.reshape(len(images), -1)
+        ratio = np.exp(np.clip(0.5 * (x_cf - x) @ self.log_var, -1, 1))
+        return (x_cf @ self.coef + ratio * (flat - x @ self.coef) - flat).reshape(images.shape)
 
 
 class VoxelwiseQuantile:
@@ -336,6 +359,7 @@ def main() -> None:
     baseline = VoxelwiseLinear().fit(fit_images, fit_labels)
     print(f"baseline fitted on {args.n_fit} registered subjects in {time.perf_counter() - t0:.0f} s", flush=True)
     quantile_baseline = VoxelwiseQuantile().fit(fit_images, fit_labels)
+    location_scale_baseline = VoxelwiseLocationScale().fit(fit_images, fit_labels)
     t0 = time.perf_counter()
     n_def = min(args.n_fit_deformation, len(fit_images))
     shape_baseline = VoxelwiseDeformation(fit_images[:n_def].mean(0), prep.grid_affine, mask, args.deformation_iterations)
@@ -384,6 +408,8 @@ def main() -> None:
         outputs["baseline"] = [realise(pp, ch, mask, residual) for pp, ch in zip(prepared, baseline.change(factual, cf))]
         outputs["baseline_quantile"] = [realise(pp, ch, mask, residual) for pp, ch in
                                         zip(prepared, quantile_baseline.change(grid_images, factual, cf))]
+        outputs["baseline_location_scale"] = [realise(pp, ch, mask, residual) for pp, ch in
+                                              zip(prepared, location_scale_baseline.change(grid_images, factual, cf))]
         outputs["baseline_deformation"] = [deform_scan(pp.registration, phi) for pp, phi in
                                            zip(prepared, shape_baseline.deformations(factual, cf))]
         if latent_baseline is not None:
@@ -447,6 +473,8 @@ def main() -> None:
         "baseline_deformation_iterations": args.deformation_iterations,
         "baseline_quantile": f"voxelwise regression of the normal score under {quantile_baseline.n_quantiles} quantiles "
                              f"per voxel, fitted on {args.n_fit} subjects",
+        "baseline_location_scale": f"voxelwise regression of intensity and of its log-variance, fitted on {args.n_fit} "
+                                   "subjects",
         "baseline_latent": None if latent_baseline is None else
         f"linear regression in the first model's first-stage code, fitted on {n_def} subjects",
         "baseline_fit_seed": 4242 if args.fit_seed is None else args.fit_seed, "registration": registration,
