@@ -87,6 +87,10 @@ def train(
                    "voxel's normal score under this many quantiles of the training images there, so a "
                    "counterfactual changes each subject's voxels by where they sit in the cohort [default: 0, "
                    "intensities]."),
+    latent_denoiser: Optional[str] = typer.Option(
+        None, help="With --latent-components: the denoiser of the code: mlp, mlp+linear (the MLP beside a "
+                   "linear path, the exact denoiser of a code Gaussian about a mean linear in z) or linear (that "
+                   "path alone; give it more steps than the MLP) [default: mlp]."),
     n_train: int = _param("n_train"),
     seed: int = _param("seed"),
     device: str = _param("device"),
@@ -134,7 +138,8 @@ def train(
                        **({} if latent_shape_components is None
                           else {"latent_shape_components": latent_shape_components}),
                        **({} if latent_shape_smoothing is None else {"latent_shape_smoothing": latent_shape_smoothing}),
-                       **({} if latent_quantiles is None else {"latent_quantiles": latent_quantiles})},
+                       **({} if latent_quantiles is None else {"latent_quantiles": latent_quantiles}),
+                       **_latent_denoiser(latent_denoiser)},
                 data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
                 registration=registration,
                 distributed=distributed, compile=compile)
@@ -145,7 +150,8 @@ def train(
                        .replace("model: latent_components", "--latent-components")
                        .replace("model: latent_shape_components", "--latent-shape-components")
                        .replace("model: latent_shape_smoothing", "--latent-shape-smoothing")
-                       .replace("model: latent_quantiles", "--latent-quantiles"))
+                       .replace("model: latent_quantiles", "--latent-quantiles")
+                       .replace("model: the latent denoiser (latent_linear_path, latent_mlp)", "--latent-denoiser"))
             raise UserError(message) from None
         path = pipelines.train.train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":
@@ -167,6 +173,20 @@ def train(
                                f"(copying the input: {ev[key]:.2f})")
 
     run(go)
+
+
+LATENT_DENOISERS = {"mlp": {"latent_linear_path": False, "latent_mlp": True},
+                    "mlp+linear": {"latent_linear_path": True, "latent_mlp": True},
+                    "linear": {"latent_linear_path": True, "latent_mlp": False}}
+
+
+def _latent_denoiser(name: str | None) -> dict:
+    """The model settings ``--latent-denoiser NAME`` stands for."""
+    if name is None:
+        return {}
+    if name not in LATENT_DENOISERS:
+        raise UserError(f"unknown --latent-denoiser {name!r}; available: {', '.join(LATENT_DENOISERS)}")
+    return LATENT_DENOISERS[name]
 
 
 def data_generate(

@@ -129,6 +129,8 @@ class CausalDiffAEConfig:
             raise ValueError("latent_components must be >= 0, latent_hidden and latent_depth >= 1")
         if not (self.latent_mlp or self.latent_linear_path):
             raise ValueError("latent_mlp=False needs latent_linear_path=True: the latent denoiser would be empty")
+        if (self.latent_linear_path or not self.latent_mlp) and not self.latent_components:
+            raise ValueError("the latent denoiser (latent_linear_path, latent_mlp) needs latent_components > 0")
         self.latent_shape_smoothing = float(self.latent_shape_smoothing)  # 2 and 2.0 are one setting (a cache key)
         if not 0.0 < self.latent_shape_smoothing <= 10.0:
             raise ValueError(f"latent_shape_smoothing must be in (0, 10] voxels, got {self.latent_shape_smoothing}")

@@ -73,6 +73,10 @@ def test_train_rejects_bad_options(tmp_path):
     assert r.exit_code == 2 and "--steps must be at least 1" in r.output
     r = run("train", "--dataset", "brain", "--latent-quantiles", 16, "--out", tmp_path)
     assert r.exit_code == 2 and "--latent-quantiles must be 0 or >= 2 and needs latent_components > 0" in r.output
+    r = run("train", "--dataset", "brain", "--latent-components", 8, "--latent-denoiser", "gaussian", "--out", tmp_path)
+    assert r.exit_code == 2 and "unknown --latent-denoiser 'gaussian'; available: mlp, mlp+linear, linear" in r.output
+    r = run("train", "--dataset", "brain", "--latent-denoiser", "linear", "--out", tmp_path)
+    assert r.exit_code == 2 and "--latent-denoiser needs latent_components > 0" in r.output
 
 
 def test_data_generate(tmp_path):
@@ -129,3 +133,18 @@ def test_train_rejects_values_the_schema_bounds(tmp_path):
     assert r.exit_code == 2 and "unknown --conditioning 'film'" in r.output
     r = run("train", "--prediction-type", "sample", "--out", tmp_path)
     assert r.exit_code == 2 and "--prediction-type" in r.output and "v_prediction" in r.output
+
+
+def test_latent_denoiser_names_build_their_denoisers():
+    from cdae_cli.research import LATENT_DENOISERS
+    from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
+    from synthetic_data import brain
+
+    parts = {}
+    for name, settings in LATENT_DENOISERS.items():
+        cfg = CausalDiffAEConfig(spatial_dims=3, in_channels=1, image_size=(6, 6, 6), latent_components=4, latent_dim=2,
+                                 **settings)
+        parts[name] = {key.split(".")[0] for key in CausalDiffAE(brain.GRAPH, cfg).denoiser.state_dict()}
+    assert "mean" not in parts["mlp"] and "out" in parts["mlp"]
+    assert {"mean", "out"} <= parts["mlp+linear"]
+    assert "mean" in parts["linear"] and "out" not in parts["linear"]
