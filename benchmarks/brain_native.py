@@ -116,7 +116,7 @@ class VoxelwiseLinear:
         return (d @ self.coef[1:]).reshape(len(labels), *self.shape)
 
 
-class VoxelwiseLocationScale(VoxelwiseLinear):
+class VoxelwiseLocationScale:
     """:class:`VoxelwiseLinear` with a variance that depends on the variables too: every voxel's intensity
     ~ mu(y) + sigma(y) e, mu and log sigma^2 linear in [1, normalised graph variables] (the log-variance by
     least squares on the log squared residuals). Its counterfactual keeps a subject's standardised residual
@@ -125,8 +125,8 @@ class VoxelwiseLocationScale(VoxelwiseLinear):
     ratio is held within e^(+-1): a voxel with almost no spread has no reliable slope of it."""
 
     def fit(self, images: np.ndarray, labels: np.ndarray) -> "VoxelwiseLocationScale":
-        super().fit(images, labels)
         x, flat = design(labels), images.reshape(len(images), -1)
+        self.coef, *_ = np.linalg.lstsq(x, flat, rcond=None)
         self.log_var, *_ = np.linalg.lstsq(x, np.log((flat - x @ self.coef) ** 2 + 1e-6), rcond=None)
         return self
 

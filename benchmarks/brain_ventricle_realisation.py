@@ -18,10 +18,10 @@ or by an incompressible flow; and the intensity regression's change followed by 
 up the ventricle change that the intensity change has not made, or the push the scan itself needs after that
 change, whole or without its part in the ventricles' region. ``--velocity`` smooths every push and integrates
 it as a stationary velocity field, so that it cannot fold (`brain_ventricle_push_folding.py` measures that).
-This exploratory push, with which the committed results were made, is not the model's: the realisations
-`ventricles` and `volumes` use `pipelines.anatomy.VentriclePush`, which reads the ventricles at the scan's own
-resolution against grey matter (not white), starts the push from their core along a signed distance, and is
-measured in `brain_native.py` (docs/design-notes.md, "The push as a realisation of the model").
+This push is the exploratory one; the model's realisations `ventricles` and `volumes` use
+`pipelines.anatomy.VentriclePush`, which reads the ventricles at the scan's own resolution against grey matter
+and pushes from their core along a signed distance (docs/design-notes.md, "The push as a realisation of the
+model").
 
 Brain and ventricle volume are measured on every output by the generator's tissue model, against the labels'
 change and against the true image's own measured change (as `brain_native.py`); image MAE x 255 against the

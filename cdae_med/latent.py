@@ -388,9 +388,9 @@ class VectorDenoiser(nn.Module):
     something its MLP has to find; the MLP learns what departs from it. Zero at initialisation.
 
     ``mlp=False`` (with ``linear_path``): the linear path alone, the denoiser of that Gaussian and nothing
-    else. Its probability-flow map from p(c | z) to p(c | z') moves every code by W (z' - z): what a model
-    of a code that is near Gaussian given the labels can learn from a few thousand subjects without
-    overfitting them (docs/design-notes.md, "The latent denoiser's linear path alone")."""
+    else. Its probability-flow map from p(c | z) to p(c | z') moves every code by W (z' - z): all that a code
+    near Gaussian given the labels needs, with no MLP to overfit a small cohort (docs/design-notes.md, "The
+    latent denoiser's linear path alone")."""
 
     def __init__(self, k: int, cond_features: int, hidden: int, depth: int, linear_path: bool = False,
                  mlp: bool = True):

@@ -280,6 +280,7 @@ class AnatomicalRealisation:
             pushed = scan
         details = {"ventricle_volume_change_ml": float(delta_ventricles_ml),
                    "brain_volume_change_ml": float(delta_brain_ml), "intensity_scale": 1.0}
+        out = pushed + intensity
         if self.scale_to_brain_volume:
             head = prepared.registration.carry_back(self.mask.astype(np.float32), prepared.prep.grid_affine) > 0.5
             levels = self.scan_levels(prepared, reading)
@@ -303,7 +304,7 @@ class AnatomicalRealisation:
             else:
                 details["intensity_scale"] = 0.0 if abs(ends[0]) <= abs(ends[1]) else self.max_scale
                 details["brain_volume_change_reached"] = False
-        out = scaled(details["intensity_scale"]) if self.scale_to_brain_volume else pushed + intensity
+            out = scaled(details["intensity_scale"])
         details["ventricle_volume_change_measured_ml"] = round(self.push.volume_ml(prepared, out, reading)
                                                                - self.push.volume_ml(prepared, reading=reading), 2)
         return out - scan, details
