@@ -91,6 +91,10 @@ def train(
         None, help="With --latent-components: the denoiser of the code: mlp, mlp+linear (the MLP beside a "
                    "linear path, the exact denoiser of a code Gaussian about a mean linear in z) or linear (that "
                    "path alone; give it more steps than the MLP) [default: mlp]."),
+    voxel_spread: bool = typer.Option(
+        False, "--voxel-spread", help="With --latent-components: also fit every voxel's spread about its mean as a "
+                                      "function of the graph's root variables, so a counterfactual scales the "
+                                      "subject's own deviation there (where atrophy spreads with age)."),
     n_train: int = _param("n_train"),
     seed: int = _param("seed"),
     device: str = _param("device"),
@@ -139,7 +143,8 @@ def train(
                           else {"latent_shape_components": latent_shape_components}),
                        **({} if latent_shape_smoothing is None else {"latent_shape_smoothing": latent_shape_smoothing}),
                        **({} if latent_quantiles is None else {"latent_quantiles": latent_quantiles}),
-                       **_latent_denoiser(latent_denoiser)},
+                       **_latent_denoiser(latent_denoiser),
+                       **({"voxel_spread": True} if voxel_spread else {})},
                 data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
                 registration=registration,
                 distributed=distributed, compile=compile)
@@ -151,7 +156,8 @@ def train(
                        .replace("model: latent_shape_components", "--latent-shape-components")
                        .replace("model: latent_shape_smoothing", "--latent-shape-smoothing")
                        .replace("model: latent_quantiles", "--latent-quantiles")
-                       .replace("model: the latent denoiser (latent_linear_path, latent_mlp)", "--latent-denoiser"))
+                       .replace("model: the latent denoiser (latent_linear_path, latent_mlp)", "--latent-denoiser")
+                       .replace("model: voxel_spread", "--voxel-spread"))
             raise UserError(message) from None
         path = pipelines.train.train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":

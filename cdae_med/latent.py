@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -236,6 +237,63 @@ class LinearAutoencoder(_FittedBuffer):
             return delta.view(len(c), *self.shape)
         s = self.scores(x.reshape(len(x), -1).to(self.scale.dtype))
         return (self.scores.inverse(s + delta) - self.scores.inverse(s)).view(len(c), *self.shape)
+
+
+class VoxelSpread(_FittedBuffer):
+    """Every voxel's intensity about its mean given the graph's values: x = mu(y) + sigma(r) e, mu linear in
+    [1, y] (all the graph's normalised values) and log sigma^2 linear in [1, r] (its root variables' only),
+    fitted by least squares, the log-variance on the log squared residuals (as
+    ``benchmarks/brain_native.py``'s ``VoxelwiseLocationScale``). A counterfactual keeps a subject's e, so its
+    deviation from mu(y) at a voxel is scaled by sigma(r') / sigma(r): where the spread grows with age
+    (atrophy spreading), a subject far from the cohort's mean moves further than one near it, which a code
+    Gaussian about a mean linear in z (the latent denoiser's linear path) cannot do. The spread depends on the
+    roots alone because the slopes of correlated descendants (brain volume with age) are not identified: with
+    every variable in it a brain model lost under do(brain_volume) what it gained under do(age) (design notes,
+    "A spread that moves with age"). The ratio is held within e^(+-1): a voxel with almost no spread has no
+    reliable slope of it."""
+
+    FITTED = "mean"
+
+    def __init__(self, n_vars: int, roots: Sequence[int], shape: tuple[int, ...]):
+        super().__init__()
+        self.roots, self.shape = tuple(int(r) for r in roots), tuple(shape)
+        if not self.roots or not all(0 <= r < n_vars for r in self.roots):
+            raise ValueError(f"a voxel spread needs root variables among the {n_vars}, got {self.roots}")
+        self.register_buffer("mean", torch.zeros(1 + n_vars, 0))
+        self.register_buffer("log_var", torch.zeros(1 + len(self.roots), 0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "log_var" in state_dict:
+            self.log_var = torch.empty_like(state_dict[prefix + "log_var"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _designs(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        full = torch.cat([y.new_ones(len(y), 1), y], 1)
+        return full, full[:, [0, *(1 + r for r in self.roots)]]
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, y_norm: torch.Tensor, eps: float = 4e-6) -> "VoxelSpread":
+        """``images`` (N, *shape) in [-1, 1], ``y_norm`` (N, n_vars) their normalised values."""
+        flat = images.reshape(len(images), -1).double()
+        if flat.shape[1] != math.prod(self.shape):
+            raise ValueError(f"images of shape {tuple(images.shape[1:])} for a spread of {self.shape}")
+        full, roots = self._designs(y_norm.double())
+        mean = torch.linalg.lstsq(full, flat).solution
+        log_var = torch.linalg.lstsq(roots, torch.log((flat - full @ mean) ** 2 + eps)).solution
+        self.mean, self.log_var = mean.float(), log_var.float()
+        return self
+
+    @torch.no_grad()
+    def change(self, x: torch.Tensor, y_norm: torch.Tensor, y_cf_norm: torch.Tensor) -> torch.Tensor:
+        """(ratio - 1) (x - mu(y)): what the spread adds to the counterfactual of ``x`` (B, *shape) in [-1, 1]
+        from values ``y_norm`` to ``y_cf_norm`` (B, n_vars). Exactly zero where the roots do not change."""
+        if not self.fitted:
+            raise RuntimeError("the voxel spread has not been fitted (VoxelSpread.fit)")
+        full, roots = self._designs(y_norm.float())
+        _, roots_cf = self._designs(y_cf_norm.float())
+        ratio = torch.exp((0.5 * (roots_cf - roots) @ self.log_var).clamp(-1, 1))
+        flat = x.reshape(len(x), -1).float()
+        return ((ratio - 1) * (flat - full @ self.mean)).reshape(x.shape).to(x.dtype)
 
 
 def demons_displacement(fixed: torch.Tensor, moving: torch.Tensor, iterations: int = 40,

@@ -61,7 +61,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 from torch import nn
 
 from .graph import CausalGraph
-from .latent import DeformationAutoencoder, LinearAutoencoder, VectorDenoiser, VectorEncoder
+from .latent import DeformationAutoencoder, LinearAutoencoder, VectorDenoiser, VectorEncoder, VoxelSpread
 
 __all__ = ["CausalDiffAEConfig", "CausalDiffAE", "CausalLayer", "Encoder", "kl_normal", "VARIANTS"]
 
@@ -114,6 +114,10 @@ class CausalDiffAEConfig:
     latent_mlp: bool = True
     latent_hidden: int = 256
     latent_depth: int = 2
+    # True (with latent_components): the images' spread about their mean, per voxel, as a function of the graph's
+    # root variables (cdae_med.latent.VoxelSpread, fitted in closed form beside the first stage); a
+    # counterfactual scales the subject's deviation from that mean by the spread's ratio. Older checkpoints lack it.
+    voxel_spread: bool = False
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONING:
@@ -141,6 +145,8 @@ class CausalDiffAEConfig:
                                       or self.latent_shape_components):
             raise ValueError("latent_quantiles must be 0 or >= 2 and needs latent_components > 0 and no "
                              f"latent_shape_components, got {self.latent_quantiles}")
+        if self.voxel_spread and not self.latent_components:
+            raise ValueError("voxel_spread needs latent_components > 0 (a model of a code and the voxels about it)")
         if self.latent_label_directions and not self.latent_components:
             raise ValueError("latent_label_directions needs latent_components > 0 (a first stage to hold them)")
         factor = 2 ** max(len(self.encoder_channels), len(self.unet_channels) - 1)
@@ -318,6 +324,7 @@ class CausalDiffAE(nn.Module):
         self.causal = CausalLayer(graph, cfg.latent_dim, cfg.mechanism_hidden,
                                   mechanisms=cfg.variant == "causaldiffae")
         self.first_stage = None
+        self.spread = None
         if cfg.latent_components:
             shape = (cfg.in_channels, *cfg.image_size)
             if cfg.latent_shape_components:
@@ -329,6 +336,9 @@ class CausalDiffAE(nn.Module):
             self.encoder = VectorEncoder(k, n, cfg.latent_dim, cfg.latent_hidden)
             self.denoiser = VectorDenoiser(k, n * cfg.latent_dim, cfg.latent_hidden, cfg.latent_depth,
                                            cfg.latent_linear_path, cfg.latent_mlp)
+            if cfg.voxel_spread:
+                roots = [i for i, name in enumerate(graph.names) if not graph.parents_of(name)]
+                self.spread = VoxelSpread(n, roots, shape)
             return
         self.encoder = Encoder(cfg, n)
         self.unet = DiffusionModelUNet(

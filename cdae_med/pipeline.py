@@ -211,6 +211,11 @@ class CounterfactualPipeline:
         z_cf = self._act(ab, checked, propagate=procedure == "ddim")
         latents = self.decode_latents(ab, z_cf, guidance, reference, reconstruction, progress)
         cf, rec = self.to_images(*latents)
+        if self.model.spread is not None and procedure == "ddim":
+            # the subject's deviation from the cohort's mean, scaled by the spread's ratio (VoxelSpread)
+            spread = self.model.spread.change(images.to(cf.device), self.model.latent_to_label(ab.z),
+                                              self.model.latent_to_label(z_cf))
+            cf = (cf + spread).clamp(-1, 1)
         return CounterfactualOutput(images=cf, reconstruction=rec, factual_values=self.read_values(ab.z),
                                     counterfactual_values=self.read_values(z_cf), z=z_cf, abduction=ab,
                                     latents=latents if self.model.first_stage is not None else None)

@@ -106,6 +106,12 @@ class _Run:
             self.encoded = True
             log.info("first stage: %d components hold %.1f %% of the training images' variance (%.0f s)",
                      model.first_stage.k, 100 * share, time.perf_counter() - t0)
+        if model.spread is not None:  # the voxels' spread about their mean, from the labelled images
+            t0 = time.perf_counter()
+            keep = data.labelled.bool()
+            model.spread.fit(data.images[keep], data.labels[keep])
+            log.info("voxel spread fitted on %d labelled images (%.0f s)", len(data.images[keep]),
+                     time.perf_counter() - t0)
         self.model = optimise_for_device(model.to(device), device)
         if ranks.enabled:
             # Same initial weights on every rank (DDP also broadcasts rank 0's), different diffusion noise.

@@ -77,6 +77,8 @@ def test_train_rejects_bad_options(tmp_path):
     assert r.exit_code == 2 and "unknown --latent-denoiser 'gaussian'; available: mlp, mlp+linear, linear" in r.output
     r = run("train", "--dataset", "brain", "--latent-denoiser", "linear", "--out", tmp_path)
     assert r.exit_code == 2 and "--latent-denoiser needs latent_components > 0" in r.output
+    r = run("train", "--dataset", "brain", "--voxel-spread", "--out", tmp_path)
+    assert r.exit_code == 2 and "--voxel-spread needs latent_components > 0" in r.output
 
 
 def test_data_generate(tmp_path):

@@ -7,7 +7,8 @@ import torch
 from cdae_med.checkpoint import load_checkpoint
 from cdae_med.diffusion import DDIM
 from cdae_med.graph import builtin_graph
-from cdae_med.latent import DeformationAutoencoder, LinearAutoencoder, VectorDenoiser, VoxelQuantiles
+from cdae_med.latent import (DeformationAutoencoder, LinearAutoencoder, VectorDenoiser, VoxelQuantiles,
+                              VoxelSpread)
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
 from cdae_med.pipeline import CounterfactualPipeline
 from pipelines.datasets import get_dataset, to_tensor
@@ -339,3 +340,74 @@ def test_the_linear_path_alone_is_the_gaussian_denoiser_and_nothing_else():
         VectorDenoiser(4, 3, 16, 2, linear_path=False, mlp=False)
     with pytest.raises(ValueError, match="latent_mlp=False needs latent_linear_path=True"):
         CausalDiffAEConfig(spatial_dims=3, in_channels=1, image_size=(6, 6, 6), latent_components=4, latent_mlp=False)
+
+
+def test_voxel_spread_scales_a_subjects_deviation_where_the_spread_grows_with_a_root():
+    """Images whose mean moves with a root a and a child b, and whose spread grows as exp(0.3 a) on half the
+    voxels: the fitted spread scales a subject's deviation there by exp(0.3) for a + 1, leaves the other half,
+    and changes nothing, exactly, when only the child changes."""
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    a = torch.randn(n, generator=g)
+    b = 0.8 * a + 0.6 * torch.randn(n, generator=g)
+    y = torch.stack([a, b], 1)
+    grows = torch.zeros(1, 4, 4, dtype=torch.bool)
+    grows[..., :2] = True
+    sigma = torch.where(grows, 0.05 * torch.exp(0.3 * a).view(n, 1, 1, 1), torch.tensor(0.05))
+    e = torch.randn(n, 1, 4, 4, generator=g)
+    x = 0.2 + 0.1 * a.view(n, 1, 1, 1) - 0.05 * b.view(n, 1, 1, 1) + sigma * e
+    spread = VoxelSpread(n_vars=2, roots=[0], shape=(1, 4, 4)).fit(x, y)
+    assert spread.mean.shape == (3, 16) and spread.log_var.shape == (2, 16)
+    subject = torch.tensor([[0.5, 0.4]])
+    deviation = torch.full((1, 1, 4, 4), 0.1)
+    at = 0.2 + 0.1 * 0.5 - 0.05 * 0.4 + deviation
+    older = spread.change(at, subject, subject + torch.tensor([[1.0, 0.8]]))
+    expected = (np.exp(0.3) - 1) * 0.1
+    assert np.allclose(older[0][grows].numpy(), expected, rtol=0.15)  # 0.035
+    assert older[0][~grows].abs().max() < 0.2 * expected  # no spread change there
+    # the child alone changes: the roots, and with them the spread, stay
+    assert torch.equal(spread.change(at, subject, subject + torch.tensor([[0.0, 1.0]])), torch.zeros_like(at))
+    # a checkpoint's spread loads with the fitted buffers; an unfitted one refuses
+    again = VoxelSpread(2, [0], (1, 4, 4))
+    with pytest.raises(RuntimeError, match="not been fitted"):
+        again.change(at, subject, subject)
+    again.load_state_dict(spread.state_dict())
+    assert torch.equal(again.change(at, subject, subject + 1), spread.change(at, subject, subject + 1))
+    with pytest.raises(ValueError, match="needs root variables"):
+        VoxelSpread(2, [], (1, 4, 4))
+    with pytest.raises(ValueError, match="voxel_spread needs latent_components > 0"):
+        CausalDiffAEConfig(spatial_dims=3, in_channels=1, image_size=(8, 8, 8), voxel_spread=True)
+
+
+def test_a_models_voxel_spread_moves_do_age_and_leaves_do_brain_volume(tmp_path):
+    """A registered 16^3 brain model with a voxel spread (the roots: age and sex), trained for seconds: its
+    checkpoint keeps the fitted spread; under do(age) the counterfactual differs from the same model's without
+    the spread, under do(brain_volume) and a null intervention it is that model's, bit for bit."""
+    torch.set_num_threads(1)
+    out = tmp_path / "brain"
+    # the registered subjects of the shape model's fixture: read from the same cache
+    train(TrainConfig(dataset="brain", size=16, registration="affine", n_train=150, steps=100, minutes=None,
+                      batch_size=64, lr=3e-3, model={"latent_components": 8, "latent_dim": 4, "voxel_spread": True,
+                                                     "latent_linear_path": True, "latent_mlp": False},
+                      out=str(out), eval_n=0, grid_rows=1), progress=False)
+    pipe = CounterfactualPipeline.from_checkpoint(out, device="cpu")
+    spread = pipe.model.spread
+    assert spread is not None and spread.fitted and spread.roots == (0, 1) and spread.mean.shape == (5, 16 ** 3)
+    x = to_tensor(get_dataset("brain").sample(2, seed=777, size=16).images)
+    age = pipe.read_values(pipe.abduct(x, num_steps=10).z)[:, 0]
+
+    def both(do):
+        with_spread = pipe(x, do, num_steps=10, reconstruction=True)
+        pipe.model.spread = None
+        try:
+            without = pipe(x, do, num_steps=10, reconstruction=True)
+        finally:
+            pipe.model.spread = spread
+        return with_spread, without
+
+    older, plain = both({"age": (age + 20).clamp(max=95.0)})
+    assert torch.equal(older.reconstruction, plain.reconstruction)
+    assert (older.images - plain.images).abs().max() > 1e-3
+    for do in ({"brain_volume": 1100.0}, {"age": age}):
+        a, b = both(do)
+        assert torch.equal(a.images, b.images)
