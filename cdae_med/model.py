@@ -147,6 +147,9 @@ class CausalDiffAEConfig:
                              f"latent_shape_components, got {self.latent_quantiles}")
         if self.voxel_spread and not self.latent_components:
             raise ValueError("voxel_spread needs latent_components > 0 (a model of a code and the voxels about it)")
+        if self.voxel_spread and self.latent_quantiles:
+            raise ValueError("voxel_spread does not combine with latent_quantiles: a change of the voxels' scores "
+                             "is realised from the code alone (LinearAutoencoder.change)")
         if self.latent_label_directions and not self.latent_components:
             raise ValueError("latent_label_directions needs latent_components > 0 (a first stage to hold them)")
         factor = 2 ** max(len(self.encoder_channels), len(self.unet_channels) - 1)

@@ -138,9 +138,14 @@ class ScanModel:
         cfg = self.checkpoint.model.config
         kind = "3D" if self.preprocessing.slice_axis is None else "2D slice-wise"
         if cfg.latent_shape_components:
-            return (f"{kind}, diffusion on {cfg.latent_shape_components} principal components of the displacement "
+            kind = (f"{kind}, diffusion on {cfg.latent_shape_components} principal components of the displacement "
                     f"from the template and {cfg.latent_components} of the intensity residual")
-        return f"{kind}, diffusion on {cfg.latent_components} principal components" if cfg.latent_components else kind
+        elif cfg.latent_components:
+            kind = f"{kind}, diffusion on {cfg.latent_components} principal components"
+        spread = self.pipeline.model.spread
+        if spread is not None:
+            kind += f"; each voxel's spread in {', '.join(self.graph.names[r] for r in spread.roots)}"
+        return kind
 
     @property
     def decodes_deformation(self) -> bool:

@@ -377,6 +377,9 @@ def test_voxel_spread_scales_a_subjects_deviation_where_the_spread_grows_with_a_
         VoxelSpread(2, [], (1, 4, 4))
     with pytest.raises(ValueError, match="voxel_spread needs latent_components > 0"):
         CausalDiffAEConfig(spatial_dims=3, in_channels=1, image_size=(8, 8, 8), voxel_spread=True)
+    with pytest.raises(ValueError, match="voxel_spread does not combine with latent_quantiles"):
+        CausalDiffAEConfig(spatial_dims=3, in_channels=1, image_size=(8, 8, 8), voxel_spread=True,
+                           latent_components=4, latent_quantiles=8)
 
 
 def test_a_models_voxel_spread_moves_do_age_and_leaves_do_brain_volume(tmp_path):

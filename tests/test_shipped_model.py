@@ -91,6 +91,7 @@ def test_cli_counterfactual_runs_the_shipped_model_on_a_fresh_install(tmp_path, 
     assert report["counterfactual"]["age"]["value"] == 70.0
     assert report["model"]["checkpoint"].startswith(str(tmp_path / "home"))
     assert "principal components of the displacement" in report["settings"]["model_kind"]
+    assert report["settings"]["model_kind"].endswith("each voxel's spread in age, sex")
     # its change reaches the scan as its checkpoint says: the realisation and the residual measured best for it
     # (pipelines/models/brain/README.md), the intensity change put on the scan's tissue boundaries
     image = json.loads((SHIPPED_BRAIN / "checkpoint.json").read_text())["image"]
