@@ -118,23 +118,25 @@ class VoxelwiseLinear:
 
 class VoxelwiseLocationScale:
     """:class:`VoxelwiseLinear` with a variance that depends on the variables too: every voxel's intensity
-    ~ mu(y) + sigma(y) e, mu and log sigma^2 linear in [1, normalised graph variables] (the log-variance by
-    least squares on the log squared residuals). Its counterfactual keeps a subject's standardised residual
-    e: x' = mu(y') + sigma(y') / sigma(y) (x - mu(y)), so a subject far from the cohort's mean at a voxel
-    whose spread grows with the change (atrophy spreading with age) moves further than one near it. The
-    ratio is held within e^(+-1): a voxel with almost no spread has no reliable slope of it."""
+    ~ mu(y) + sigma(y) e, mu and log sigma^2 linear in [1, normalised graph variables]
+    (:class:`cdae_med.latent.VoxelSpread` with every variable in its log-variance, where a model's has only the
+    roots). Its counterfactual keeps a subject's standardised residual e: x' = mu(y') + sigma(y') / sigma(y)
+    (x - mu(y)), so a subject far from the cohort's mean at a voxel whose spread grows with the change (atrophy
+    spreading with age) moves further than one near it."""
 
     def fit(self, images: np.ndarray, labels: np.ndarray) -> "VoxelwiseLocationScale":
-        x, flat = design(labels), images.reshape(len(images), -1)
-        self.coef, *_ = np.linalg.lstsq(x, flat, rcond=None)
-        self.log_var, *_ = np.linalg.lstsq(x, np.log((flat - x @ self.coef) ** 2 + 1e-6), rcond=None)
+        from cdae_med.latent import VoxelSpread
+
+        n = labels.shape[1]
+        self.spread = VoxelSpread(n, range(n), images.shape[1:]).fit(
+            torch.from_numpy(np.asarray(images, np.float64)), torch.from_numpy(brain.normalise(labels)), eps=1e-6)
         return self
 
     def change(self, images: np.ndarray, labels: np.ndarray, labels_cf: np.ndarray) -> np.ndarray:
-        x, x_cf = design(labels), design(labels_cf)
-        flat = images.reshape(len(images), -1)
-        ratio = np.exp(np.clip(0.5 * (x_cf - x) @ self.log_var, -1, 1))
-        return (x_cf @ self.coef + ratio * (flat - x @ self.coef) - flat).reshape(images.shape)
+        y, y_cf = (torch.from_numpy(brain.normalise(v)).float() for v in (labels, labels_cf))
+        x = torch.from_numpy(np.asarray(images, np.float32))
+        mean_change = ((y_cf - y) @ self.spread.mean[1:]).reshape(x.shape)
+        return (mean_change + self.spread.change(x, y, y_cf)).double().numpy()
 
 
 class VoxelwiseQuantile:
@@ -397,6 +399,7 @@ def main() -> None:
     test_ratios = np.array([pp.registration.volume_ratio for pp in prepared])
     input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
     first = next(iter(models))
+    given = AGE, SEX, *((BV, VV) if args.given == "all" else ())  # the factual values the models are told
     seconds = {name: [] for name in models}
     rows = []
     for var, (text, target, affected) in INTERVENTIONS.items():
@@ -427,7 +430,6 @@ def main() -> None:
             outs = []
             for i, path in enumerate(inputs):
                 t1 = time.perf_counter()
-                given = AGE, SEX, *((BV, VV) if args.given == "all" else ())
                 sm.run(path, {var: float(targets[i])}, args.work / name / var / f"sub-{i:02d}",
                        covariates={brain.VARIABLES[j]: float(samples.labels[i, j]) for j in given})
                 seconds[name].append(time.perf_counter() - t1)

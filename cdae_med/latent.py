@@ -242,8 +242,7 @@ class LinearAutoencoder(_FittedBuffer):
 class VoxelSpread(_FittedBuffer):
     """Every voxel's intensity about its mean given the graph's values: x = mu(y) + sigma(r) e, mu linear in
     [1, y] (all the graph's normalised values) and log sigma^2 linear in [1, r] (its root variables' only),
-    fitted by least squares, the log-variance on the log squared residuals (as
-    ``benchmarks/brain_native.py``'s ``VoxelwiseLocationScale``). A counterfactual keeps a subject's e, so its
+    fitted by least squares, the log-variance on the log squared residuals. A counterfactual keeps a subject's e, so its
     deviation from mu(y) at a voxel is scaled by sigma(r') / sigma(r): where the spread grows with age
     (atrophy spreading), a subject far from the cohort's mean moves further than one near it, which a code
     Gaussian about a mean linear in z (the latent denoiser's linear path) cannot do. The spread depends on the

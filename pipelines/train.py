@@ -110,8 +110,7 @@ class _Run:
             t0 = time.perf_counter()
             keep = data.labelled.bool()
             model.spread.fit(data.images[keep], data.labels[keep])
-            log.info("voxel spread fitted on %d labelled images (%.0f s)", len(data.images[keep]),
-                     time.perf_counter() - t0)
+            log.info("voxel spread fitted on %d labelled images (%.0f s)", int(keep.sum()), time.perf_counter() - t0)
         self.model = optimise_for_device(model.to(device), device)
         if ranks.enabled:
             # Same initial weights on every rank (DDP also broadcasts rank 0's), different diffusion noise.
