@@ -13,8 +13,9 @@ copying the input, and composition (the null intervention applied 1 and 10 times
 checkpoint's inversion (fixed-point, :class:`cdae_med.diffusion.DDIMConfig`) and with the iterations
 ``--inversion-iterations`` lists (0: plain DDIM inversion).
 
-Per-run results go to ``benchmarks/results/recipes/<recipe>_seed<seed>.json`` as soon as a run
-ends; ``table`` gathers them. Checkpoints go under ``benchmarks/work/recipes/``.
+Per-run results go to ``benchmarks/results/recipes/<recipe>_seed<seed>.json`` (or ``--results DIR``, one
+directory per sitting, since runs are compared only within one) as soon as a run ends; ``table`` gathers
+a directory into ``DIR.json`` and ``DIR.md``. Checkpoints go under ``benchmarks/work/recipes/``.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ RECIPES: dict[str, dict] = {
     "scale_shift": {"model": {"conditioning": "scale_shift"}},
     "groups_8": {"model": {"unet_norm_groups": 8}},
     "wide": {"model": {"unet_channels": (64, 128, 128)}},
+    "no_ema": {"ema_decay": 0.0},
     "encoder_steps_4": {"encoder_steps": 4},
     "encoder_steps_8": {"encoder_steps": 8},
     "encoder_steps_16": {"encoder_steps": 16},
+    "descendant_noise_0.3": {"model": {"descendant_noise": 0.3}},
+    "descendant_noise_1": {"model": {"descendant_noise": 1.0}},
 }
 
 
@@ -122,51 +126,53 @@ def run(args) -> None:
         "reversibility": ev["reversibility"],
         "seconds": {"train": t_train, "evaluate": ev["seconds"]},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{args.recipe}_seed{args.seed}.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{args.recipe}_seed{args.seed}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
 
 def table(args) -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    rows = [json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))]
     if not rows:
-        raise SystemExit(f"no results in {RESULTS}; run a recipe first")
+        raise SystemExit(f"no results in {args.results}; run a recipe first")
     order = {name: i for i, name in enumerate(RECIPES)}
     rows.sort(key=lambda r: (order.get(r["recipe"], len(order)), r["recipe"], r["seed"]))
     iters = sorted({k for r in rows for k in r["composition"] if k != "checkpoint"})
     lines = ["# Training recipes on Pendulum at one CPU budget", "",
-             "Written by `benchmarks/recipes.py table` from `benchmarks/results/recipes/*.json`. Each run: "
+             f"Written by `benchmarks/recipes.py table` from `{args.results.name}/*.json`. Each run: "
              f"{rows[0]['budget']['minutes']:g} minutes of training on one torch thread beside one other run, "
              "batch 32, then evaluation on "
              f"{rows[0]['eval_n']} held-out images per intervention (50 DDIM steps). Image errors are MAE x255 "
              "against the generator's true counterfactual; effectiveness is the paper's metric (normalised units, "
              "lower is better); composition is the MAE x255 after the null intervention applied 10 times, with "
              "plain DDIM inversion and with fixed-point inversion (iterations per step).", "",
-             "| recipe | seed | steps | recon (k=1) | do(angle) | do(light) | cells <= paper | mean of the 4 "
+             "| recipe | seed | steps | recon (k=1) | do(angle) | do(light) | do(shadow_len) | do(shadow_pos) | "
+             "cells <= paper | mean of the 4 "
              "intervened cells (paper 0.423) | DCI | composition k=10, "
              f"{rows[0]['inversion_iterations']} it. | "
              + " | ".join(f"k=10, {i} it." for i in iters) + " |",
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(iters)]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(iters)]
     for r in rows:
         im = r["image_mae"]
         lines.append(
             f"| {r['recipe']} | {r['seed']} | {r['budget']['steps']} | {r['composition']['checkpoint']['k=1']:.2f} | "
-            f"{im['do(angle)']['model']:.2f} | {im['do(light)']['model']:.2f} | {r['cells_at_or_below_paper']}/16 | "
+            f"{im['do(angle)']['model']:.2f} | {im['do(light)']['model']:.2f} | {im['do(shadow_len)']['model']:.2f} | "
+            f"{im['do(shadow_pos)']['model']:.2f} | {r['cells_at_or_below_paper']}/16 | "
             f"{r['intervened_cells_mean']:.3f} | {r['dci']:.3f} | {r['composition']['checkpoint']['k=10']:.1f} | "
             + " | ".join(f"{r['composition'][i]['k=10']:.1f}" if i in r["composition"] else "-" for i in iters)
             + " |")
     copy = rows[0]["image_mae"]
-    lines += ["", f"Copying the input: do(angle) {copy['do(angle)']['copy']:.2f}, do(light) "
-                  f"{copy['do(light)']['copy']:.2f}.", "", "## The 16 effectiveness cells", "",
+    lines += ["", "Copying the input: " + ", ".join(f"{k} {v['copy']:.2f}" for k, v in copy.items()) + ".", "", "## The 16 effectiveness cells", "",
               "| recipe | seed | " + " | ".join(f"{c['measured']} / do({c['intervened']})" for c in rows[0]["cells"]) + " |",
               "|---|---|" + "---|" * 16,
               "| paper | | " + " | ".join(f"{c['paper']:.3f}" for c in rows[0]["cells"]) + " |"]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['seed']} | " + " | ".join(
             f"**{c['ours']:.3f}**" if c["ours"] <= c["paper"] else f"{c['ours']:.3f}" for c in r["cells"]) + " |")
-    (ROOT / "results" / "recipes.md").write_text("\n".join(lines) + "\n")
-    (ROOT / "results" / "recipes.json").write_text(json.dumps({"runs": rows}, indent=2) + "\n")
+    name = args.results.resolve()
+    (name.parent / f"{name.name}.md").write_text("\n".join(lines) + "\n")
+    (name.parent / f"{name.name}.json").write_text(json.dumps({"runs": rows}, indent=2) + "\n")
     print("\n".join(lines))
 
 
@@ -182,7 +188,10 @@ def main() -> None:
     r.add_argument("--inversion-iterations", type=int, nargs="*", default=[0])
     r.add_argument("--skip-train", action="store_true", help="evaluate the checkpoint already there")
     r.add_argument("--quiet", action="store_true")
-    sub.add_parser("table", help="gather the runs into results/recipes.{json,md}")
+    r.add_argument("--results", type=Path, default=RESULTS,
+                   help="directory of the per-run files (one per sitting: runs are compared within one)")
+    t = sub.add_parser("table", help="gather the runs of --results DIR into DIR.{json,md}")
+    t.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
     if args.command == "run":
         for part in args.recipe.split("+"):

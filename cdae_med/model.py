@@ -118,6 +118,12 @@ class CausalDiffAEConfig:
     # root variables (cdae_med.latent.VoxelSpread, fitted in closed form beside the first stage); a
     # counterfactual scales the subject's deviation from that mean by the spread's ratio. Older checkpoints lack it.
     voxel_spread: bool = False
+    # > 0: the std (normalised label units) of one Gaussian draw per sample and variable added to every dimension
+    # of each block of a variable with parents, in the z the denoiser is trained on. Where a descendant is a
+    # function of its parents (Pendulum's shadow), observational images never show them disagree, so nothing
+    # stops the denoiser reading the parents' content off the descendant's block; made noisy there, the block is
+    # no longer the parents' most reliable source (docs/design-notes.md, "Interventions on descendants").
+    descendant_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONING:
@@ -145,6 +151,8 @@ class CausalDiffAEConfig:
                                       or self.latent_shape_components):
             raise ValueError("latent_quantiles must be 0 or >= 2 and needs latent_components > 0 and no "
                              f"latent_shape_components, got {self.latent_quantiles}")
+        if not 0.0 <= self.descendant_noise <= 10.0:
+            raise ValueError(f"descendant_noise must be in [0, 10] normalised units, got {self.descendant_noise}")
         if self.voxel_spread and not self.latent_components:
             raise ValueError("voxel_spread needs latent_components > 0 (a model of a code and the voxels about it)")
         if self.voxel_spread and self.latent_quantiles:
@@ -426,6 +434,17 @@ class CausalDiffAE(nn.Module):
         has = u.new_ones(b) if labelled is None else labelled.to(u.dtype)
         return self.label_latent(y_norm.to(u.dtype)) * has[:, None, None], has
 
+    def noisy_descendants(self, z: torch.Tensor) -> torch.Tensor:
+        """z with ``config.descendant_noise`` added to the blocks of variables with parents: one draw per
+        sample and block, the same in all the block's dimensions, so the denoiser cannot average it away."""
+        std = self.config.descendant_noise
+        children = [i for i, name in enumerate(self.graph.names) if self.graph.parents_of(name)]
+        if not std or not children:
+            return z
+        noise = torch.zeros(z.shape[0], z.shape[1], 1, device=z.device, dtype=z.dtype)
+        noise[:, children] = torch.randn(z.shape[0], len(children), 1, device=z.device, dtype=z.dtype) * std
+        return z + noise
+
     def loss(self, x0: torch.Tensor, y_norm: torch.Tensor | None, scheduler, gamma: float,
              labelled: torch.Tensor | None = None, weighting: str = "uniform", snr_gamma: float = 5.0,
              timestep_sampling: str = "uniform", encoded: bool = False) -> dict[str, torch.Tensor]:
@@ -449,6 +468,7 @@ class CausalDiffAE(nn.Module):
         mean, logvar = self.encode(x0)
         u = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         z, has_condition = self.training_condition(u, y_norm, labelled)
+        z = self.noisy_descendants(z)
         t = scheduler.sample_timesteps(b, x0.device, timestep_sampling)
         noise = torch.randn_like(x0)
         x_t = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)

@@ -177,3 +177,18 @@ def test_ddim_timestep_grid():
     assert ddim.latent_timestep(50, depth=0.5) == 500
     with pytest.raises(ValueError, match="depth"):
         ddim.timesteps(50, depth=0)
+
+
+def test_descendant_noise_is_one_draw_per_block_of_a_child_only():
+    model = CausalDiffAE(builtin_graph("pendulum"), CausalDiffAEConfig(descendant_noise=0.3))
+    torch.manual_seed(0)
+    z = torch.randn(4000, 4, 16)
+    noise = model.noisy_descendants(z) - z
+    assert torch.equal(noise[:, :2], torch.zeros_like(noise[:, :2]))  # angle, light: roots, untouched
+    assert torch.allclose(noise[:, 2:], noise[:, 2:, :1].expand(-1, -1, 16), atol=1e-5)  # same in every dimension
+    assert noise[:, 2:, 0].std(dim=0).sub(0.3).abs().max() < 0.02
+    assert abs(float(noise[:, 2, 0] @ noise[:, 3, 0]) / 4000) < 0.01  # the two shadows drawn independently
+    plain = CausalDiffAE(builtin_graph("pendulum"), CausalDiffAEConfig())
+    assert plain.noisy_descendants(z) is z
+    with pytest.raises(ValueError, match="descendant_noise"):
+        CausalDiffAEConfig(descendant_noise=-0.1)
