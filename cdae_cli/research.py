@@ -95,6 +95,11 @@ def train(
         False, "--voxel-spread", help="With --latent-components: also fit every voxel's spread about its mean as a "
                                       "function of the graph's root variables, so a counterfactual scales the "
                                       "subject's own deviation there (where atrophy spreads with age)."),
+    descendant_noise: Optional[float] = typer.Option(
+        None, help="Std (normalised units) of noise on the latent blocks of variables with parents in the z the "
+                   "denoiser is trained on: the decoder then draws the parents' content from their own blocks "
+                   "(interventions on a descendant keep the parents) but follows the descendant's block less "
+                   "[default: 0]."),
     n_train: int = _param("n_train"),
     seed: int = _param("seed"),
     device: str = _param("device"),
@@ -144,7 +149,8 @@ def train(
                        **({} if latent_shape_smoothing is None else {"latent_shape_smoothing": latent_shape_smoothing}),
                        **({} if latent_quantiles is None else {"latent_quantiles": latent_quantiles}),
                        **_latent_denoiser(latent_denoiser),
-                       **({"voxel_spread": True} if voxel_spread else {})},
+                       **({"voxel_spread": True} if voxel_spread else {}),
+                       **({} if descendant_noise is None else {"descendant_noise": descendant_noise})},
                 data=str(data) if data else None, graph=graph, spacing_mm=spacing_mm, slicewise=slicewise,
                 registration=registration,
                 distributed=distributed, compile=compile)
@@ -157,7 +163,8 @@ def train(
                        .replace("model: latent_shape_smoothing", "--latent-shape-smoothing")
                        .replace("model: latent_quantiles", "--latent-quantiles")
                        .replace("model: the latent denoiser (latent_linear_path, latent_mlp)", "--latent-denoiser")
-                       .replace("model: voxel_spread", "--voxel-spread"))
+                       .replace("model: voxel_spread", "--voxel-spread")
+                       .replace("model: descendant_noise", "--descendant-noise"))
             raise UserError(message) from None
         path = pipelines.train.train(cfg, progress=not quiet, resume=resume)
         if distributed and os.environ.get("RANK", "0") != "0":

@@ -79,6 +79,8 @@ def test_train_rejects_bad_options(tmp_path):
     assert r.exit_code == 2 and "--latent-denoiser needs latent_components > 0" in r.output
     r = run("train", "--dataset", "brain", "--voxel-spread", "--out", tmp_path)
     assert r.exit_code == 2 and "--voxel-spread needs latent_components > 0" in r.output
+    r = run("train", "--descendant-noise", -1, "--out", tmp_path)
+    assert r.exit_code == 2 and "--descendant-noise must be in [0, 10] normalised units, got -1.0" in r.output
 
 
 def test_data_generate(tmp_path):
