@@ -37,6 +37,7 @@ RECIPES: dict[str, dict] = {
     "stratified_t": {"timestep_sampling": "stratified"},
     "lr_1e-3_warmup": {"lr": 1e-3, "lr_warmup": 200},
     "scale_shift": {"model": {"conditioning": "scale_shift"}},
+    "add": {"model": {"conditioning": "add"}},
     "groups_8": {"model": {"unet_norm_groups": 8}},
     "wide": {"model": {"unet_channels": (64, 128, 128)}},
     "no_ema": {"ema_decay": 0.0},
