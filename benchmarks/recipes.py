@@ -3,6 +3,7 @@
     python benchmarks/recipes.py run baseline --minutes 10 --seed 0     # one recipe, one thread
     python benchmarks/recipes.py run v_prediction --minutes 10 &        # a second one beside it
     python benchmarks/recipes.py table                                  # results/recipes.{json,md}
+    python benchmarks/recipes.py run add+groups_8 --results benchmarks/results/recipes_round2   # a later sitting
 
 Each recipe is one switch of the training or model config (:data:`RECIPES`) against ``baseline``,
 the defaults of ``cdae-med train``. A run trains for ``--minutes`` with one torch thread (two runs
@@ -45,7 +46,6 @@ RECIPES: dict[str, dict] = {
     "encoder_steps_8": {"encoder_steps": 8},
     "encoder_steps_16": {"encoder_steps": 16},
     "descendant_noise_0.3": {"model": {"descendant_noise": 0.3}},
-    "descendant_noise_1": {"model": {"descendant_noise": 1.0}},
 }
 
 
