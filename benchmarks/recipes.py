@@ -133,6 +133,12 @@ def run(args) -> None:
     print(f"wrote {path}")
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT.parent)) if path.is_relative_to(ROOT.parent) else str(path)
+
+
 def table(args) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(args.results.glob("*.json"))]
     if not rows:
@@ -141,7 +147,7 @@ def table(args) -> None:
     rows.sort(key=lambda r: (order.get(r["recipe"], len(order)), r["recipe"], r["seed"]))
     iters = sorted({k for r in rows for k in r["composition"] if k != "checkpoint"})
     lines = ["# Training recipes on Pendulum at one CPU budget", "",
-             f"Written by `benchmarks/recipes.py table` from `{args.results.name}/*.json`. Each run: "
+             f"Written by `benchmarks/recipes.py table` from `{_shown(args.results)}/*.json`. Each run: "
              f"{rows[0]['budget']['minutes']:g} minutes of training on one torch thread beside one other run, "
              "batch 32, then evaluation on "
              f"{rows[0]['eval_n']} held-out images per intervention (50 DDIM steps). Image errors are MAE x255 "
