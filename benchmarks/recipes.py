@@ -45,6 +45,8 @@ RECIPES: dict[str, dict] = {
     "encoder_steps_4": {"encoder_steps": 4},
     "encoder_steps_8": {"encoder_steps": 8},
     "encoder_steps_16": {"encoder_steps": 16},
+    "descendant_noise_0.05": {"model": {"descendant_noise": 0.05}},
+    "descendant_noise_0.1": {"model": {"descendant_noise": 0.1}},
     "descendant_noise_0.3": {"model": {"descendant_noise": 0.3}},
 }
 
