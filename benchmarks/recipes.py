@@ -172,16 +172,17 @@ def table(args) -> None:
             + " | ".join(f"{r['composition'][i]['k=10']:.1f}" if i in r["composition"] else "-" for i in iters)
             + " |")
     copy = rows[0]["image_mae"]
-    lines += ["", "Copying the input: " + ", ".join(f"{k} {v['copy']:.2f}" for k, v in copy.items()) + ".", "", "## The 16 effectiveness cells", "",
+    lines += ["", "Copying the input: " + ", ".join(f"{k} {v['copy']:.2f}" for k, v in copy.items()) + ".", "",
+              "## The 16 effectiveness cells", "",
               "| recipe | seed | " + " | ".join(f"{c['measured']} / do({c['intervened']})" for c in rows[0]["cells"]) + " |",
               "|---|---|" + "---|" * 16,
               "| paper | | " + " | ".join(f"{c['paper']:.3f}" for c in rows[0]["cells"]) + " |"]
     for r in rows:
         lines.append(f"| {r['recipe']} | {r['seed']} | " + " | ".join(
             f"**{c['ours']:.3f}**" if c["ours"] <= c["paper"] else f"{c['ours']:.3f}" for c in r["cells"]) + " |")
-    name = args.results.resolve()
-    (name.parent / f"{name.name}.md").write_text("\n".join(lines) + "\n")
-    (name.parent / f"{name.name}.json").write_text(json.dumps({"runs": rows}, indent=2) + "\n")
+    directory = args.results.resolve()
+    (directory.parent / f"{directory.name}.md").write_text("\n".join(lines) + "\n")
+    (directory.parent / f"{directory.name}.json").write_text(json.dumps({"runs": rows}, indent=2) + "\n")
     print("\n".join(lines))
 
 

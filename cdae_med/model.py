@@ -336,6 +336,8 @@ class CausalDiffAE(nn.Module):
                                   mechanisms=cfg.variant == "causaldiffae")
         self.first_stage = None
         self.spread = None
+        # the blocks noisy_descendants perturbs: variables with parents
+        self._descendants = [i for i, name in enumerate(graph.names) if graph.parents_of(name)]
         if cfg.latent_components:
             shape = (cfg.in_channels, *cfg.image_size)
             if cfg.latent_shape_components:
@@ -437,12 +439,11 @@ class CausalDiffAE(nn.Module):
     def noisy_descendants(self, z: torch.Tensor) -> torch.Tensor:
         """z with ``config.descendant_noise`` added to the blocks of variables with parents: one draw per
         sample and block, the same in all the block's dimensions, so the denoiser cannot average it away."""
-        std = self.config.descendant_noise
-        children = [i for i, name in enumerate(self.graph.names) if self.graph.parents_of(name)]
-        if not std or not children:
+        std, blocks = self.config.descendant_noise, self._descendants
+        if not std or not blocks:
             return z
         noise = torch.zeros(z.shape[0], z.shape[1], 1, device=z.device, dtype=z.dtype)
-        noise[:, children] = torch.randn(z.shape[0], len(children), 1, device=z.device, dtype=z.dtype) * std
+        noise[:, blocks] = torch.randn(z.shape[0], len(blocks), 1, device=z.device, dtype=z.dtype) * std
         return z + noise
 
     def loss(self, x0: torch.Tensor, y_norm: torch.Tensor | None, scheduler, gamma: float,
