@@ -36,7 +36,8 @@ _REALISATION = typer.Option(None, help="Scans: how the change reaches the scan, 
                                        "ventricles (the scan's own ventricles pushed by the model's ventricle-volume "
                                        "change, its intensity change elsewhere) or volumes (ventricles, with the "
                                        "intensity change scaled where brain meets CSF to the model's brain-volume "
-                                       "change); all but "
+                                       "change) or atrophy (the intensity change around the ventricles, half of it "
+                                       "elsewhere, the rest of the brain-volume change on the scan's own cortex); all but "
                                        "intensity need a registered model [default: the model's].")
 _RESIDUAL = typer.Option(None, help="Scans: the intensity part of the change upsampled (upsampled) or moved onto "
                                     "the scan's own tissue boundaries (tissue) [default: the model's].")

@@ -4,8 +4,8 @@ A model on a 6 mm grid can say by how much a brain shrinks and its ventricles gr
 do: its change, carried onto the scan, moves only part of a ventricle wall even when it is the true change
 (`benchmarks/results/brain_ventricle_realisation_32_ventricle_volume.json`: the oracle's intensity change
 leaves 13.8 of copying's 15.1 ml ventricle error). So the volumes the causal model decides can be realised on
-the scan's own anatomy, as atrophy happens (:class:`AnatomicalRealisation`, the realisations ``"ventricles"``
-and ``"volumes"``, built on :mod:`pipelines.realisation`):
+the scan's own anatomy, as atrophy happens (:class:`AnatomicalRealisation`, the realisations ``"ventricles"``,
+``"volumes"`` and ``"atrophy"``, built on :mod:`pipelines.realisation`):
 
 - :class:`TissueLevels`: a scan's CSF, grey- and white-matter intensities, read through its registration
   (CSF in the reference's lateral ventricles, white matter where the reference is brightest, grey matter at
@@ -14,7 +14,10 @@ and ``"volumes"``, built on :mod:`pipelines.realisation`):
   the generator's tissue model and partial-volume segmentations measure it;
 - :class:`VentriclePush`: the subject's own ventricles grown or shrunk by a prescribed volume, the tissue
   around them pushed along the distance to their wall by a push that decays away from it, integrated as a
-  stationary velocity field.
+  stationary velocity field;
+- :func:`cortical_change`: the subject's brain made smaller (or larger) by a prescribed volume where atrophy
+  happens, tissue turning into CSF where CSF is near (grey matter first, white matter at a fraction of its
+  rate), or the reverse.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from .mri import PreparedScan
 from .realisation import GridDeformation, carry_change, deform_scan, head_weight, jacobian_determinant
 from .registration import Reference, grid_affine, resample_grid
 
-__all__ = ["AnatomicalRealisation", "TissueLevels", "VentricleReading", "VentriclePush", "brain_volume_ml",
-           "reference_levels"]
+__all__ = ["ANATOMICAL_REALISATIONS", "AnatomicalRealisation", "TissueLevels", "VentricleReading", "VentriclePush",
+           "brain_volume_ml", "cortical_change", "reference_levels"]
 
 log = logging.getLogger("cdae_med")
 
@@ -98,6 +101,57 @@ class VentricleReading:
 def brain_volume_ml(data: np.ndarray, head: np.ndarray, levels: TissueLevels, voxel_ml: float) -> float:
     """Brain volume (ml) of a scan inside ``head`` (bool, the scan's grid) by partial volume."""
     return float(levels.brain_fraction(data[head]).sum() * voxel_ml)
+
+
+# cortical_change: how far CSF reaches into the tissue it erodes (a Gaussian's sigma), and white matter's rate of
+# loss against grey matter's. The model of atrophy of Hedman et al. 2012 and of the generator
+# (synthetic_data.brain: cortex next to CSF goes first, white matter at 0.3 of grey matter's rate); the reach was
+# chosen on the validation subjects, benchmarks/results/brain_native_evaluations/atrophy_validation.json.
+CORTEX_REACH_MM = 4.0
+WHITE_RATE = 0.3
+
+
+def cortical_change(data: np.ndarray, head: np.ndarray, levels: TissueLevels, delta_ml: float, spacing_mm,
+                    deep: np.ndarray | None = None, reach_mm: float = CORTEX_REACH_MM, white_rate: float = WHITE_RATE,
+                    iterations: int = 20) -> tuple[np.ndarray, float]:
+    """The change (``data``'s grid and units) that makes the brain in ``head`` (bool) ``delta_ml`` larger, and the
+    ml it reaches: for a loss, tissue turned into CSF in proportion to how much CSF is near (``reach_mm``) and to
+    the tissue a voxel holds, grey matter at a rate k and white matter at ``white_rate`` k (each at most all of
+    it); for a gain, the reverse, up to the CSF a voxel holds. The CSF of ``deep`` (bool, the ventricles' region)
+    does not count as near: atrophy there is the ventricles growing, which a model's change or a push makes.
+    Shares are read by partial volume between ``levels``; k is solved so that the shares change by
+    ``delta_ml``."""
+    from scipy.ndimage import gaussian_filter
+
+    x = np.asarray(data, np.float64)
+    if delta_ml == 0:
+        return np.zeros(x.shape, np.float32), 0.0
+    spacing = np.asarray(spacing_mm, np.float64)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    csf = 1.0 - levels.brain_fraction(x)
+    white = np.clip((x - levels.grey) / (levels.white - levels.grey), 0.0, 1.0)
+    grey = 1.0 - csf - white
+    nonbrain = np.where(head, csf, 1.0)
+    if deep is not None:
+        nonbrain[deep] = 0.0
+    near = gaussian_filter(nonbrain, reach_mm / spacing) * head
+    fillable = csf * (head & (x > 0.5 * levels.csf))  # the intracranial CSF, not the air around the head
+
+    def shares(k: float) -> tuple[np.ndarray, np.ndarray]:
+        if delta_ml < 0:
+            return -np.minimum(1.0, k * near) * grey, -np.minimum(1.0, white_rate * k * near) * white
+        return np.minimum(k * near * grey, fillable), np.minimum(white_rate * k * near * white, 1.0 - white)
+
+    k = abs(delta_ml) / max(float(((grey + white_rate * white) * near).sum()) * voxel_ml, 1e-12)
+    for _ in range(iterations):  # each share is capped, so k is raised until the capped shares reach the volume
+        reached = float(sum(d.sum() for d in shares(k))) * voxel_ml
+        if abs(reached - delta_ml) < 1e-3 * abs(delta_ml) or reached == 0:
+            break
+        k *= delta_ml / reached
+    dg, dw = shares(k)
+    reached = float((dg.sum() + dw.sum()) * voxel_ml)
+    change = dg * (levels.grey - levels.csf) + dw * (levels.white - levels.csf)
+    return change.astype(np.float32), reached
 
 
 class VentriclePush:
@@ -226,8 +280,11 @@ class VentriclePush:
         raise RuntimeError("the ventricle push folds even at 1/%d of its size" % 2 ** max_halvings)
 
 
+ANATOMICAL_REALISATIONS = ("ventricles", "volumes", "atrophy")
+
+
 class AnatomicalRealisation:
-    """The volumes the causal model decides, realised on the scan's own anatomy.
+    """The volumes the causal model decides, realised on the scan's own anatomy (``mode``).
 
     ``"ventricles"``: the subject's ventricles grown by the model's ventricle-volume change
     (:class:`VentriclePush`), measured on the scan with the rest of the model's change (its
@@ -241,25 +298,58 @@ class AnatomicalRealisation:
     (`benchmarks/results/brain_ventricle_realisation_32_*.json`); what each realisation gains in volumes and
     costs in image error is in `benchmarks/results/brain_native.json`.
 
-    The scale (``intensity_scale`` in the details: of the change where brain meets CSF) is found in
+    ``"atrophy"``: the model's intensity change (on the scan's tissue) around the ventricles, where a 6 mm change
+    renders their growth well, and ``elsewhere`` of it further out; the rest of the model's brain-volume change
+    put on the subject's own cortex (:func:`cortical_change`), so that the output's brain changes by what the
+    graph decides, where the subject's CSF meets its tissue. Chosen against the oracle on the validation subjects
+    (docs/design-notes.md, "Atrophy on the subject's own cortex").
+
+    The scale of ``"volumes"`` (``intensity_scale`` in the details: of the change where brain meets CSF) is found in
     [0, ``max_scale``]; where no scale in it gives the model's brain change (its
     intensity change moves brain volume the other way, or too little), the nearer end is kept and the details
     say so (``brain_volume_change_reached``)."""
 
-    def __init__(self, reference, prep, mask: np.ndarray, scale_to_brain_volume: bool = False,
-                 wall_mm: float = 4.0, max_scale: float = 8.0):
+    def __init__(self, reference, prep, mask: np.ndarray, mode: str = "ventricles", wall_mm: float = 4.0,
+                 max_scale: float = 8.0, around_ventricles_mm: float = 4.0, elsewhere: float = 0.5):
+        if mode not in ANATOMICAL_REALISATIONS:
+            raise ValueError(f"mode must be one of {ANATOMICAL_REALISATIONS}, got {mode!r}")
         self.levels = reference_levels(reference)
         extent = float(prep.spacing_mm[0]) * int(prep.spatial_size[0])
         self.push = VentriclePush(reference, extent, self.levels.grey_share)
-        self.mask, self.scale_to_brain_volume, self.wall_mm, self.max_scale = mask, scale_to_brain_volume, wall_mm, max_scale
+        self.mask, self.mode, self.wall_mm, self.max_scale = mask, mode, wall_mm, max_scale
+        self.around_ventricles_mm, self.elsewhere = around_ventricles_mm, elsewhere
 
     def scan_levels(self, prepared, reading: VentricleReading | None = None):
-        """The scan's CSF, grey- and white-matter intensities (its units): CSF and white matter read through
-        the registration, grey matter where the reference's lies between them."""
+        """The scan's CSF, grey- and white-matter intensities (its units): white matter read through the
+        registration; CSF the commonest intensity of the darker voxels of the ventricles' region at the scan's own
+        resolution (the reading's median on the push's 3 mm grid mixes a small ventricle with its wall); grey
+        matter where the reference's lies between them."""
         r = reading or self.push.read(prepared)
         lo, hi = prepared.window
         csf, white = (lo + v * (hi - lo) for v in (r.csf, r.white))
+        data = prepared.scan.data[r.region]
+        dark = data[data < csf + self.levels.grey_share * (white - csf) / 2]
+        if dark.size > 100:
+            counts, edges = np.histogram(dark, bins=32)
+            csf = float((edges[np.argmax(counts)] + edges[np.argmax(counts) + 1]) / 2)
         return TissueLevels(csf, csf + self.levels.grey_share * (white - csf), white)
+
+    def _atrophy(self, prepared: PreparedScan, intensity: np.ndarray, delta_brain_ml: float,
+                 reading: VentricleReading) -> tuple[np.ndarray, dict]:
+        from scipy.ndimage import gaussian_filter
+
+        scan, spacing = prepared.scan.data, np.asarray(prepared.scan.spacing, np.float64)
+        around = np.clip(gaussian_filter(reading.region.astype(np.float32), self.around_ventricles_mm / spacing), 0, 1)
+        base = scan + (around + self.elsewhere * (1.0 - around)) * intensity
+        head = prepared.registration.carry_back(self.mask.astype(np.float32), prepared.prep.grid_affine) > 0.5
+        levels, voxel_ml = self.scan_levels(prepared, reading), float(np.prod(spacing)) / 1000.0
+        rest = delta_brain_ml - (brain_volume_ml(base, head, levels, voxel_ml) - brain_volume_ml(scan, head, levels, voxel_ml))
+        cortex, reached = cortical_change(base, head, levels, rest, spacing, deep=reading.region)
+        details = {"brain_volume_change_ml": float(delta_brain_ml), "kept_elsewhere": self.elsewhere,
+                   "cortex_change_ml": round(reached, 2)}
+        if abs(reached - rest) > 0.05 * abs(rest) + 0.5:
+            details["brain_volume_change_reached"] = False
+        return base + cortex - scan, details
 
     def __call__(self, prepared: PreparedScan, change: np.ndarray, delta_brain_ml: float,
                  delta_ventricles_ml: float, residual: str = "tissue") -> tuple[np.ndarray, dict]:
@@ -271,6 +361,8 @@ class AnatomicalRealisation:
         scan = prepared.scan.data
         reading = self.push.read(prepared)
         intensity = carry_change(prepared, change.reshape(self.mask.shape) * self.mask, residual)
+        if self.mode == "atrophy":
+            return self._atrophy(prepared, intensity, delta_brain_ml, reading)
         intensity *= 1.0 - self.push.wall(prepared, self.wall_mm, reading)
         if delta_ventricles_ml:
             phi = self.push.deformation(prepared, delta_ventricles_ml, scan + intensity, reading)
@@ -281,7 +373,7 @@ class AnatomicalRealisation:
         details = {"ventricle_volume_change_ml": float(delta_ventricles_ml),
                    "brain_volume_change_ml": float(delta_brain_ml), "intensity_scale": 1.0}
         out = pushed + intensity
-        if self.scale_to_brain_volume:
+        if self.mode == "volumes":
             head = prepared.registration.carry_back(self.mask.astype(np.float32), prepared.prep.grid_affine) > 0.5
             levels = self.scan_levels(prepared, reading)
             voxel_ml = float(np.prod(prepared.scan.spacing)) / 1000.0

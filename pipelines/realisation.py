@@ -47,7 +47,7 @@ __all__ = ["REALISATIONS", "RESIDUALS", "GridDeformation", "onto_tissue", "carry
 
 log = logging.getLogger("cdae_med")
 
-REALISATIONS = ("intensity", "deformation", "ventricles", "volumes")
+REALISATIONS = ("intensity", "deformation", "ventricles", "volumes", "atrophy")
 RESIDUALS = ("upsampled", "tissue")
 
 # onto_tissue's weights: edge strength from the scan's gradient at TISSUE_EDGE_MM, to TISSUE_POWER; a floor (a

@@ -36,7 +36,7 @@ from cdae_med.values import parse_values
 
 from .mri import (Preprocessing, PreparedScan, from_slices, prepare, reference_mask,
                   spatial_transforms, to_slices)
-from .anatomy import AnatomicalRealisation
+from .anatomy import ANATOMICAL_REALISATIONS, AnatomicalRealisation
 from .realisation import REALISATIONS, RESIDUALS, carry_change, deformation_change, model_deformation
 from .registration import Reference, RegistrationError
 
@@ -125,13 +125,12 @@ class ScanModel:
             raise ValueError(f"realisation {self.realisation!r} needs a registered model (its change is found in "
                              "reference space); this one is not registered")
         self.anatomy = None
-        if self.realisation in ("ventricles", "volumes"):
+        if self.realisation in ANATOMICAL_REALISATIONS:
             missing = [n for n in ANATOMY_VOLUMES if n not in self.graph.names]
             if missing:
                 raise ValueError(f"realisation {self.realisation!r} realises the graph's {' and '.join(ANATOMY_VOLUMES)}; "
                                  f"this model's graph has no {', '.join(missing)}")
-            self.anatomy = AnatomicalRealisation(self.reference, self.preprocessing, self.mask,
-                                                 scale_to_brain_volume=self.realisation == "volumes")
+            self.anatomy = AnatomicalRealisation(self.reference, self.preprocessing, self.mask, self.realisation)
 
     @property
     def model_kind(self) -> str:
@@ -326,7 +325,12 @@ class ScanModel:
                          **({"deformation_inset_mm": self.inset_mm} if self.realisation == "deformation" else {}),
                          "model_kind": self.model_kind,
                          "preprocessing": self.preprocessing.to_dict(),
-                         "output": ("input with its ventricles grown by the model's ventricle-volume change (a "
+                         "output": ("input + the model's intensity change around the ventricles and half of it "
+                                    "elsewhere, the rest of its brain-volume change made on the subject's own cortex "
+                                    "(tissue turned into CSF where CSF is near, or the reverse), through the inverse "
+                                    "registration"
+                                    if self.realisation == "atrophy" else
+                                    "input with its ventricles grown by the model's ventricle-volume change (a "
                                     "push of the tissue around them) and the model's intensity change elsewhere"
                                     + (", scaled where brain meets CSF to its brain-volume change" if self.realisation == "volumes"
                                        else "")

@@ -1,5 +1,5 @@
-"""The subject's own anatomy changed by prescribed volumes (pipelines.anatomy, the "ventricles" and "volumes"
-realisations): on generator subjects at 2 mm, measured by the generator's own tissue model."""
+"""The subject's own anatomy changed by prescribed volumes (pipelines.anatomy, the "ventricles", "volumes" and
+"atrophy" realisations): on generator subjects at 2 mm, measured by the generator's own tissue model."""
 
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cdae_med.io import Scan, write_nifti
-from pipelines.anatomy import AnatomicalRealisation, VentriclePush, brain_volume_ml, reference_levels
+from pipelines.anatomy import AnatomicalRealisation, VentriclePush, brain_volume_ml, cortical_change, reference_levels
 from pipelines.mri import Preprocessing, prepare_registered, reference_mask
 from pipelines.realisation import deform_scan, jacobian_determinant
 from pipelines.registration import Reference
@@ -69,7 +69,7 @@ def test_the_volumes_realisation_gives_the_volumes_it_is_given(case):
     """No model: an intensity change that darkens the whole brain a little, realised with the volumes a graph
     would prescribe; the output's volumes, read by the generator, move by them."""
     reference, prep, mask, s, p = case
-    realise = AnatomicalRealisation(reference, prep, mask, scale_to_brain_volume=True)
+    realise = AnatomicalRealisation(reference, prep, mask, "volumes")
     change = -0.03 * mask * (p.image[0] > 0.4)
     diff, details = realise(p, change, -60.0, 10.0)
     moved = np.diff(_measured(s, [p.scan.data, p.scan.data + diff]), axis=0)[0]
@@ -77,6 +77,26 @@ def test_the_volumes_realisation_gives_the_volumes_it_is_given(case):
     assert abs(moved[0] + 60.0) < 6.0 and abs(moved[1] - 10.0) < 2.0, (moved, details)
     zero, _ = realise(p, np.zeros_like(change), 0.0, 0.0)
     assert np.abs(zero).max() == 0.0
+
+
+@pytest.mark.parametrize("delta", [-60.0, 40.0])
+def test_the_cortex_changes_by_the_volume_asked_where_the_true_change_is(case, delta):
+    """Brain made smaller or larger on the subject's own cortex: the shares change by the volume asked, the
+    generator reads the brain moving that way, and the output is far closer to the generator's own counterfactual
+    than the input is (both: its brain changed by the same volume, ventricles kept)."""
+    reference, prep, mask, s, p = case
+    realise = AnatomicalRealisation(reference, prep, mask, "atrophy")
+    reading = realise.push.read(p)
+    head = p.registration.carry_back(mask.astype(np.float32), prep.grid_affine) > 0.5
+    change, reached = cortical_change(p.scan.data, head, realise.scan_levels(p, reading), delta, p.scan.spacing,
+                                      deep=reading.region)
+    assert reached == pytest.approx(delta, rel=1e-3)
+    assert (np.sign(delta) * change >= 0).all() and not change[~head].any()
+    moved = np.diff(_measured(s, [p.scan.data, p.scan.data + change]), axis=0)[0]
+    assert 0.5 * abs(delta) < np.sign(delta) * moved[0] < 1.2 * abs(delta) and abs(moved[1]) < 1.0, moved
+    truth = brain.counterfactual(s, {"brain_volume": s.labels[:, 2] + delta}, size=FINE).images[0, ..., 0]
+    assert np.abs(p.scan.data + change - truth).mean() < 0.75 * np.abs(p.scan.data - truth).mean()
+    assert cortical_change(p.scan.data, head, realise.scan_levels(p, reading), 0.0, p.scan.spacing)[0].max() == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +132,7 @@ def test_an_anatomical_realisation_needs_a_registered_model():
     from pipelines.scans import ScanModel
 
     tiny = Path(__file__).parent / "assets" / "brain16-tiny"  # not registered
-    for how in ("ventricles", "volumes"):
+    for how in ("ventricles", "volumes", "atrophy"):
         with pytest.raises(ValueError, match="needs a registered model"):
             ScanModel.load(tiny, device="cpu", realisation=how)
 
@@ -128,3 +148,23 @@ def test_a_push_too_large_to_stay_unfolded_is_halved_until_it_does(case, caplog)
         phi = push.deformation(p, -0.8 * float(s.labels[0, VV]))
     assert jacobian_determinant(phi).min() > 0
     assert any("folded" in r.getMessage() for r in caplog.records)
+
+
+def test_the_shipped_model_realised_by_atrophy(tmp_path, shipped):
+    """The model's brain change put on the subject's cortex: the generator's reading of the output moves by about
+    the model's brain change, and a null intervention is the input."""
+    from pipelines.registry import SHIPPED
+    from pipelines.scans import ScanModel
+
+    _, s, path = shipped
+    model = ScanModel.load(SHIPPED["brain"], device="cpu", num_steps=10, realisation="atrophy")
+    covariates = {"age": float(s.labels[0, 0]), "sex": float(s.labels[0, 1])}
+    model.run(path, {"age": covariates["age"]}, tmp_path / "null", covariates=covariates)
+    assert np.abs(nib.load(tmp_path / "null" / "difference.nii.gz").get_fdata()).max() == 0.0
+    report = model.run(path, {"brain_volume": float(s.labels[0, 2]) - 100.0}, tmp_path / "bv", covariates=covariates)
+    asked = report["counterfactual"]["brain_volume"]["value"] - report["factual"]["brain_volume"]["value"]
+    assert report["settings"]["realisation"] == "atrophy" and "cortex" in report["settings"]["output"]
+    assert "brain_volume_change_reached" not in report["realised"]
+    out = nib.load(tmp_path / "bv" / "counterfactual.nii.gz").get_fdata(dtype=np.float32)
+    moved = np.diff(_measured(s, [s.images[0, ..., 0], out]), axis=0)[0]
+    assert 0.5 * asked > moved[0] > 1.2 * asked, (moved, asked)  # the generator reads most of a change made
