@@ -310,14 +310,15 @@ class AnatomicalRealisation:
     say so (``brain_volume_change_reached``)."""
 
     def __init__(self, reference, prep, mask: np.ndarray, mode: str = "ventricles", wall_mm: float = 4.0,
-                 max_scale: float = 8.0, around_ventricles_mm: float = 4.0, elsewhere: float = 0.5):
+                 max_scale: float = 8.0, around_ventricles_mm: float = 4.0, elsewhere: float = 0.5,
+                 cortex_reach_mm: float = CORTEX_REACH_MM):
         if mode not in ANATOMICAL_REALISATIONS:
             raise ValueError(f"mode must be one of {ANATOMICAL_REALISATIONS}, got {mode!r}")
         self.levels = reference_levels(reference)
         extent = float(prep.spacing_mm[0]) * int(prep.spatial_size[0])
         self.push = VentriclePush(reference, extent, self.levels.grey_share)
         self.mask, self.mode, self.wall_mm, self.max_scale = mask, mode, wall_mm, max_scale
-        self.around_ventricles_mm, self.elsewhere = around_ventricles_mm, elsewhere
+        self.around_ventricles_mm, self.elsewhere, self.cortex_reach_mm = around_ventricles_mm, elsewhere, cortex_reach_mm
 
     def scan_levels(self, prepared, reading: VentricleReading | None = None):
         """The scan's CSF, grey- and white-matter intensities (its units): white matter read through the
@@ -344,7 +345,8 @@ class AnatomicalRealisation:
         head = prepared.registration.carry_back(self.mask.astype(np.float32), prepared.prep.grid_affine) > 0.5
         levels, voxel_ml = self.scan_levels(prepared, reading), float(np.prod(spacing)) / 1000.0
         rest = delta_brain_ml - (brain_volume_ml(base, head, levels, voxel_ml) - brain_volume_ml(scan, head, levels, voxel_ml))
-        cortex, reached = cortical_change(base, head, levels, rest, spacing, deep=reading.region)
+        cortex, reached = cortical_change(base, head, levels, rest, spacing, deep=reading.region,
+                                          reach_mm=self.cortex_reach_mm)
         details = {"brain_volume_change_ml": float(delta_brain_ml), "kept_elsewhere": self.elsewhere,
                    "cortex_change_ml": round(reached, 2)}
         if abs(reached - rest) > 0.05 * abs(rest) + 0.5:
