@@ -31,14 +31,13 @@ def _param(name: str, *flags: str):
 _CHECKPOINT = typer.Option(..., help="Checkpoint directory written by `cdae-med train`.")
 _SCAN_CHECKPOINT = typer.Option(None, help="Checkpoint directory written by `cdae-med train` [default for scans: "
                                            "the registered model --model].")
-_REALISATION = typer.Option(None, help="Scans: how the change reaches the scan, intensity (the upsampled "
-                                       "difference), deformation (a warp of the scan plus a residual), "
-                                       "ventricles (the scan's own ventricles pushed by the model's ventricle-volume "
-                                       "change, its intensity change elsewhere) or volumes (ventricles, with the "
-                                       "intensity change scaled where brain meets CSF to the model's brain-volume "
-                                       "change) or atrophy (the intensity change around the ventricles, half of it "
-                                       "elsewhere, the rest of the brain-volume change on the scan's own cortex); all but "
-                                       "intensity need a registered model [default: the model's].")
+_REALISATION = typer.Option(None, help="Scans: how the change reaches the scan: intensity (the difference, on the "
+                                       "scan's tissue), deformation (a warp of the scan plus a residual), atrophy "
+                                       "(the intensity change around the ventricles and half of it elsewhere, the rest "
+                                       "of the model's brain-volume change made on the scan's own cortex), ventricles "
+                                       "(the scan's own ventricles pushed by the model's ventricle-volume change, its "
+                                       "intensity change elsewhere) or volumes (ventricles pushed, the rest as "
+                                       "atrophy); all but intensity need a registered model [default: the model's].")
 _RESIDUAL = typer.Option(None, help="Scans: the intensity part of the change upsampled (upsampled) or moved onto "
                                     "the scan's own tissue boundaries (tissue) [default: the model's].")
 _SCAN_MODEL = typer.Option("brain", "--model", help="Scans: the registered model NAME or NAME:vN to use when no "

@@ -286,38 +286,32 @@ ANATOMICAL_REALISATIONS = ("ventricles", "volumes", "atrophy")
 class AnatomicalRealisation:
     """The volumes the causal model decides, realised on the scan's own anatomy (``mode``).
 
-    ``"ventricles"``: the subject's ventricles grown by the model's ventricle-volume change
-    (:class:`VentriclePush`), measured on the scan with the rest of the model's change (its
-    intensity change, on the scan's tissue, everywhere but within ``wall_mm`` of the ventricles' wall, where
-    the change is the push's). ``"volumes"``: the same, with that intensity change scaled where brain meets
-    CSF so that the brain volume measured on the output changes by the model's brain-volume change (the push's
-    compression of the tissue around the ventricles included): both volumes as the graph decides them.
-    Scaling the change everywhere instead makes a larger blurred change, not a sharper one (docs/design-notes.md,
-    "The push as a realisation of the model"). A 6 mm change carries only
-    part of a volume change onto a 2 mm scan, even the true change does
-    (`benchmarks/results/brain_ventricle_realisation_32_*.json`); what each realisation gains in volumes and
-    costs in image error is in `benchmarks/results/brain_native.json`.
-
     ``"atrophy"``: the model's intensity change (on the scan's tissue) around the ventricles, where a 6 mm change
     renders their growth well, and ``elsewhere`` of it further out; the rest of the model's brain-volume change
     put on the subject's own cortex (:func:`cortical_change`), so that the output's brain changes by what the
     graph decides, where the subject's CSF meets its tissue. Chosen against the oracle on the validation subjects
     (docs/design-notes.md, "Atrophy on the subject's own cortex").
 
-    The scale of ``"volumes"`` (``intensity_scale`` in the details: of the change where brain meets CSF) is found in
-    [0, ``max_scale``]; where no scale in it gives the model's brain change (its
-    intensity change moves brain volume the other way, or too little), the nearer end is kept and the details
-    say so (``brain_volume_change_reached``)."""
+    ``"ventricles"``: the subject's ventricles grown by the model's ventricle-volume change
+    (:class:`VentriclePush`), measured on the scan with the rest of the model's change (its
+    intensity change, on the scan's tissue, everywhere but within ``wall_mm`` of the ventricles' wall, where
+    the change is the push's). ``"volumes"``: both volumes as the graph decides them, the ventricles pushed as
+    by ``"ventricles"`` and the rest as by ``"atrophy"`` (the push's compression of the tissue around the
+    ventricles counted in the brain change the cortex makes up). A 6 mm change carries only part of a volume
+    change onto a 2 mm scan, even the true change does
+    (`benchmarks/results/brain_ventricle_realisation_32_*.json`); what each realisation gains in volumes and
+    costs in image error is in `benchmarks/results/brain_native.json`. Where the cortex cannot make up the
+    brain change (it holds too little tissue or CSF near enough), the details say so
+    (``brain_volume_change_reached``)."""
 
     def __init__(self, reference, prep, mask: np.ndarray, mode: str = "ventricles", wall_mm: float = 4.0,
-                 max_scale: float = 8.0, around_ventricles_mm: float = 4.0, elsewhere: float = 0.5,
-                 cortex_reach_mm: float = CORTEX_REACH_MM):
+                 around_ventricles_mm: float = 4.0, elsewhere: float = 0.5, cortex_reach_mm: float = CORTEX_REACH_MM):
         if mode not in ANATOMICAL_REALISATIONS:
             raise ValueError(f"mode must be one of {ANATOMICAL_REALISATIONS}, got {mode!r}")
         self.levels = reference_levels(reference)
         extent = float(prep.spacing_mm[0]) * int(prep.spatial_size[0])
         self.push = VentriclePush(reference, extent, self.levels.grey_share)
-        self.mask, self.mode, self.wall_mm, self.max_scale = mask, mode, wall_mm, max_scale
+        self.mask, self.mode, self.wall_mm = mask, mode, wall_mm
         self.around_ventricles_mm, self.elsewhere, self.cortex_reach_mm = around_ventricles_mm, elsewhere, cortex_reach_mm
 
     def scan_levels(self, prepared, reading: VentricleReading | None = None):
@@ -335,13 +329,15 @@ class AnatomicalRealisation:
             csf = float((edges[np.argmax(counts)] + edges[np.argmax(counts) + 1]) / 2)
         return TissueLevels(csf, csf + self.levels.grey_share * (white - csf), white)
 
-    def _atrophy(self, prepared: PreparedScan, intensity: np.ndarray, delta_brain_ml: float,
-                 reading: VentricleReading) -> tuple[np.ndarray, dict]:
+    def _on_cortex(self, prepared: PreparedScan, start: np.ndarray, intensity: np.ndarray, delta_brain_ml: float,
+                   reading: VentricleReading) -> tuple[np.ndarray, dict]:
+        """``start`` (the scan, or the scan pushed) plus the intensity change in full around the ventricles and
+        ``elsewhere`` of it further out, plus the cortex's change for the rest of ``delta_brain_ml``."""
         from scipy.ndimage import gaussian_filter
 
         scan, spacing = prepared.scan.data, np.asarray(prepared.scan.spacing, np.float64)
         around = np.clip(gaussian_filter(reading.region.astype(np.float32), self.around_ventricles_mm / spacing), 0, 1)
-        base = scan + (around + self.elsewhere * (1.0 - around)) * intensity
+        base = start + (around + self.elsewhere * (1.0 - around)) * intensity
         head = prepared.registration.carry_back(self.mask.astype(np.float32), prepared.prep.grid_affine) > 0.5
         levels, voxel_ml = self.scan_levels(prepared, reading), float(np.prod(spacing)) / 1000.0
         rest = delta_brain_ml - (brain_volume_ml(base, head, levels, voxel_ml) - brain_volume_ml(scan, head, levels, voxel_ml))
@@ -351,20 +347,18 @@ class AnatomicalRealisation:
                    "cortex_change_ml": round(reached, 2)}
         if abs(reached - rest) > 0.05 * abs(rest) + 0.5:
             details["brain_volume_change_reached"] = False
-        return base + cortex - scan, details
+        return base + cortex, details
 
     def __call__(self, prepared: PreparedScan, change: np.ndarray, delta_brain_ml: float,
                  delta_ventricles_ml: float, residual: str = "tissue") -> tuple[np.ndarray, dict]:
         """The scan's change (its grid, its units) for the model's ``change`` on its grid (window units) and
         its volume changes (ml of the scan), with what was done."""
-        from scipy.ndimage import gaussian_filter
-        from scipy.optimize import brentq
-
         scan = prepared.scan.data
         reading = self.push.read(prepared)
         intensity = carry_change(prepared, change.reshape(self.mask.shape) * self.mask, residual)
         if self.mode == "atrophy":
-            return self._atrophy(prepared, intensity, delta_brain_ml, reading)
+            out, details = self._on_cortex(prepared, scan, intensity, delta_brain_ml, reading)
+            return out - scan, details
         intensity *= 1.0 - self.push.wall(prepared, self.wall_mm, reading)
         if delta_ventricles_ml:
             phi = self.push.deformation(prepared, delta_ventricles_ml, scan + intensity, reading)
@@ -372,33 +366,11 @@ class AnatomicalRealisation:
             intensity = deform_scan(prepared.registration, phi, intensity)
         else:
             pushed = scan
-        details = {"ventricle_volume_change_ml": float(delta_ventricles_ml),
-                   "brain_volume_change_ml": float(delta_brain_ml), "intensity_scale": 1.0}
-        out = pushed + intensity
         if self.mode == "volumes":
-            head = prepared.registration.carry_back(self.mask.astype(np.float32), prepared.prep.grid_affine) > 0.5
-            levels = self.scan_levels(prepared, reading)
-            voxel_ml = float(np.prod(prepared.scan.spacing)) / 1000.0
-            target = brain_volume_ml(scan, head, levels, voxel_ml) + delta_brain_ml
-
-            # scaled where brain meets CSF (a voxel of partial volume, or beside one): there a change of intensity
-            # is a change of brain volume, where atrophy happens; elsewhere the change stays as the model made it
-            f = levels.brain_fraction(pushed)
-            border = np.clip(gaussian_filter(((f > 0.02) & (f < 0.98)).astype(np.float32), 1.0), 0.0, 1.0)
-
-            def scaled(k: float) -> np.ndarray:
-                return pushed + intensity * (1.0 + (k - 1.0) * border)
-
-            def excess(k: float) -> float:
-                return brain_volume_ml(scaled(k), head, levels, voxel_ml) - target
-
-            ends = excess(0.0), excess(self.max_scale)
-            if ends[0] * ends[1] < 0:
-                details["intensity_scale"] = round(float(brentq(excess, 0.0, self.max_scale, xtol=1e-3)), 4)
-            else:
-                details["intensity_scale"] = 0.0 if abs(ends[0]) <= abs(ends[1]) else self.max_scale
-                details["brain_volume_change_reached"] = False
-            out = scaled(details["intensity_scale"])
+            out, details = self._on_cortex(prepared, pushed, intensity, delta_brain_ml, reading)
+        else:
+            out, details = pushed + intensity, {}
+        details["ventricle_volume_change_ml"] = float(delta_ventricles_ml)
         details["ventricle_volume_change_measured_ml"] = round(self.push.volume_ml(prepared, out, reading)
                                                                - self.push.volume_ml(prepared, reading=reading), 2)
         return out - scan, details

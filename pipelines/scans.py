@@ -332,8 +332,8 @@ class ScanModel:
                                     if self.realisation == "atrophy" else
                                     "input with its ventricles grown by the model's ventricle-volume change (a "
                                     "push of the tissue around them) and the model's intensity change elsewhere"
-                                    + (", scaled where brain meets CSF to its brain-volume change" if self.realisation == "volumes"
-                                       else "")
+                                    + (" (in full around them, half of it further out), the rest of its brain-volume "
+                                       "change made on the subject's own cortex" if self.realisation == "volumes" else "")
                                     + ", through the inverse registration"
                                     if self.anatomy is not None else
                                     "input warped by the deformation that carries the reconstruction onto the "
