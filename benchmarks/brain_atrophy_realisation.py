@@ -1,5 +1,6 @@
 """How much of the shipped brain model's intensity change to keep, and how far CSF reaches into the cortex, in the
-``atrophy`` realisation (:class:`pipelines.anatomy.AnatomicalRealisation`), chosen on the validation subjects.
+``atrophy`` realisation (:class:`pipelines.anatomy.AnatomicalRealisation`), chosen on the validation subjects; and
+``volumes`` (the ventricles pushed, the rest as ``atrophy``) at the chosen setting.
 
 The shipped model (`pipelines/models/brain`) runs on held-out generator subjects at 2 mm (``--test-offset 30``,
 the validation subjects of `benchmarks/brain_native.py`; the reported ones are offset 17) under the three
@@ -31,9 +32,10 @@ from synthetic_data import brain
 
 ROOT = Path(__file__).resolve().parent
 AGE, SEX, BV, VV = (brain.VARIABLES.index(v) for v in ("age", "sex", "brain_volume", "ventricle_volume"))
-# (kept elsewhere, cortex reach mm, around the ventricles mm)
-SETTINGS = [(0.0, 4.0, 4.0), (0.25, 4.0, 4.0), (0.5, 4.0, 4.0), (0.75, 4.0, 4.0), (1.0, 4.0, 4.0),
-            (0.5, 3.0, 4.0), (0.5, 6.0, 4.0), (0.5, 4.0, 8.0)]
+# (mode, kept elsewhere, cortex reach mm, around the ventricles mm)
+SETTINGS = [("atrophy", 0.0, 4.0, 4.0), ("atrophy", 0.25, 4.0, 4.0), ("atrophy", 0.5, 4.0, 4.0),
+            ("atrophy", 0.75, 4.0, 4.0), ("atrophy", 1.0, 4.0, 4.0), ("atrophy", 0.5, 3.0, 4.0),
+            ("atrophy", 0.5, 6.0, 4.0), ("atrophy", 0.5, 4.0, 8.0), ("volumes", 0.5, 4.0, 4.0)]
 
 
 def main() -> None:
@@ -63,13 +65,14 @@ def main() -> None:
         outputs = {"copy": [pp.scan.data for pp in prepared],
                    "oracle": [realise(pp, oracle_change(pp, model.preprocessing, t), model.mask, "tissue")
                               for pp, t in zip(prepared, truth.images[..., 0])]}
-        runs = [("intensity", None)] + [(f"atrophy kept {k} reach {r} around {a}", (k, r, a)) for k, r, a in SETTINGS]
+        runs = [("intensity", None)] + [(f"{m} kept {k} reach {r} around {a}", (m, k, r, a)) for m, k, r, a in SETTINGS]
         for name, setting in runs:
             outs = []
             for i, pp in enumerate(prepared):
                 given = model.covariates({"age": float(samples.labels[i, AGE]), "sex": float(samples.labels[i, SEX])})
                 if setting:
-                    model.anatomy.elsewhere, model.anatomy.cortex_reach_mm, model.anatomy.around_ventricles_mm = setting
+                    (model.anatomy.mode, model.anatomy.elsewhere, model.anatomy.cortex_reach_mm,
+                     model.anatomy.around_ventricles_mm) = setting
                     outs.append(model._infer([pp], model.interventions({var: float(targets[i])}), [given])[0].counterfactual)
                 else:  # the model's own change on the tissue, as realisation "intensity" gives it
                     anatomy, model.anatomy = model.anatomy, None
