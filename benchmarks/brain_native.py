@@ -23,10 +23,15 @@ grid, carried back through the inverse registration onto the 2 mm grid):
 - ``baseline_deformation``: the same regression of the demons displacement onto each subject from
   the cohort's mean (:class:`VoxelwiseDeformation`), its change warping the scan itself;
 - ``baseline_latent``: the same regression of the first model's own first-stage code
-  (:class:`LatentLinear`), realised as that model's change is: what the diffusion model adds;
+  (:class:`LatentLinear`), realised as that model's change is (as intensity on the tissue for a model realised
+  on the anatomy): what the diffusion model adds;
 - ``oracle``: the true counterfactual itself, registered and resampled onto the model grid: the
   best any model on that grid can do, so model error and realisation error are told apart;
   ``oracle_deformation`` the same change realised as a deformation plus residual;
+- ``baseline_<realisation>``, ``baseline_quantile_<realisation>``, ``oracle_<realisation>``: where the first
+  model is realised on the subject's anatomy (``atrophy``, ``volumes``, ``ventricles``), the intensity and
+  quantile regressions' changes and the oracle's realised that way too, with the true volume changes, so that
+  what the realisation gains is told apart from what the model gains;
 - ``oracle_code``: the true counterfactual coded by the first model's own first stage and realised as
   that model's change is: the best its diffusion model can do, so first-stage error and diffusion
   error are told apart.
@@ -59,6 +64,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from cdae_med.io import Scan, read_nifti, write_nifti
+from pipelines.anatomy import ANATOMICAL_REALISATIONS, AnatomicalRealisation
 from pipelines.mri import Preprocessing, prepare_registered, reference_mask
 from pipelines.realisation import (RESIDUALS, GridDeformation, carry_change, deform_scan, deformation_change,
                                    fit_deformation, model_deformation)
@@ -381,6 +387,9 @@ def main() -> None:
         scan_models[name] = ScanModel.load(path, device="cpu", num_steps=args.steps, depth=args.depth,
                                            realisation=realisation or None, residual=residual or None)
     residual = args.residual or next(iter(scan_models.values())).residual  # of the baselines and oracles
+    # a first model realised on the subject's anatomy: the regressions and the oracle realised the same way too
+    anatomical = next(iter(scan_models.values())).realisation
+    anatomy = AnatomicalRealisation(reference, prep, mask, anatomical) if anatomical in ANATOMICAL_REALISATIONS else None
     prepared = [prepare_registered(Scan(v[..., 0], affine, f"sub-{i:02d}"), prep, reference, mask)
                 for i, v in enumerate(samples.images)]
     grid_images = np.stack([pp.image[0] for pp in prepared])  # the subjects registered onto the model grid
@@ -391,7 +400,7 @@ def main() -> None:
         t0 = time.perf_counter()
         # realised as the model's change is
         inset = next(iter(scan_models.values())).inset_mm
-        as_intensity = next(iter(scan_models.values())).realisation == "intensity"
+        as_intensity = next(iter(scan_models.values())).realisation != "deformation"
         latent_baseline = LatentLinear(coded, prep.grid_affine, mask, inset, residual, as_intensity).fit(
             fit_images[:n_def], fit_labels[:n_def])
         print(f"latent baseline fitted on {n_def} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -421,6 +430,17 @@ def main() -> None:
                              for pp, t in zip(prepared, truth.images[..., 0])]
         outputs["oracle_deformation"] = [realise_deformation(pp, oracle_change(pp, prep, t), mask, residual)
                                          for pp, t in zip(prepared, truth.images[..., 0])]
+        if anatomy is not None:  # given the true volume changes, as the regressions are given the true values
+            volume_change = truth.labels[:, [BV, VV]] - samples.labels[:, [BV, VV]]
+
+            def as_the_model(changes) -> list[np.ndarray]:
+                return [pp.scan.data + anatomy(pp, ch, float(d[0]), float(d[1]), residual)[0]
+                        for pp, ch, d in zip(prepared, changes, volume_change)]
+
+            outputs[f"baseline_{anatomical}"] = as_the_model(baseline.change(factual, cf))
+            outputs[f"baseline_quantile_{anatomical}"] = as_the_model(quantile_baseline.change(grid_images, factual, cf))
+            outputs[f"oracle_{anatomical}"] = as_the_model([oracle_change(pp, prep, t)
+                                                            for pp, t in zip(prepared, truth.images[..., 0])])
         if latent_baseline is not None:  # the true counterfactual in the model's own code, realised as its change
             true_grid = grid_images + np.stack([oracle_change(pp, prep, t) * mask
                                                  for pp, t in zip(prepared, truth.images[..., 0])])
