@@ -369,7 +369,7 @@ class AnatomicalRealisation:
         if self.mode == "volumes":
             out, details = self._on_cortex(prepared, pushed, intensity, delta_brain_ml, reading)
         else:
-            out, details = pushed + intensity, {}
+            out, details = pushed + intensity, {"brain_volume_change_ml": float(delta_brain_ml)}
         details["ventricle_volume_change_ml"] = float(delta_ventricles_ml)
         details["ventricle_volume_change_measured_ml"] = round(self.push.volume_ml(prepared, out, reading)
                                                                - self.push.volume_ml(prepared, reading=reading), 2)
