@@ -31,8 +31,8 @@ def _param(name: str, *flags: str):
 _CHECKPOINT = typer.Option(..., help="Checkpoint directory written by `cdae-med train`.")
 _SCAN_CHECKPOINT = typer.Option(None, help="Checkpoint directory written by `cdae-med train` [default for scans: "
                                            "the registered model --model].")
-_REALISATION = typer.Option(None, help="Scans: how the change reaches the scan: intensity (the difference, on the "
-                                       "scan's tissue), deformation (a warp of the scan plus a residual), atrophy "
+_REALISATION = typer.Option(None, help="Scans: how the change reaches the scan: intensity (the difference, as "
+                                       "--residual puts it), deformation (a warp of the scan plus a residual), atrophy "
                                        "(the intensity change around the ventricles and half of it elsewhere, the rest "
                                        "of the model's brain-volume change made on the scan's own cortex), ventricles "
                                        "(the scan's own ventricles pushed by the model's ventricle-volume change, its "

@@ -19,11 +19,10 @@ counterfactual ``cf`` (window units). Ways to put their difference onto the pati
   demons from ``rec`` onto ``cf`` on the model grid (:func:`fit_deformation`, Vercauteren et al. 2009).
 
 - ``"ventricles"``, ``"volumes"`` and ``"atrophy"`` (:class:`pipelines.anatomy.AnatomicalRealisation`): the volumes
-  the causal model decides put on the subject's own anatomy. ``"ventricles"``: its ventricles pushed to the model's
-  ventricle-volume change and its intensity change elsewhere, for ``"volumes"`` scaled where brain meets CSF
-  to the model's brain-volume change. ``"atrophy"``: the model's intensity change around the ventricles and half
-  of it elsewhere, the rest of its brain-volume change made on the subject's own cortex (tissue turned into CSF
-  where CSF is near, or the reverse).
+  the causal model decides put on the subject's own anatomy. ``"atrophy"``: the model's intensity change around the
+  ventricles and half of it elsewhere, the rest of its brain-volume change made on the subject's own cortex (tissue
+  turned into CSF where CSF is near, or the reverse). ``"ventricles"``: its ventricles pushed to the model's
+  ventricle-volume change and its intensity change elsewhere; ``"volumes"``: the push, the rest as ``"atrophy"``.
 
 Either way, the intensity part (all of the change, or the residual) is a change decided on the model's grid.
 ``residual="upsampled"`` adds it as upsampled; ``residual="tissue"`` (:func:`onto_tissue`) moves it, within
