@@ -25,6 +25,8 @@ import torch
 
 from brain_native import FINE, INTERVENTIONS, oracle_change, realise
 from cdae_med.io import write_nifti
+from pipelines.anatomy import AnatomicalRealisation
+from pipelines.realisation import carry_change
 from pipelines.registry import SHIPPED
 from pipelines.scans import ScanModel
 from pipelines.train_config import test_seed
@@ -36,6 +38,18 @@ AGE, SEX, BV, VV = (brain.VARIABLES.index(v) for v in ("age", "sex", "brain_volu
 SETTINGS = [("atrophy", 0.0, 4.0, 4.0), ("atrophy", 0.25, 4.0, 4.0), ("atrophy", 0.5, 4.0, 4.0),
             ("atrophy", 0.75, 4.0, 4.0), ("atrophy", 1.0, 4.0, 4.0), ("atrophy", 0.5, 3.0, 4.0),
             ("atrophy", 0.5, 6.0, 4.0), ("atrophy", 0.5, 4.0, 8.0), ("volumes", 0.5, 4.0, 4.0)]
+
+
+class _Recorder:
+    """Stands in for a model's anatomical realisation and keeps what it is given: (change on the grid, brain and
+    ventricle volume changes, residual)."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def __call__(self, prepared, change, delta_brain_ml, delta_ventricles_ml, residual):
+        self.calls.append((change, delta_brain_ml, delta_ventricles_ml, residual))
+        return np.zeros_like(prepared.scan.data), None
 
 
 def main() -> None:
@@ -65,20 +79,23 @@ def main() -> None:
         outputs = {"copy": [pp.scan.data for pp in prepared],
                    "oracle": [realise(pp, oracle_change(pp, model.preprocessing, t), model.mask, "tissue")
                               for pp, t in zip(prepared, truth.images[..., 0])]}
-        runs = [("intensity", None)] + [(f"{m} kept {k} reach {r} around {a}", (m, k, r, a)) for m, k, r, a in SETTINGS]
-        for name, setting in runs:
-            outs = []
-            for i, pp in enumerate(prepared):
-                given = model.covariates({"age": float(samples.labels[i, AGE]), "sex": float(samples.labels[i, SEX])})
-                if setting:
-                    (model.anatomy.mode, model.anatomy.elsewhere, model.anatomy.cortex_reach_mm,
-                     model.anatomy.around_ventricles_mm) = setting
-                    outs.append(model._infer([pp], model.interventions({var: float(targets[i])}), [given])[0].counterfactual)
-                else:  # the model's own change on the tissue, as realisation "intensity" gives it
-                    anatomy, model.anatomy = model.anatomy, None
-                    outs.append(model._infer([pp], model.interventions({var: float(targets[i])}), [given])[0].counterfactual)
-                    model.anatomy = anatomy
-            outputs[name] = outs
+        # the model's change and volume changes, decided once per subject: the settings differ only in realising them
+        decided = []
+        recorder, model.anatomy = model.anatomy, _Recorder(decided)
+        intensity = []
+        for i, pp in enumerate(prepared):
+            given = model.covariates({"age": float(samples.labels[i, AGE]), "sex": float(samples.labels[i, SEX])})
+            model._infer([pp], model.interventions({var: float(targets[i])}), [given])
+            if len(decided) != i + 1:
+                raise RuntimeError(f"{var} changes nothing for subject {i}: no change to realise")
+            intensity.append(pp.scan.data + carry_change(pp, decided[-1][0] * model.mask, "tissue"))
+        model.anatomy = recorder
+        outputs["intensity"] = intensity  # the model's own change on the tissue, as realisation "intensity" gives it
+        for mode, kept, reach, around in SETTINGS:
+            realisation = AnatomicalRealisation(model.reference, model.preprocessing, model.mask, mode,
+                                                around_ventricles_mm=around, elsewhere=kept, cortex_reach_mm=reach)
+            outputs[f"{mode} kept {kept} reach {reach} around {around}"] = [
+                pp.scan.data + realisation(pp, *args)[0] for pp, args in zip(prepared, decided)]
         row = {}
         for name, outs in outputs.items():
             o = np.stack(outs)

@@ -103,10 +103,9 @@ def brain_volume_ml(data: np.ndarray, head: np.ndarray, levels: TissueLevels, vo
     return float(levels.brain_fraction(data[head]).sum() * voxel_ml)
 
 
-# cortical_change: how far CSF reaches into the tissue it erodes (a Gaussian's sigma), and white matter's rate of
-# loss against grey matter's. The model of atrophy of Hedman et al. 2012 and of the generator
-# (synthetic_data.brain: cortex next to CSF goes first, white matter at 0.3 of grey matter's rate); the reach was
-# chosen on the validation subjects, benchmarks/results/brain_native_evaluations/atrophy_validation.json.
+# cortical_change: how far CSF reaches into the tissue it erodes (a Gaussian's sigma; chosen in
+# benchmarks/results/brain_native_evaluations/atrophy_validation.json), and white matter's rate of loss against
+# grey matter's (cortex next to CSF goes first: Hedman et al. 2012, as synthetic_data.brain models it).
 CORTEX_REACH_MM = 4.0
 WHITE_RATE = 0.3
 

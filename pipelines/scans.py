@@ -325,24 +325,7 @@ class ScanModel:
                          **({"deformation_inset_mm": self.inset_mm} if self.realisation == "deformation" else {}),
                          "model_kind": self.model_kind,
                          "preprocessing": self.preprocessing.to_dict(),
-                         "output": ("input + the model's intensity change around the ventricles and half of it "
-                                    "elsewhere, the rest of its brain-volume change made on the subject's own cortex "
-                                    "(tissue turned into CSF where CSF is near, or the reverse), through the inverse "
-                                    "registration"
-                                    if self.realisation == "atrophy" else
-                                    "input with its ventricles grown by the model's ventricle-volume change (a "
-                                    "push of the tissue around them) and the model's intensity change elsewhere"
-                                    + (" (in full around them, half of it further out), the rest of its brain-volume "
-                                       "change made on the subject's own cortex" if self.realisation == "volumes" else "")
-                                    + ", through the inverse registration"
-                                    if self.anatomy is not None else
-                                    "input warped by the deformation that carries the reconstruction onto the "
-                                    "counterfactual ("
-                                    + ("decoded by the model" if self.decodes_deformation else "fitted by demons")
-                                    + "), plus its residual, through the inverse registration"
-                                    if self.realisation == "deformation" else
-                                    "input + (counterfactual - reconstruction) carried back through the inverse "
-                                    + ("registration" if reg is not None else "preprocessing"))
+                         "output": self._output_description(registered=reg is not None)
                                    + (", the intensity change moved onto the scan's tissue boundaries"
                                       if self.residual == "tissue" else "")},
             **({"realised": r.realised} if r.realised is not None else {}),
@@ -360,6 +343,24 @@ class ScanModel:
         tmp = out_dir / ".report.json.partial"
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         tmp.replace(out_dir / "report.json")
+
+    def _output_description(self, registered: bool) -> str:
+        """What the counterfactual file is, in the report's words, for this realisation."""
+        if self.realisation == "atrophy":
+            return ("input + the model's intensity change around the ventricles and half of it elsewhere, the rest "
+                    "of its brain-volume change made on the subject's own cortex (tissue turned into CSF where CSF is "
+                    "near, or the reverse), through the inverse registration")
+        if self.anatomy is not None:
+            rest = (" (in full around them, half of it further out), the rest of its brain-volume change made on the "
+                    "subject's own cortex" if self.realisation == "volumes" else "")
+            return ("input with its ventricles grown by the model's ventricle-volume change (a push of the tissue "
+                    f"around them) and the model's intensity change elsewhere{rest}, through the inverse registration")
+        if self.realisation == "deformation":
+            how = "decoded by the model" if self.decodes_deformation else "fitted by demons"
+            return ("input warped by the deformation that carries the reconstruction onto the counterfactual "
+                    f"({how}), plus its residual, through the inverse registration")
+        return ("input + (counterfactual - reconstruction) carried back through the inverse "
+                + ("registration" if registered else "preprocessing"))
 
     def run(self, input_path, do: Mapping[str, float | str], out_dir, covariates: Mapping | None = None,
             progress: Callable[[float], None] | None = None) -> dict:

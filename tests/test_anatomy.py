@@ -75,7 +75,7 @@ def test_the_volumes_realisation_gives_the_volumes_it_is_given(case):
     moved = np.diff(_measured(s, [p.scan.data, p.scan.data + diff]), axis=0)[0]
     assert details["cortex_change_ml"] < 0 and "brain_volume_change_reached" not in details
     # the generator's reading misses grey matter lost from voxels brighter than grey matter, as it does on its own
-    # counterfactuals (brain_native.json's volume_measurement_floor_ml: about a fifth of a 100 ml change)
+    # counterfactuals (brain_native.json's volume_measurement_floor_ml)
     assert -66.0 < moved[0] < -42.0 and abs(moved[1] - 10.0) < 2.0, (moved, details)
     zero, _ = realise(p, np.zeros_like(change), 0.0, 0.0)
     assert np.abs(zero).max() == 0.0
