@@ -37,7 +37,8 @@ AGE, SEX, BV, VV = (brain.VARIABLES.index(v) for v in ("age", "sex", "brain_volu
 # (mode, kept elsewhere, cortex reach mm, around the ventricles mm)
 SETTINGS = [("atrophy", 0.0, 4.0, 4.0), ("atrophy", 0.25, 4.0, 4.0), ("atrophy", 0.5, 4.0, 4.0),
             ("atrophy", 0.75, 4.0, 4.0), ("atrophy", 1.0, 4.0, 4.0), ("atrophy", 0.5, 3.0, 4.0),
-            ("atrophy", 0.5, 6.0, 4.0), ("atrophy", 0.5, 4.0, 8.0), ("volumes", 0.5, 4.0, 4.0)]
+            ("atrophy", 0.5, 6.0, 4.0), ("atrophy", 0.5, 4.0, 8.0), ("volumes", 0.5, 4.0, 4.0),
+            ("volumes", 1.0, 4.0, 4.0)]
 
 
 class _Recorder:

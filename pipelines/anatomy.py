@@ -156,14 +156,15 @@ def cortical_change(data: np.ndarray, head: np.ndarray, levels: TissueLevels, de
 class VentriclePush:
     """The subject's own ventricles grown (or shrunk) by a prescribed volume, as ventricles enlarge: the
     tissue around them pushed along the signed distance to their wall (the inside moving with the wall, so
-    that a shrinking ventricle does not collapse onto it), by a push that decays outside with that distance
-    (``decay_mm``, chosen in `benchmarks/results/brain_ventricle_realisation_32_*.json`). The push is smoothed over
-    ``smoothing_voxels`` of a ``spacing_mm`` grid of reference space spanning ``extent_mm`` and integrated as a
-    stationary velocity field (scaling and squaring, MONAI's ``DVF2DDF``): one displacement of the size a
-    large change needs folds where the direction to the nearest wall jumps
-    (`benchmarks/brain_ventricle_push_folding.py`). Its size is solved so that the ventricles measured on the
-    warped scan, at the scan's own resolution, change by the volume asked for, and halved where it would
-    still fold on the grid.
+    that a shrinking ventricle does not collapse onto it), by a push that decays outside with that distance.
+    The push is smoothed over ``smoothing_voxels`` of a ``spacing_mm`` grid of reference space spanning
+    ``extent_mm`` and integrated as a stationary velocity field (scaling and squaring, MONAI's ``DVF2DDF``): one
+    displacement of the size a large change needs folds where the direction to the nearest wall jumps
+    (`benchmarks/brain_ventricle_push_folding.py`). Decay, grid and smoothing were chosen on validation subjects
+    with the true volume change (`benchmarks/results/brain_native_evaluations/ventricle_push_shape.json`: a
+    short decay on a fine grid, lightly smoothed, renders the generator's ventricles best). Its size is solved
+    so that the ventricles measured on the warped scan, at the scan's own resolution, change by the volume asked
+    for; where it folds, it is smoothed more and solved again, and halved only where it still folds.
 
     The ventricles are read off the scan: within ``region_mm`` of the reference's lateral ventricles (carried
     through the registration), a voxel's share of CSF by partial volume between the scan's CSF there and its
@@ -173,9 +174,11 @@ class VentriclePush:
     # largest share, where none is), so that their partial-volume wall already lies within its decay (design
     # notes, "The push as a realisation of the model").
     ventricle_share = 0.95
+    # the smoothings, in units of the push's own, that a push folding on its grid is solved again with
+    fold_smoothing = (1.0, 1.5, 2.25)
 
-    def __init__(self, reference: Reference, extent_mm: float, grey_share: float, decay_mm: float = 10.0,
-                 spacing_mm: float = 3.0, region_mm: float = 16.0, smoothing_voxels: float = 1.5):
+    def __init__(self, reference: Reference, extent_mm: float, grey_share: float, decay_mm: float = 7.0,
+                 spacing_mm: float = 2.0, region_mm: float = 16.0, smoothing_voxels: float = 1.0):
         from scipy.ndimage import binary_dilation
 
         self.spacing, self.decay, self.smoothing, self.grey_share = spacing_mm, decay_mm, smoothing_voxels, grey_share
@@ -211,9 +214,10 @@ class VentriclePush:
         region = prepared.registration.carry_back(self.region.astype(np.float32), self.affine) > 0.5
         return VentricleReading(float(np.median(g[self.core])), float(np.median(g[self.white])), region)
 
-    def field(self, ventricles: np.ndarray) -> np.ndarray:
+    def field(self, ventricles: np.ndarray, smoothing_voxels: float | None = None) -> np.ndarray:
         """(3, X, Y, Z) RAS, per unit of push, from the ventricles (bool) on this grid: the counterfactual at p
-        samples the scan at p + s field(p); smoothed, so that it integrates to a diffeomorphism."""
+        samples the scan at p + s field(p); smoothed (over ``smoothing_voxels``, by default the push's), so that
+        it integrates to a diffeomorphism."""
         from scipy.ndimage import distance_transform_edt, gaussian_filter
 
         distance = (distance_transform_edt(~ventricles) - distance_transform_edt(ventricles)) * self.spacing
@@ -221,7 +225,7 @@ class VentriclePush:
         grad = np.stack(np.gradient(distance, self.spacing))
         outward = grad / np.maximum(np.linalg.norm(grad, axis=0), 1e-6)
         field = -np.exp(-np.maximum(distance, 0.0) / self.decay)[None] * outward * self.weight[None]
-        return np.stack([gaussian_filter(c, self.smoothing) for c in field])
+        return np.stack([gaussian_filter(c, smoothing_voxels or self.smoothing) for c in field])
 
     def wall(self, prepared, within_mm: float, reading: "VentricleReading | None" = None) -> np.ndarray:
         """The scan's ventricles and the tissue within ``within_mm`` of their wall, on its grid, in [0, 1]
@@ -248,7 +252,9 @@ class VentriclePush:
         """The push (a :class:`GridDeformation` on this grid) that grows the ventricles
         of ``prepared``'s scan by ``delta_ml`` (the scan's ml), measured at the scan's own resolution (a 3 mm
         grid's partial volumes are not a 2 mm scan's) on ``measured_on`` (another version of the scan on its
-        grid, e.g. with the rest of a change) where given."""
+        grid, e.g. with the rest of a change) where given. Where it folds on its grid (tissue squeezed between
+        two walls, as the septum is), it is smoothed more (:attr:`fold_smoothing` times) and solved again, and
+        only then halved."""
         import torch
         from scipy.optimize import brentq
 
@@ -256,25 +262,31 @@ class VentriclePush:
         measured = prepared.scan.data if measured_on is None else np.asarray(measured_on, np.float32)
         target = self.volume_ml(prepared, reading=r) + delta_ml
         share = self.share(self.on_grid(prepared, measured), r.csf, r.white) * self.region
-        field = self.field(share > min(self.ventricle_share, 0.9 * float(share.max())))
+        core = share > min(self.ventricle_share, 0.9 * float(share.max()))
 
-        def deformation(s: float) -> GridDeformation:
+        def deformation(field: np.ndarray, s: float) -> GridDeformation:
             # the push as a stationary velocity field, integrated by scaling and squaring
             u = self.integrate(torch.from_numpy((s * field / self.spacing).astype(np.float32))[None])[0]
             u = u.numpy().astype(np.float64) * self.spacing
             return GridDeformation.from_displacement(u.transpose(1, 2, 3, 0) * np.array([-1.0, -1.0, 1.0]),
                                                      self.affine)  # RAS -> ITK's LPS
 
-        def excess(s: float) -> float:
-            return self.volume_ml(prepared, deform_scan(prepared.registration, deformation(s), measured), r) - target
+        for smoothing in self.smoothing * np.asarray(self.fold_smoothing):
+            field = self.field(core, smoothing)
 
-        lo_s, hi_s = -12.0, 12.0
-        s = lo_s if excess(lo_s) > 0 else hi_s if excess(hi_s) < 0 else brentq(excess, lo_s, hi_s, xtol=1e-2)
-        for halving in range(max_halvings + 1):
-            phi = deformation(s / 2 ** halving)
+            def excess(s: float) -> float:
+                return self.volume_ml(prepared, deform_scan(prepared.registration, deformation(field, s), measured),
+                                      r) - target
+
+            lo_s, hi_s = -12.0, 12.0
+            s = lo_s if excess(lo_s) > 0 else hi_s if excess(hi_s) < 0 else brentq(excess, lo_s, hi_s, xtol=1e-2)
+            phi = deformation(field, s)
             if jacobian_determinant(phi).min() > 0:
-                if halving:
-                    log.warning("the ventricle push folded on its grid; applied at 1/%d of its size", 2 ** halving)
+                return phi
+        for halving in range(1, max_halvings + 1):
+            phi = deformation(field, s / 2 ** halving)
+            if jacobian_determinant(phi).min() > 0:
+                log.warning("the ventricle push folded on its grid; applied at 1/%d of its size", 2 ** halving)
                 return phi
         raise RuntimeError("the ventricle push folds even at 1/%d of its size" % 2 ** max_halvings)
 

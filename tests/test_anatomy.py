@@ -51,7 +51,9 @@ def test_the_push_changes_the_ventricles_by_the_volume_asked_and_folds_nowhere(c
     assert abs(push.volume_ml(p, out) - push.volume_ml(p) - delta) < 0.5  # what it solved for, on its own reading
     moved = np.diff(_measured(s, [p.scan.data, out]), axis=0)[0]  # the generator's reading
     assert abs(moved[1] - delta) < 0.15 * abs(delta), moved
-    assert abs(moved[0]) < 0.5 * abs(delta) + 2.5, moved  # the brain is moved, little of it removed
+    # the push compresses the tissue next to the ventricles, so the brain gives up at most the ventricles' gain
+    # (realisation `volumes` makes that up on the cortex: test_the_volumes_realisation_gives_...)
+    assert abs(moved[0]) < abs(delta) + 2.5, moved
 
 
 def test_the_brain_volume_is_read_as_the_generator_reads_it(case):
