@@ -275,11 +275,13 @@ class VentriclePush:
             field = self.field(core, smoothing)
 
             def excess(s: float) -> float:
-                return self.volume_ml(prepared, deform_scan(prepared.registration, deformation(field, s), measured),
-                                      r) - target
+                warped = deform_scan(prepared.registration, deformation(field, s), measured, within=r.region)
+                return self.volume_ml(prepared, warped, r) - target
 
-            lo_s, hi_s = -12.0, 12.0
-            s = lo_s if excess(lo_s) > 0 else hi_s if excess(hi_s) < 0 else brentq(excess, lo_s, hi_s, xtol=1e-2)
+            # from no push towards the change's side, as far as 12 mm at the wall
+            side = 1.0 if self.volume_ml(prepared, measured, r) < target else -1.0
+            end = side * 12.0
+            s = end if side * excess(end) < 0 else brentq(excess, 0.0, end, xtol=1e-2)
             phi = deformation(field, s)
             if jacobian_determinant(phi).min() > 0:
                 return phi
