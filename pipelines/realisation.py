@@ -207,7 +207,7 @@ def deform_scan(registration: Registration, deformation: GridDeformation, data: 
     # SimpleITK's composite transform applies its last transform first
     composite = sitk.CompositeTransform([registration.transform, deformation.transform(),
                                          registration.transform.GetInverse()])
-    if within is None:
+    if within is None or not np.any(within):
         return _array(sitk.Resample(scan, scan, composite, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(within))
     out = np.array(data, np.float32)

@@ -56,6 +56,22 @@ def test_the_push_changes_the_ventricles_by_the_volume_asked_and_folds_nowhere(c
     assert abs(moved[0]) < abs(delta) + 2.5, moved
 
 
+def test_a_push_warped_within_the_ventricles_region_is_the_whole_warp_there(case):
+    """The push's solver warps only the box around the ventricles' region: the same values there as warping the
+    whole scan, the input's elsewhere."""
+    reference, prep, mask, s, p = case
+    push = VentriclePush(reference, 192.0, reference_levels(reference).grey_share)
+    reading = push.read(p)
+    phi = push.deformation(p, 8.0, reading=reading)
+    whole, boxed = deform_scan(p.registration, phi), deform_scan(p.registration, phi, within=reading.region)
+    assert reading.region.any() and np.abs(whole - p.scan.data)[reading.region].max() > 0.1  # it moved something
+    assert np.abs(boxed - whole)[reading.region].max() < 1e-5
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(reading.region))
+    outside = np.ones(p.scan.data.shape, bool)
+    outside[box] = False
+    assert np.array_equal(boxed[outside], p.scan.data[outside])
+
+
 def test_the_brain_volume_is_read_as_the_generator_reads_it(case):
     reference, prep, mask, s, p = case
     truth = brain.counterfactual(s, {"brain_volume": s.labels[:, 2] - 100.0}, size=FINE)
