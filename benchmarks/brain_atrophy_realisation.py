@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brain_native import FINE, INTERVENTIONS, oracle_change, realise
-from cdae_med.io import write_nifti
+from brain_native import FINE, INTERVENTIONS, held_out_subjects, oracle_change, realise
 from pipelines.anatomy import AnatomicalRealisation
 from pipelines.realisation import carry_change
 from pipelines.registry import SHIPPED
@@ -63,13 +62,8 @@ def main() -> None:
                    default=ROOT / "results" / "brain_native_evaluations" / "atrophy_validation.json")
     args = p.parse_args()
     torch.set_num_threads(1)
-    args.work.mkdir(parents=True, exist_ok=True)
     model = ScanModel.load(SHIPPED["brain"], device="cpu", num_steps=args.steps, realisation="atrophy", residual="tissue")
-    samples = brain.sample(args.n_test, seed=test_seed(0) + args.test_offset, size=FINE)
-    paths = []
-    for i, v in enumerate(samples.images[..., 0]):
-        paths.append(args.work / f"sub-{i:02d}.nii.gz")
-        write_nifti(paths[-1], v, brain.affine(FINE))
+    samples, paths = held_out_subjects(args.n_test, args.test_offset, args.work)
     prepared = [model.prepare(path) for path in paths]
     input_vol = brain.measure_volumes(samples.images[..., 0], samples.noise, FINE)
     rows = {}

@@ -103,6 +103,17 @@ def registered_fit_set(prep: Preprocessing, reference: Reference, n: int, seed: 
     return np.stack([pp.image[0] for pp in prepared]), reference_space_labels(s.labels, GRAPH, prep, ratios), prep
 
 
+def held_out_subjects(n: int, offset: int, work: Path):
+    """The ``n`` held-out generator subjects ``test_seed(0) + offset``, rendered at 2 mm and written to ``work``
+    as NIfTI: (samples, paths)."""
+    samples = brain.sample(n, seed=test_seed(0) + offset, size=FINE)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = [work / f"sub-{i:02d}.nii.gz" for i in range(n)]
+    for path, v in zip(paths, samples.images[..., 0]):
+        write_nifti(path, v, brain.affine(FINE))
+    return samples, paths
+
+
 def design(labels: np.ndarray) -> np.ndarray:
     """The baselines' regressors: [1, normalised graph variables]."""
     return np.column_stack([np.ones(len(labels)), brain.normalise(labels)])
@@ -374,13 +385,8 @@ def main() -> None:
     shape_baseline.fit(shape_baseline.fields(fit_images[:n_def]), fit_labels[:n_def])
     print(f"deformation baseline fitted on {n_def} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    samples = brain.sample(args.n_test, seed=test_seed(0) + args.test_offset, size=FINE)
+    samples, inputs = held_out_subjects(args.n_test, args.test_offset, args.work)
     affine = brain.affine(FINE)
-    inputs = []
-    for i, v in enumerate(samples.images[..., 0]):
-        path = args.work / f"sub-{i:02d}.nii.gz"
-        write_nifti(path, v, affine)
-        inputs.append(path)
     scan_models = {}
     for name, (path, _, how) in specs.items():
         realisation, _, residual = how.partition(",")

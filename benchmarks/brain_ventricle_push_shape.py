@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brain_native import FINE, INTERVENTIONS
-from cdae_med.io import write_nifti
+from brain_native import FINE, INTERVENTIONS, held_out_subjects
 from pipelines.anatomy import VentriclePush
-from pipelines.realisation import GridDeformation, deform_scan, jacobian_determinant
+from pipelines.realisation import deform_scan, jacobian_determinant
 from pipelines.registry import SHIPPED
 from pipelines.scans import ScanModel
 from pipelines.train_config import test_seed
@@ -60,14 +59,9 @@ def main() -> None:
                    default=ROOT / "results" / "brain_native_evaluations" / "ventricle_push_shape.json")
     args = p.parse_args()
     torch.set_num_threads(1)
-    args.work.mkdir(parents=True, exist_ok=True)
     model = ScanModel.load(SHIPPED["brain"], device="cpu", realisation="volumes", residual="tissue")
     anatomy = model.anatomy
-    samples = brain.sample(args.n_test, seed=test_seed(0) + args.test_offset, size=FINE)
-    paths = []
-    for i, v in enumerate(samples.images[..., 0]):
-        paths.append(args.work / f"sub-{i:02d}.nii.gz")
-        write_nifti(paths[-1], v, brain.affine(FINE))
+    samples, paths = held_out_subjects(args.n_test, args.test_offset, args.work)
     prepared = [model.prepare(path) for path in paths]
     _, target, _ = INTERVENTIONS["ventricle_volume"]
     truth = brain.counterfactual(samples, {"ventricle_volume": target(samples.labels)}, size=FINE)
@@ -89,14 +83,10 @@ def main() -> None:
         for i, pp in enumerate(prepared):
             reading = push.read(pp)
             share = push.share(push.on_grid(pp), reading.csf, reading.white) * push.region
-            field = push.field(share > min(core_share or push.ventricle_share, 0.9 * float(share.max())))
+            field = push.field(push.ventricle_core(share, core_share))
             tried = []
             for size in SIZES:
-                s = float(np.sign(true_change[i])) * size
-                u = push.integrate(torch.from_numpy((s * field / push.spacing).astype(np.float32))[None])[0]
-                u = u.numpy().astype(np.float64) * push.spacing
-                phi = GridDeformation.from_displacement(u.transpose(1, 2, 3, 0) * np.array([-1.0, -1.0, 1.0]),
-                                                        push.affine)
+                phi = push.flow(field, float(np.sign(true_change[i])) * size)
                 pushed = deform_scan(pp.registration, phi)
                 balanced, _ = anatomy._on_cortex(pp, pushed, np.zeros_like(pushed), 0.0, reading)
                 read = push.volume_ml(pp, pushed, reading) - push.volume_ml(pp, reading=reading)

@@ -176,6 +176,8 @@ class VentriclePush:
     ventricle_share = 0.95
     # the smoothings, in units of the push's own, that a push folding on its grid is solved again with
     fold_smoothing = (1.0, 1.5, 2.25)
+    # the largest push (mm at the wall) the solver tries; a change it cannot reach is made as far as this
+    max_push_mm = 12.0
 
     def __init__(self, reference: Reference, extent_mm: float, grey_share: float, decay_mm: float = 7.0,
                  spacing_mm: float = 2.0, region_mm: float = 16.0, smoothing_voxels: float = 1.0):
@@ -227,6 +229,21 @@ class VentriclePush:
         field = -np.exp(-np.maximum(distance, 0.0) / self.decay)[None] * outward * self.weight[None]
         return np.stack([gaussian_filter(c, smoothing_voxels or self.smoothing) for c in field])
 
+    def ventricle_core(self, share: np.ndarray, at: float | None = None) -> np.ndarray:
+        """The ventricles' core on this grid (bool) from each voxel's share of CSF: above ``at`` (by default
+        :attr:`ventricle_share`), or above 0.9 of the largest share where none is."""
+        return share > min(at or self.ventricle_share, 0.9 * float(share.max()))
+
+    def flow(self, field: np.ndarray, size_mm: float) -> GridDeformation:
+        """The push of ``size_mm`` at the wall along ``field`` (:meth:`field`), as a stationary velocity field
+        integrated by scaling and squaring."""
+        import torch
+
+        u = self.integrate(torch.from_numpy((size_mm * field / self.spacing).astype(np.float32))[None])[0]
+        u = u.numpy().astype(np.float64) * self.spacing
+        return GridDeformation.from_displacement(u.transpose(1, 2, 3, 0) * np.array([-1.0, -1.0, 1.0]),
+                                                 self.affine)  # RAS -> ITK's LPS
+
     def wall(self, prepared, within_mm: float, reading: "VentricleReading | None" = None) -> np.ndarray:
         """The scan's ventricles and the tissue within ``within_mm`` of their wall, on its grid, in [0, 1]
         (smoothed over a voxel): where a change of the ventricles is the push's, not an intensity change's."""
@@ -255,38 +272,28 @@ class VentriclePush:
         grid, e.g. with the rest of a change) where given. Where it folds on its grid (tissue squeezed between
         two walls, as the septum is), it is smoothed more (:attr:`fold_smoothing` times) and solved again, and
         only then halved."""
-        import torch
         from scipy.optimize import brentq
 
         r = reading or self.read(prepared)
         measured = prepared.scan.data if measured_on is None else np.asarray(measured_on, np.float32)
         target = self.volume_ml(prepared, reading=r) + delta_ml
-        share = self.share(self.on_grid(prepared, measured), r.csf, r.white) * self.region
-        core = share > min(self.ventricle_share, 0.9 * float(share.max()))
-
-        def deformation(field: np.ndarray, s: float) -> GridDeformation:
-            # the push as a stationary velocity field, integrated by scaling and squaring
-            u = self.integrate(torch.from_numpy((s * field / self.spacing).astype(np.float32))[None])[0]
-            u = u.numpy().astype(np.float64) * self.spacing
-            return GridDeformation.from_displacement(u.transpose(1, 2, 3, 0) * np.array([-1.0, -1.0, 1.0]),
-                                                     self.affine)  # RAS -> ITK's LPS
+        core = self.ventricle_core(self.share(self.on_grid(prepared, measured), r.csf, r.white) * self.region)
+        # from no push towards the change's side
+        end = self.max_push_mm if self.volume_ml(prepared, measured, r) < target else -self.max_push_mm
 
         for smoothing in self.smoothing * np.asarray(self.fold_smoothing):
             field = self.field(core, smoothing)
 
             def excess(s: float) -> float:
-                warped = deform_scan(prepared.registration, deformation(field, s), measured, within=r.region)
+                warped = deform_scan(prepared.registration, self.flow(field, s), measured, within=r.region)
                 return self.volume_ml(prepared, warped, r) - target
 
-            # from no push towards the change's side, as far as 12 mm at the wall
-            side = 1.0 if self.volume_ml(prepared, measured, r) < target else -1.0
-            end = side * 12.0
-            s = end if side * excess(end) < 0 else brentq(excess, 0.0, end, xtol=1e-2)
-            phi = deformation(field, s)
+            s = end if np.sign(end) * excess(end) < 0 else brentq(excess, 0.0, end, xtol=1e-2)
+            phi = self.flow(field, s)
             if jacobian_determinant(phi).min() > 0:
                 return phi
         for halving in range(1, max_halvings + 1):
-            phi = deformation(field, s / 2 ** halving)
+            phi = self.flow(field, s / 2 ** halving)
             if jacobian_determinant(phi).min() > 0:
                 log.warning("the ventricle push folded on its grid; applied at 1/%d of its size", 2 ** halving)
                 return phi
