@@ -1,7 +1,11 @@
 """Causal graphs as data.
 
 A :class:`CausalGraph` holds the variables of a structural causal model (name, unit,
-normalisation, declared range, continuous or binary) and each variable's parents. It knows
+normalisation, declared range, continuous or binary) and each variable's parents. A variable
+normalised on a log scale (``log: true``) is a positive quantity whose causes multiply it, as a
+volume's do: its normalised value is ln(value / centre) / scale (centre its geometric mean, scale
+the standard deviation of its log), so the additive-noise mechanisms z = f(z_pa) + u of the causal
+layer are the multiplicative law, and a counterfactual scales the subject's own value. It knows
 its topological order and validates itself on construction: names unique, parents known,
 no cycle. Built-in graphs are registered by name; any other graph is read from YAML::
 
@@ -38,12 +42,13 @@ class Variable:
     high: float = math.inf
     binary: bool = False
     parents: tuple[str, ...] = ()
+    log: bool = False  # normalised as ln(value / centre) / scale (see the module docstring)
 
     def normalise(self, value):
-        return (value - self.centre) / self.scale
+        return _normalise(value, self.centre, self.scale, self.log)
 
     def denormalise(self, value):
-        return value * self.scale + self.centre
+        return _denormalise(value, self.centre, self.scale, self.log)
 
     def check_value(self, value: float) -> None:
         """Raise GraphError if ``value`` is not a value this variable may take."""
@@ -79,6 +84,9 @@ class CausalGraph:
                 raise GraphError(f"graph {self.name!r}: variable {v.name!r} needs scale > 0, got {v.scale}")
             if v.low > v.high:
                 raise GraphError(f"graph {self.name!r}: variable {v.name!r} has range low > high")
+            if v.log and (v.binary or v.centre <= 0 or not v.low > 0):
+                raise GraphError(f"graph {self.name!r}: variable {v.name!r} is normalised on a log scale, so it "
+                                 f"needs centre > 0 and a range above 0 and cannot be binary")
             for p in v.parents:
                 if p not in seen:
                     raise GraphError(f"graph {self.name!r}: variable {v.name!r} has unknown parent {p!r}")
@@ -151,18 +159,21 @@ class CausalGraph:
 
     def normalise(self, values: Sequence[float] | Any) -> Any:
         """Own units -> normalised units, last axis in declaration order (numpy or torch)."""
-        return (values - self._vec("centre", values)) / self._vec("scale", values)
+        return _normalise(values, *self._vectors(values))
 
     def denormalise(self, values: Any) -> Any:
-        return values * self._vec("scale", values) + self._vec("centre", values)
+        return _denormalise(values, *self._vectors(values))
 
-    def _vec(self, attr: str, like: Any) -> Any:
-        vals = [getattr(v, attr) for v in self.variables]
+    def _vectors(self, like: Any) -> tuple[Any, Any, Any]:
+        """centre, scale and the log-scale mask as vectors over the last axis of ``like``'s kind."""
+        centre, scale, log = ([getattr(v, a) for v in self.variables] for a in ("centre", "scale", "log"))
         if hasattr(like, "new_tensor"):
-            return like.new_tensor(vals)
+            import torch
+
+            return like.new_tensor(centre), like.new_tensor(scale), torch.tensor(log, device=like.device)
         import numpy as np
 
-        return np.asarray(vals, dtype=float)
+        return np.asarray(centre, dtype=float), np.asarray(scale, dtype=float), np.asarray(log, dtype=bool)
 
     # --- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +182,8 @@ class CausalGraph:
             d = asdict(v)
             d["parents"] = list(v.parents)
             d["range"] = [_finite_or_none(d.pop("low")), _finite_or_none(d.pop("high"))]
+            if not v.log:
+                del d["log"]  # as graphs without log-scale variables have always been written
             out.append(d)
         return {"name": self.name, "variables": out}
 
@@ -186,7 +199,7 @@ class CausalGraph:
             if not isinstance(item, Mapping) or "name" not in item:
                 raise GraphError(f"variable #{i + 1} needs at least a 'name'")
             item = dict(item)
-            known = {"name", "unit", "centre", "scale", "range", "binary", "parents"}
+            known = {"name", "unit", "centre", "scale", "range", "binary", "parents", "log"}
             extra = set(item) - known
             if extra:
                 raise GraphError(f"variable {item['name']!r}: unknown keys {sorted(extra)}; allowed: {sorted(known)}")
@@ -205,11 +218,51 @@ class CausalGraph:
                         high=math.inf if high is None else float(high),
                         binary=binary,
                         parents=tuple(str(p) for p in item.get("parents", []) or []),
+                        log=bool(item.get("log", False)),
                     )
                 )
             except (TypeError, ValueError) as err:
                 raise GraphError(f"variable {item['name']!r}: {err}") from None
         return cls(name=str(name or data.get("name", "custom")), variables=tuple(variables))
+
+
+def _normalise(values: Any, centre: Any, scale: Any, log: Any) -> Any:
+    """(values - centre) / scale, or ln(values / centre) / scale where ``log`` (numpy, torch or scalars)."""
+    if not _any(log):
+        return (values - centre) / scale
+    if hasattr(values, "new_tensor"):
+        import torch
+
+        logged = torch.log(values.clamp_min(_TINY) / centre)
+        return torch.where(log, logged, values - centre) / scale
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN (unknown) stays NaN; other columns masked
+        logged = np.log(np.maximum(values, _TINY) / centre)
+    return np.where(log, logged, values - centre) / scale
+
+
+def _denormalise(values: Any, centre: Any, scale: Any, log: Any) -> Any:
+    """Inverse of :func:`_normalise`."""
+    if not _any(log):
+        return values * scale + centre
+    if hasattr(values, "new_tensor"):
+        import torch
+
+        return torch.where(log, centre * torch.exp((values * scale).clamp(max=_MAX_LOG)), values * scale + centre)
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    return np.where(log, centre * np.exp(np.minimum(values * scale, _MAX_LOG)), values * scale + centre)
+
+
+def _any(flags: Any) -> bool:
+    return bool(flags.any()) if hasattr(flags, "any") else bool(flags)
+
+
+_TINY = 1e-12  # a log-scale value at or below 0 is read as this (its range keeps valid values above 0)
+_MAX_LOG = 80.0  # exp() of more overflows float32
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -286,19 +339,22 @@ BUILTIN_GRAPHS: dict[str, dict[str, Any]] = {
         ]
     },
     # Brain MRI (Pawlowski 2020; Ribeiro 2023): sex (0 female, 1 male), age -> brain volume;
-    # age, brain volume -> ventricle volume. Volumes are those the synthetic cohort
-    # (synthetic_data.brain, age ~ U(40, 90)) measures: centre/scale = mean/SD over 200,000 draws
-    # (brain 1,078 / 147 ml, support 647-1,670; ventricles 38 / 22.5 ml, support 7-193). Ranges
-    # also cover do(age) over [20, 95] (brain 616-1,703, ventricles 5.6-273) and do(brain_volume)
-    # over its range (ventricles 6-272); every in-range value can be realised on every subject.
+    # age, brain volume -> ventricle volume. The volumes are on a log scale: brain atrophy and
+    # ventricle growth are rates, so age and brain volume multiply a volume (synthetic_data.brain's
+    # laws; Pawlowski 2020 models log volumes), and only in the log is the mechanisms' noise additive
+    # (docs/design-notes.md, "Volumes on a log scale"). centre/scale = geometric mean / SD of the log
+    # over 200,000 draws of the synthetic cohort (age ~ U(40, 90); brain support 661-1,675 ml,
+    # ventricles 7-188). Ranges also cover do(age) over [20, 95] (brain 616-1,703, ventricles 5.6-273)
+    # and do(brain_volume) over its range (ventricles 6-272); every in-range value can be realised
+    # on every subject.
     "brain": {
         "variables": [
             {"name": "age", "unit": "years", "centre": 60.0, "scale": 20.0, "range": [20.0, 95.0]},
             {"name": "sex", "unit": "0=female, 1=male", "binary": True},
-            {"name": "brain_volume", "unit": "ml", "centre": 1080.0, "scale": 150.0, "range": [550.0, 1800.0],
-             "parents": ["age", "sex"]},
-            {"name": "ventricle_volume", "unit": "ml", "centre": 38.0, "scale": 23.0, "range": [3.0, 300.0],
-             "parents": ["age", "brain_volume"]},
+            {"name": "brain_volume", "unit": "ml", "centre": 1068.0, "scale": 0.137, "log": True,
+             "range": [550.0, 1800.0], "parents": ["age", "sex"]},
+            {"name": "ventricle_volume", "unit": "ml", "centre": 32.3, "scale": 0.55, "log": True,
+             "range": [3.0, 300.0], "parents": ["age", "brain_volume"]},
         ]
     },
 }

@@ -55,8 +55,10 @@ def dci_disentanglement(codes: np.ndarray | None = None, factors: np.ndarray | N
 def effectiveness_mae(predicted: np.ndarray, true: np.ndarray, graph: CausalGraph, variable: str) -> dict:
     """MAE of predicted vs true counterfactual values of one variable (given in own units)."""
     var = graph[variable]
-    err = np.abs(np.asarray(predicted, float) - np.asarray(true, float))
-    return {"mae": float(err.mean()), "mae_normalised": float((err / var.scale).mean()), "unit": var.unit}
+    predicted, true = np.asarray(predicted, float), np.asarray(true, float)
+    err = np.abs(predicted - true)
+    normalised = np.abs(var.normalise(predicted) - var.normalise(true))  # of the log, for a log-scale variable
+    return {"mae": float(err.mean()), "mae_normalised": float(normalised.mean()), "unit": var.unit}
 
 
 def pixel_mae(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

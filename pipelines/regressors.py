@@ -8,6 +8,7 @@ the normalised label, Adam 1e-3, batch 64, the best validation epoch kept.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -81,7 +82,9 @@ def _train_one(net: nn.Module, x: torch.Tensor, y: torch.Tensor, xv: torch.Tenso
 def load_or_train_predictors(ds: SyntheticDataset, size: int, n_train: int = 8000, epochs: int = 6,
                              cache_dir: Path | None = None, progress: bool = True) -> AntiCausalPredictors:
     cache_dir = Path(cache_dir or cdae_home() / "regressors")
-    path = cache_dir / f"{ds.name}-{size}px.pt"
+    # The predictors read normalised labels: a graph normalised otherwise needs its own.
+    digest = hashlib.sha256(json.dumps(ds.graph.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    path = cache_dir / f"{ds.name}-{size}px-{digest}.pt"
     model = AntiCausalPredictors(ds, size)
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -99,11 +102,13 @@ def load_or_train_predictors(ds: SyntheticDataset, size: int, n_train: int = 800
                                    disable=not progress) as bar:
         for j, name in enumerate(ds.graph.names):
             _, mae = _train_one(model.nets[name], x, y[:, j], xv, yv[:, j], epochs, bar)
-            report[name] = {"val_mae_normalised": mae, "val_mae": mae * ds.graph[name].scale,
-                            "unit": ds.graph[name].unit}
+            var = ds.graph[name]
+            # a log-scale variable's normalised error is of its log: x scale, the error of ln(value)
+            report[name] = {"val_mae_normalised": mae, "val_log_mae" if var.log else "val_mae": mae * var.scale,
+                            "unit": var.unit}
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("anti-causal predictors trained (validation MAE %s), cached at %s",
-             {k: round(v["val_mae"], 3) for k, v in report.items()}, path)
+             {k: round(v.get("val_mae", v.get("val_log_mae")), 3) for k, v in report.items()}, path)
     return model.eval()

@@ -147,7 +147,7 @@ __all__ = [
 GRAPH = builtin_graph("brain")
 VARIABLES = GRAPH.names
 UNITS = {v.name: v.unit for v in GRAPH.variables}
-NORMALISATION = {v.name: (v.centre, v.scale) for v in GRAPH.variables}
+NORMALISATION = {v.name: (v.centre, v.scale) for v in GRAPH.variables}  # of the log for GRAPH[name].log
 RANGES = {v.name: (v.low, v.high) for v in GRAPH.variables}
 PARENTS = {v.name: v.parents for v in GRAPH.variables}
 DEFAULT_SIZE = 32
@@ -757,7 +757,8 @@ def counterfactual(samples: Samples, do: Mapping[str, float | np.ndarray], size:
 
 
 def normalise(labels: np.ndarray) -> np.ndarray:
-    """``(labels - centre) / scale`` column-wise (VARIABLES order)."""
+    """Normalised labels column-wise (VARIABLES order): ``(labels - centre) / scale``, of the log for the
+    volumes (:meth:`cdae_med.graph.CausalGraph.normalise`)."""
     return GRAPH.normalise(np.asarray(labels, dtype=np.float64))
 
 
@@ -824,7 +825,8 @@ def write_dataset(out_dir, n: int, size: int = DEFAULT_SIZE, seed: int = 0, prog
         "spacing_mm": spacing(size),
         "sex_coding": "0 = female, 1 = male",
         "units": {v: UNITS[v] for v in VARIABLES},
-        "normalisation": {v: {"centre": NORMALISATION[v][0], "scale": NORMALISATION[v][1]} for v in VARIABLES},
+        "normalisation": {v.name: {"centre": v.centre, "scale": v.scale, **({"log": True} if v.log else {})}
+                          for v in GRAPH.variables},
         "noise": {k: np.asarray(v).tolist() for k, v in noise.items()},
     }
     with open(out_dir / "noise.json", "w") as fh:

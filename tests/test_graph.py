@@ -90,3 +90,33 @@ def test_yaml_errors(tmp_path):
         load_graph(typo)
     with pytest.raises(GraphError, match="no built-in graph named 'nope'"):
         load_graph("nope")
+
+
+def test_log_scale_variable_normalises_the_log_and_round_trips():
+    g = builtin_graph("brain")
+    assert g["ventricle_volume"].log and g["brain_volume"].log and not g["age"].log
+    y = np.array([[60.0, 1.0, 1000.0, 40.0], [70.0, 0.0, 1200.0, 20.0]])
+    n = g.normalise(y)
+    assert np.allclose(g.denormalise(n), y)
+    t = torch.tensor(y)
+    assert torch.allclose(g.denormalise(g.normalise(t)), t)
+    v = g["ventricle_volume"]
+    # ln(value / centre) / scale: the centre maps to 0, and an additive step is a factor
+    assert v.normalise(v.centre) == pytest.approx(0.0)
+    assert v.denormalise(v.normalise(40.0) + 1.0) == pytest.approx(40.0 * math.exp(v.scale))
+    assert np.allclose(n[:, 0], [0.0, 0.5])  # age stays linear
+    assert np.isnan(g.normalise(np.array([60.0, 1.0, np.nan, 40.0]))[2])  # unknown stays unknown
+
+
+def test_log_scale_needs_a_positive_range_and_survives_serialisation(tmp_path):
+    with pytest.raises(GraphError, match="log scale"):
+        CausalGraph("g", (Variable("v", centre=1.0, low=-1.0, high=2.0, log=True),))
+    with pytest.raises(GraphError, match="log scale"):
+        CausalGraph("g", (Variable("v", centre=1.0, low=0.0, high=2.0, log=True),))
+    g = CausalGraph.from_dict({"variables": [{"name": "v", "unit": "ml", "centre": 30, "scale": 0.5, "log": True,
+                                              "range": [1, 300]}, {"name": "w", "parents": ["v"]}]})
+    assert CausalGraph.from_dict(g.to_dict()) == g
+    assert "log" not in g.to_dict()["variables"][1]  # a linear variable is written as it always was
+    path = tmp_path / "g.yaml"
+    path.write_text("variables:\n  - {name: v, centre: 30, scale: 0.5, log: true, range: [1, 300]}\n")
+    assert load_graph(path)["v"].log

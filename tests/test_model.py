@@ -192,3 +192,49 @@ def test_descendant_noise_is_one_draw_per_block_of_a_child_only():
     assert plain.noisy_descendants(z) is z
     with pytest.raises(ValueError, match="descendant_noise"):
         CausalDiffAEConfig(descendant_noise=-0.1)
+
+
+def test_log_scale_volumes_make_the_counterfactual_scale_the_subjects_own_ventricles():
+    """V = 30 ml x exp(0.4 age_n) x (1100 / B) x exp(0.5 e): with the brain graph's volumes on their log
+    scale, mechanisms trained as in training make do(brain_volume = B - 100) scale each subject's own
+    ventricles by B / (B - 100) (median within 4 %); the same mechanisms on a linear scale add one change
+    to every subject, whatever its ventricles (median off by more than twice as much)."""
+    import dataclasses
+
+    from cdae_med.graph import CausalGraph
+    from pipelines.train import TrainConfig, parameter_groups
+
+    g = torch.Generator().manual_seed(1)
+    n = 4000
+    age = torch.rand(n, generator=g, dtype=torch.float64) * 50 + 40
+    sex = (torch.rand(n, generator=g) < 0.5).double()
+    brain = 1100 * torch.exp(-0.004 * (age - 60) + 0.05 * sex + 0.08 * torch.randn(n, generator=g, dtype=torch.float64))
+    vent = 30 * torch.exp(0.4 * (age - 60) / 20 + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)) * (1100 / brain)
+    y = torch.stack([age, sex, brain, vent], 1)
+    log_graph = load_graph("brain")
+    linear = CausalGraph("brain", tuple(dataclasses.replace(v, log=False, centre=float(y[:, i].mean()),
+                                                            scale=float(y[:, i].std()))
+                                        if v.log else v for i, v in enumerate(log_graph.variables)))
+
+    def ratio_error(graph):
+        torch.manual_seed(0)
+        cfg = CausalDiffAEConfig(spatial_dims=2, in_channels=1, image_size=(16, 16), unet_norm_groups=8, **TINY_MODEL)
+        model = CausalDiffAE(graph, cfg)
+        opt = torch.optim.AdamW(parameter_groups(model, TrainConfig()), lr=TrainConfig().lr, weight_decay=0.0)
+        yn = graph.normalise(y).float()
+        for _ in range(400):
+            loss = model.mechanism_loss(yn[torch.randint(0, n, (256,), generator=g)])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        test = y[:300]
+        z = model.label_latent(graph.normalise(test).float())
+        do = graph.normalise(torch.stack([test[:, 0], test[:, 1], test[:, 2] - 100, test[:, 3]], 1))[:, 2]
+        with torch.no_grad():
+            cf = model.causal(model.causal.abduct(z), {"brain_volume": do.float()[:, None].expand(-1, z.shape[-1])})
+        vent_cf = graph.denormalise(model.latent_to_label(cf).double())[:, 3]
+        change, true_change = vent_cf - test[:, 3], test[:, 3] * (test[:, 2] / (test[:, 2] - 100) - 1)
+        return float(((change - true_change) / true_change).abs().median())
+
+    on_log, on_linear = ratio_error(log_graph), ratio_error(linear)
+    assert on_log < 0.25 and on_linear > 1.5 * on_log, (on_log, on_linear)
