@@ -68,6 +68,10 @@ def train(
     lr_warmup: int = _param("lr_warmup"),
     encoder_steps: int = _param("encoder_steps"),
     prediction_type: str = _param("prediction_type"),
+    mechanism_input: Optional[str] = typer.Option(
+        None, help="What each causal mechanism reads of its parents: blocks (their whole latent blocks) or values "
+                   "(each parent's value, the block's mean, so an intervention moves a child by the change of value "
+                   "alone; cdae_med.model.CausalLayer) [default: blocks]."),
     loss_weighting: str = _param("loss_weighting"),
     timestep_sampling: str = _param("timestep_sampling"),
     conditioning: Optional[str] = typer.Option(None, help="How z enters the denoiser's blocks: scale_shift "
@@ -143,6 +147,7 @@ def train(
                 labelled_fraction=labelled_fraction,
                 model={**({} if cond_drop_prob is None else {"cond_drop_prob": cond_drop_prob}),
                        **({} if conditioning is None else {"conditioning": conditioning}),
+                       **({} if mechanism_input is None else {"mechanism_input": mechanism_input}),
                        **({} if latent_components is None else {"latent_components": latent_components}),
                        **({} if latent_shape_components is None
                           else {"latent_shape_components": latent_shape_components}),
@@ -158,6 +163,7 @@ def train(
             # --cond-drop-prob and --conditioning are model settings; the schema checks them inside "model"
             message = (describe_validation_error(err, names=_FLAGS).replace("model: cond_drop_prob", "--cond-drop-prob")
                        .replace("model: unknown conditioning", "unknown --conditioning")
+                       .replace("model: unknown mechanism_input", "unknown --mechanism-input")
                        .replace("model: latent_components", "--latent-components")
                        .replace("model: latent_shape_components", "--latent-shape-components")
                        .replace("model: latent_shape_smoothing", "--latent-shape-smoothing")

@@ -234,7 +234,7 @@ def _normalise(values: Any, centre: Any, scale: Any, log: Any) -> Any:
         import torch
 
         logged = torch.log(values.clamp_min(_TINY) / centre)
-        return torch.where(log, logged, values - centre) / scale
+        return (logged if isinstance(log, bool) else torch.where(log, logged, values - centre)) / scale
     import numpy as np
 
     values = np.asarray(values, dtype=float)
@@ -250,7 +250,8 @@ def _denormalise(values: Any, centre: Any, scale: Any, log: Any) -> Any:
     if hasattr(values, "new_tensor"):
         import torch
 
-        return torch.where(log, centre * torch.exp((values * scale).clamp(max=_MAX_LOG)), values * scale + centre)
+        exp = centre * torch.exp((values * scale).clamp(max=_MAX_LOG))
+        return exp if isinstance(log, bool) else torch.where(log, exp, values * scale + centre)
     import numpy as np
 
     values = np.asarray(values, dtype=float)

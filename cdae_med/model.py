@@ -67,6 +67,7 @@ __all__ = ["CausalDiffAEConfig", "CausalDiffAE", "CausalLayer", "Encoder", "kl_n
 
 VARIANTS = ("causaldiffae", "diffae", "label_conditional")
 CONDITIONING = ("add", "scale_shift")
+MECHANISM_INPUTS = ("blocks", "values")
 
 
 @dataclass
@@ -82,6 +83,9 @@ class CausalDiffAEConfig:
     unet_head_channels: int = 32
     unet_norm_groups: int = 32  # see the module docstring: 8 reads z at every level, 32 is MONAI's
     mechanism_hidden: int = 64
+    # What each causal mechanism reads of its parents: "blocks" (their whole latent blocks; older checkpoints) or
+    # "values" (each parent's value, its block's mean, as read_values reports it). See CausalLayer.
+    mechanism_input: str = "blocks"
     prior_std: float = 0.1
     cond_drop_prob: float = 0.1
     # Which model: see the module docstring. Checkpoints written before variants existed lack the
@@ -126,6 +130,8 @@ class CausalDiffAEConfig:
     descendant_noise: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.mechanism_input not in MECHANISM_INPUTS:
+            raise ValueError(f"unknown mechanism_input {self.mechanism_input!r}; available: {', '.join(MECHANISM_INPUTS)}")
         if self.conditioning not in CONDITIONING:
             raise ValueError(f"unknown conditioning {self.conditioning!r}; available: {', '.join(CONDITIONING)}")
         if self.variant not in VARIANTS:
@@ -212,24 +218,39 @@ class Encoder(nn.Module):
 
 
 class CausalLayer(nn.Module):
-    """Additive-noise SCM over latent blocks: z_i = f_i(z_parents) + u_i in topological order."""
+    """Additive-noise SCM over latent blocks: z_i = f_i(z_parents) + u_i in topological order.
 
-    def __init__(self, graph: CausalGraph, latent_dim: int, hidden: int, mechanisms: bool = True):
+    ``reads``: what a mechanism sees of its parents. ``"blocks"``: their whole latent blocks. ``"values"``: each
+    parent's value, its block's mean. The mechanisms are fitted on labels alone, where every dimension of a block
+    is the label (``CausalDiffAE.label_latent``), so a mechanism on whole blocks never learns what to make of
+    blocks whose dimensions differ, and the encoder's do (within the label prior's spread); an intervention then
+    swaps such a block for an even one, and the child moves by the mechanism's arbitrary answer to that difference
+    as well as by the change of value: on the brain model, ventricles that shrank when the brain did
+    (docs/design-notes.md, "Volumes on a log scale"). Reading values, it moves by the change of value alone."""
+
+    def __init__(self, graph: CausalGraph, latent_dim: int, hidden: int, mechanisms: bool = True,
+                 reads: str = "blocks"):
         super().__init__()
-        self.graph = graph
+        if reads not in MECHANISM_INPUTS:
+            raise ValueError(f"unknown mechanism input {reads!r}; available: {', '.join(MECHANISM_INPUTS)}")
+        self.graph, self.reads = graph, reads
         self.index = {n: i for i, n in enumerate(graph.names)}
         self.mechanisms = nn.ModuleDict()
+        per_parent = latent_dim if reads == "blocks" else 1
         # mechanisms=False: z = u, the identity (the baselines without a causal layer).
         for v in graph.variables:
             if v.parents and mechanisms:
                 self.mechanisms[v.name] = nn.Sequential(
-                    nn.Linear(len(v.parents) * latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, latent_dim)
+                    nn.Linear(len(v.parents) * per_parent, hidden), nn.SiLU(), nn.Linear(hidden, latent_dim)
                 )
 
     def mechanism(self, name: str, z_blocks: list[torch.Tensor], frozen: bool = False) -> torch.Tensor:
         """f_name(z_parents). ``frozen``: no gradient reaches the mechanism's weights (it still
         flows to the parents' blocks), for losses that must not move the mechanisms."""
-        parents = torch.cat([z_blocks[self.index[p]] for p in self.graph[name].parents], dim=-1)
+        blocks = [z_blocks[self.index[p]] for p in self.graph[name].parents]
+        if self.reads == "values":
+            blocks = [b.mean(-1, keepdim=True) for b in blocks]
+        parents = torch.cat(blocks, dim=-1)
         f = self.mechanisms[name]
         if frozen:
             return torch.func.functional_call(f, {k: v.detach() for k, v in f.named_parameters()}, (parents,))
@@ -333,7 +354,7 @@ class CausalDiffAE(nn.Module):
         self.graph, self.config = graph, cfg
         n = len(graph)
         self.causal = CausalLayer(graph, cfg.latent_dim, cfg.mechanism_hidden,
-                                  mechanisms=cfg.variant == "causaldiffae")
+                                  mechanisms=cfg.variant == "causaldiffae", reads=cfg.mechanism_input)
         self.first_stage = None
         self.spread = None
         # the blocks noisy_descendants perturbs: variables with parents
@@ -448,14 +469,16 @@ class CausalDiffAE(nn.Module):
 
     def loss(self, x0: torch.Tensor, y_norm: torch.Tensor | None, scheduler, gamma: float,
              labelled: torch.Tensor | None = None, weighting: str = "uniform", snr_gamma: float = 5.0,
-             timestep_sampling: str = "uniform", encoded: bool = False) -> dict[str, torch.Tensor]:
+             timestep_sampling: str = "uniform", encoded: bool = False,
+             mechanism_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The objective of the configured variant on a batch (``encoded``: ``x0`` is already in the
         diffusion's space, :meth:`to_latent`, as a training set coded once by the first stage is).
 
         CausalDiffAE: denoising MSE (of eps or v, as the scheduler's ``prediction_type`` says; weighted
         over timesteps by ``weighting``, see :meth:`cdae_med.diffusion.DDIM.loss_weights`) + gamma * (KL(q(z|x0,y) || p(z|y)) + KL(q(u|x0) || N(0, I)) +
         mechanism_loss), each averaged over latent dimensions; only mechanism_loss trains the
-        mechanisms. ``labelled`` (B,) bool marks samples whose labels are
+        mechanisms, on ``mechanism_labels`` where given (normalised, else ``y_norm``). ``labelled`` (B,) bool marks
+        samples whose labels are
         known; the label-prior term is taken over those only. DiffAE drops the label term (labels
         are ignored); the label-conditional model drops the N(0, I) term (see the module docstring).
         """
@@ -490,7 +513,8 @@ class CausalDiffAE(nn.Module):
             kl_z = labelled_mean(kl_z_each, labelled)
         else:
             kl_z = torch.zeros((), device=x0.device)
-        mech = self.mechanism_loss(y_norm, labelled) if y_norm is not None else torch.zeros((), device=x0.device)
+        mech = (self.mechanism_loss(y_norm if mechanism_labels is None else mechanism_labels, labelled)
+                if y_norm is not None else torch.zeros((), device=x0.device))
         total = mse + gamma * (kl_z + kl_u + mech)
         return {"loss": total, "mse": mse.detach(), "kl_z": kl_z.detach(), "kl_u": kl_u.detach(),
                 "mechanism": mech.detach()}

@@ -173,9 +173,10 @@ class _Run:
         if self.data.reference is not None:
             self.data.reference.save(out)
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This rank's share of the step's batch. The order is a function of the step alone, so a
-        resumed run sees the same data."""
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This rank's share of the step's batch: inputs, labels, which are labelled, and the labels the
+        mechanisms are fitted on where they differ (:attr:`TrainingData.mechanism_labels`). The order is a
+        function of the step alone, so a resumed run sees the same data."""
         cfg, n = self.cfg, len(self.data.images)
         per_epoch = max(1, n // cfg.batch_size)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step // per_epoch)
@@ -183,8 +184,10 @@ class _Run:
         offset = (self.step % per_epoch) * cfg.batch_size
         idx = perm[offset:offset + cfg.batch_size][self.ranks.rank::self.ranks.world]
         labelled = None if cfg.labelled_fraction >= 1.0 else self.data.labelled[idx].to(self.device)
+        mechanism = self.data.mechanism_labels
         return (self.inputs[idx].to(self.device, non_blocking=True),
-                self.data.labels[idx].to(self.device, non_blocking=True), labelled)
+                self.data.labels[idx].to(self.device, non_blocking=True), labelled,
+                None if mechanism is None else mechanism[idx].to(self.device, non_blocking=True))
 
     def encoder_step(self, k: int, gamma: float) -> None:
         """One encoder-only step (``TrainConfig.encoder_steps``) on a batch of its own, drawn as a function of
@@ -219,10 +222,11 @@ class _Run:
                 stop = any_rank(stop, self.device)
             if stop:
                 break
-            x0, y, labelled = self.batch()
+            x0, y, labelled, y_mechanism = self.batch()
             gamma = cfg.gamma * min(1.0, (self.step + 1) / max(1, cfg.gamma_warmup))
             with autocast(self.device):
-                losses = self.objective(x0, y, self.scheduler, gamma, labelled=labelled, **self.recipe)
+                losses = self.objective(x0, y, self.scheduler, gamma, labelled=labelled,
+                                        mechanism_labels=y_mechanism, **self.recipe)
             self.opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

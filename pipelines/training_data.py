@@ -48,6 +48,9 @@ class TrainingData:
     labelled: torch.Tensor  # (N,) bool: which images keep their labels
     image_meta: dict[str, Any]  # the checkpoint's ``image`` record
     reference: Reference | None = None  # registered models: the space their scans are registered to
+    # (N, n_vars) normalised labels the causal mechanisms are fitted on where they differ from ``labels``: a
+    # registered model's volumes in each scan's own space (:func:`mechanism_space_labels`); None: ``labels``.
+    mechanism_labels: torch.Tensor | None = None
 
 
 def labelled_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
@@ -98,6 +101,21 @@ def reference_space_labels(labels: np.ndarray, graph, prep: Preprocessing, ratio
     for name in prep.volume_variables:
         out[:, graph.names.index(name)] *= factor
     return out
+
+
+def mechanism_space_labels(labels: np.ndarray, graph, prep: Preprocessing) -> np.ndarray | None:
+    """The labels a registered model's causal mechanisms are fitted on: each scan's own volumes, where every
+    volume variable is on a log scale; else None (the reference-space labels).
+
+    An affine registration scales a head's volumes by one factor, which on the log scale is one offset per
+    subject in every volume: abduction keeps it in u, so a mechanism of the scans' own volumes makes the same
+    counterfactuals in reference space. Its slopes are what differ: the scaling takes out the head size along
+    which brain volume varies at a given age, and in reference space the brain volume's effect on the
+    ventricles is measured over what little is left (design notes, "Volumes on a log scale")."""
+    volumes = [graph[n] for n in prep.volume_variables]
+    if not volumes or not all(v.log for v in volumes):
+        return None
+    return np.array(labels, dtype=np.float64)
 
 
 REGISTRATION_CHUNK = 16  # subjects per task of the registration pool
@@ -196,12 +214,14 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
         # Slice-wise: n_train counts slices, so the number of subjects is n_train / slices per subject.
         n = math.ceil(cfg.n_train / size) if cfg.slicewise else cfg.n_train
         images, labels = ds.sample(n, seed=cfg.seed, size=size)
-    native = labels
+    native, mechanism = labels, None
     if ratios is not None and preprocessing.volume_variables:
         preprocessing = replace(preprocessing, cohort_volume_ratio=float(np.mean(ratios)))
         labels = reference_space_labels(labels, ds.graph, preprocessing, ratios)
+        mechanism = mechanism_space_labels(native, ds.graph, preprocessing)
     if cfg.slicewise:
         native = np.repeat(native, size, axis=0)
+        mechanism = None if mechanism is None else np.repeat(mechanism, size, axis=0)
         images, labels = to_slices(images, SLICE_AXIS), np.repeat(labels, size, axis=0)
         preprocessing = replace(preprocessing, slice_axis=SLICE_AXIS)
         ds = replace(ds, spatial_dims=2)
@@ -211,6 +231,10 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
     y = torch.as_tensor(ds.graph.normalise(labels), dtype=torch.float32)
     labelled = labelled_mask(len(y), cfg.labelled_fraction, cfg.seed)
     y[~labelled] = 0.0  # the hidden labels cannot leak into training
+    y_mechanism = None
+    if mechanism is not None:
+        y_mechanism = torch.as_tensor(ds.graph.normalise(mechanism), dtype=torch.float32)
+        y_mechanism[~labelled] = 0.0
     if cfg.labelled_fraction < 1.0:
         log.info("weak supervision: labels for %d of %d training images", int(labelled.sum()), len(y))
     # The values the model saw (labelled images only): the scan code flags estimates and interventions
@@ -225,7 +249,7 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
     if correlations is not None:  # how well training scans matched the reference: below this, a scan is unusual
         meta["registration_correlation_p01"] = float(np.percentile(correlations, 1))
     return TrainingData(dataset=ds, size=size, images=to_tensor(images), labels=y, labelled=labelled, image_meta=meta,
-                        reference=reference)
+                        reference=reference, mechanism_labels=y_mechanism)
 
 
 def template_fields(first_stage, images: torch.Tensor) -> torch.Tensor:

@@ -104,6 +104,9 @@ def test_log_scale_variable_normalises_the_log_and_round_trips():
     # ln(value / centre) / scale: the centre maps to 0, and an additive step is a factor
     assert v.normalise(v.centre) == pytest.approx(0.0)
     assert v.denormalise(v.normalise(40.0) + 1.0) == pytest.approx(40.0 * math.exp(v.scale))
+    tv = torch.tensor([20.0, 40.0])  # one variable's values, as an intervention's are normalised
+    assert torch.allclose(v.denormalise(v.normalise(tv)), tv)
+    assert torch.allclose(v.normalise(tv), torch.tensor(v.normalise(np.array([20.0, 40.0])), dtype=torch.float32))
     assert np.allclose(n[:, 0], [0.0, 0.5])  # age stays linear
     assert np.isnan(g.normalise(np.array([60.0, 1.0, np.nan, 40.0]))[2])  # unknown stays unknown
 

@@ -238,3 +238,21 @@ def test_log_scale_volumes_make_the_counterfactual_scale_the_subjects_own_ventri
 
     on_log, on_linear = ratio_error(log_graph), ratio_error(linear)
     assert on_log < 0.25 and on_linear > 1.5 * on_log, (on_log, on_linear)
+
+
+def test_mechanisms_reading_values_ignore_how_a_parents_block_spreads():
+    """An intervention that writes a parent's own value (its block's mean) back as an even block changes
+    nothing downstream when the mechanisms read values; read as whole blocks, the child moves by the
+    mechanism's answer to the block's spread alone."""
+    graph = builtin_graph("pendulum")
+    for reads, moves in (("values", False), ("blocks", True)):
+        torch.manual_seed(0)
+        layer = CausalLayer(graph, latent_dim=8, hidden=16, reads=reads)
+        z = torch.randn(5, 4, 8)  # blocks whose dimensions differ, as an encoder's do
+        u = layer.abduct(z)
+        same_angle = z[:, 0].mean(-1, keepdim=True).expand(-1, 8)
+        z_do = layer(u, do={"angle": same_angle})
+        change = (z_do[:, 2:] - z[:, 2:]).abs().max().item()  # the shadows, angle's children
+        assert (change > 1e-3) if moves else (change < 1e-5), (reads, change)
+    with pytest.raises(ValueError, match="mechanism_input"):
+        CausalDiffAEConfig(mechanism_input="means")

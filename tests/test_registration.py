@@ -186,6 +186,11 @@ def test_affine_training_data_holds_volumes_in_reference_space():
     assert np.mean(1 / factor) * prep["cohort_volume_ratio"] == pytest.approx(prep["cohort_volume_ratio"], rel=1e-6)
     # the user-facing ranges stay in the graph's own units
     assert data.image_meta["training_ranges"]["brain_volume"] == [native[:, 2].min(), native[:, 2].max()]
+    # the mechanisms are fitted on the scans' own volumes (log scale: the scaling is an offset abduction keeps)
+    assert np.allclose(data.dataset.graph.denormalise(data.mechanism_labels.numpy()), native, rtol=1e-5)
+    linear = TrainConfig(dataset="brain", size=16, n_train=4, seed=5, registration="affine",
+                         graph=str(Path(__file__).parent / "assets" / "brain_linear.yaml"))
+    assert load_training_data(linear, progress=False).mechanism_labels is None  # a scaling is no offset there
 
 
 @pytest.fixture(scope="module")
