@@ -396,8 +396,12 @@ def test_a_models_voxel_spread_moves_do_age_and_leaves_do_brain_volume(tmp_path)
     pipe = CounterfactualPipeline.from_checkpoint(out, device="cpu")
     spread = pipe.model.spread
     assert spread is not None and spread.fitted and spread.roots == (0, 1) and spread.mean.shape == (5, 16 ** 3)
-    x = to_tensor(get_dataset("brain").sample(2, seed=777, size=16).images)
+    x = to_tensor(get_dataset("brain").sample(4, seed=777, size=16).images)
     age = pipe.read_values(pipe.abduct(x, num_steps=10).z)[:, 0]
+    # A model trained for seconds may read an age beyond the graph's range, where do(age = it) is refused:
+    # the null intervention is checked on the subjects whose own estimate is a valid value.
+    valid = (age >= 20.0) & (age <= 95.0)
+    assert valid.any(), age
 
     def both(do):
         with_spread = pipe(x, do, num_steps=10, reconstruction=True)
@@ -408,9 +412,11 @@ def test_a_models_voxel_spread_moves_do_age_and_leaves_do_brain_volume(tmp_path)
             pipe.model.spread = spread
         return with_spread, without
 
-    older, plain = both({"age": (age + 20).clamp(max=95.0)})
+    older, plain = both({"age": (age + 20).clamp(20.0, 95.0)})
     assert torch.equal(older.reconstruction, plain.reconstruction)
     assert (older.images - plain.images).abs().max() > 1e-3
-    for do in ({"brain_volume": 1100.0}, {"age": age}):
-        a, b = both(do)
-        assert torch.equal(a.images, b.images)
+    a, b = both({"brain_volume": 1100.0})
+    assert torch.equal(a.images, b.images)
+    x = x[valid]
+    a, b = both({"age": age[valid]})
+    assert torch.equal(a.images, b.images)
