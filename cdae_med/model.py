@@ -5,7 +5,8 @@
 - The encoder is a stack of MONAI strided convolutions with two linear heads (mean and
   log-variance of u), ``spatial_dims`` 2 or 3.
 - The causal layer is an additive-noise SCM over latent blocks of ``latent_dim`` each:
-  z_i = f_i(z_pa(i)) + u_i, evaluated in topological order from the parents' *z* (the paper's
+  z_i = f_i(z_pa(i)) + u_i (f_i of the parents' whole blocks, or of their values with
+  ``mechanism_input = "values"``; see :class:`CausalLayer`), evaluated in topological order from the parents' *z* (the paper's
   public code feeds the parents' u in one pass, so an intervention never reaches descendants).
   Additive noise makes abduction exact: u_i = z_i - f_i(z_pa(i)).
   The mechanisms are fitted by regression on the labels (``mechanism_loss``) and by nothing else:
@@ -225,8 +226,8 @@ class CausalLayer(nn.Module):
     is the label (``CausalDiffAE.label_latent``), so a mechanism on whole blocks never learns what to make of
     blocks whose dimensions differ, and the encoder's do (within the label prior's spread); an intervention then
     swaps such a block for an even one, and the child moves by the mechanism's arbitrary answer to that difference
-    as well as by the change of value: on the brain model, ventricles that shrank when the brain did
-    (docs/design-notes.md, "Volumes on a log scale"). Reading values, it moves by the change of value alone."""
+    as well as by the change of value (docs/design-notes.md, "Volumes on a log scale"). Reading values, it moves by
+    the change of value alone."""
 
     def __init__(self, graph: CausalGraph, latent_dim: int, hidden: int, mechanisms: bool = True,
                  reads: str = "blocks"):
