@@ -20,13 +20,13 @@ own law is given as a share of copying's (the factual value). Settings:
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from cdae_med.graph import CausalGraph, builtin_graph
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
@@ -44,7 +44,7 @@ def linear_graph(graph: CausalGraph) -> CausalGraph:
         for v in graph.variables))
 
 
-def subjects(n: int, seed: int, do: dict | None = None):
+def subjects(n: int, seed: int):
     age, sex, noise = brain._draw(n, seed)
     return age, sex, noise, brain._targets(age, sex, noise)
 
@@ -72,19 +72,16 @@ def fit(graph: CausalGraph, labels: np.ndarray, how: str, hidden: int, seed: int
     if how == "first":
         fit_first(model, y)
         return model
-    params = list(model.causal.mechanisms.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-2, weight_decay=0.0)
-    ema, avg = copy.deepcopy(model.causal), ema_avg(0.999)
+    opt = torch.optim.AdamW(model.causal.mechanisms.parameters(), lr=3e-2, weight_decay=0.0)
+    ema = AveragedModel(model.causal, avg_fn=ema_avg(0.999))  # the trainer's moving average
     g = torch.Generator().manual_seed(seed)
-    for step in range(1500):
+    for _ in range(1500):
         loss = model.mechanism_loss(y[torch.randint(0, len(y), (256,), generator=g)])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.causal.parameters()):
-                pe.copy_(avg(pe, p, step))
-    model.causal = ema
+        ema.update_parameters(model.causal)
+    model.causal = ema.module
     return model
 
 

@@ -234,7 +234,7 @@ def _normalise(values: Any, centre: Any, scale: Any, log: Any) -> Any:
         import torch
 
         logged = torch.log(values.clamp_min(_TINY) / centre)
-        return (logged if isinstance(log, bool) else torch.where(log, logged, values - centre)) / scale
+        return torch.where(torch.as_tensor(log, device=values.device), logged, values - centre) / scale
     import numpy as np
 
     values = np.asarray(values, dtype=float)
@@ -250,8 +250,8 @@ def _denormalise(values: Any, centre: Any, scale: Any, log: Any) -> Any:
     if hasattr(values, "new_tensor"):
         import torch
 
-        exp = centre * torch.exp((values * scale).clamp(max=_MAX_LOG))
-        return exp if isinstance(log, bool) else torch.where(log, exp, values * scale + centre)
+        return torch.where(torch.as_tensor(log, device=values.device),
+                           centre * torch.exp((values * scale).clamp(max=_MAX_LOG)), values * scale + centre)
     import numpy as np
 
     values = np.asarray(values, dtype=float)
@@ -343,11 +343,10 @@ BUILTIN_GRAPHS: dict[str, dict[str, Any]] = {
     # age, brain volume -> ventricle volume. The volumes are on a log scale: brain atrophy and
     # ventricle growth are rates, so age and brain volume multiply a volume (synthetic_data.brain's
     # laws; Pawlowski 2020 models log volumes), and only in the log is the mechanisms' noise additive
-    # (docs/design-notes.md, "Volumes on a log scale"). centre/scale = geometric mean / SD of the log
-    # over 200,000 draws of the synthetic cohort (age ~ U(40, 90); brain support 661-1,675 ml,
-    # ventricles 7-188). Ranges also cover do(age) over [20, 95] (brain 616-1,703, ventricles 5.6-273)
-    # and do(brain_volume) over its range (ventricles 6-272); every in-range value can be realised
-    # on every subject.
+    # (docs/design-notes.md, "Volumes on a log scale"). centre/scale: the synthetic cohort's geometric
+    # mean and SD of the log. The ranges cover the cohort and its counterfactuals under do(age) over
+    # [20, 95] and do(brain_volume) over its range, so every in-range value can be realised on every
+    # subject.
     "brain": {
         "variables": [
             {"name": "age", "unit": "years", "centre": 60.0, "scale": 20.0, "range": [20.0, 95.0]},
