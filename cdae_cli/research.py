@@ -414,6 +414,8 @@ def evaluate(
     procedure: str = typer.Option("ddim", help="ddim (ours) or original (fresh noise, no propagation)."),
     reference: str = typer.Option("factual", help="Guidance reference: factual (ours) or null (the paper's "
                                                   "classifier-free form)."),
+    hold: int = typer.Option(0, min=0, max=10, help="Rounds of holding the variables an intervention leaves at "
+                                                   "their factual read-out (each one more decoding)."),
     device: str = _DEVICE,
     quiet: bool = _QUIET,
 ) -> None:
@@ -423,7 +425,8 @@ def evaluate(
     def go():
         _check_n(n)
         result = run_evaluate(checkpoint, out, n=n, num_steps=steps, depth=depth, guidance=guidance,
-                              procedure=procedure, device=device, progress=not quiet, reference=reference)
+                              procedure=procedure, device=device, progress=not quiet, reference=reference,
+                              hold=hold)
         dest = Path(out or Path(checkpoint) / "evaluation")
         typer.echo((dest / "evaluation.md").read_text())
         typer.echo(f"wrote {dest}/evaluation.json, evaluation.md, counterfactual_grid.png, sweep.png", err=True)

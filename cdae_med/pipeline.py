@@ -128,16 +128,46 @@ class CounterfactualPipeline:
     @torch.no_grad()
     def decode(self, abduction: Abduction, z_cf: torch.Tensor, guidance: float = 1.0,
                reference: str = "factual", reconstruction: bool = False,
-               progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               progress: Progress | None = None, hold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode the noise code under ``z_cf`` (and, with ``reconstruction``, under the factual z in
-        the same batch). Returns (counterfactuals, reconstructions or None), float32 in [-1, 1]."""
-        return self.to_images(*self.decode_latents(abduction, z_cf, guidance, reference, reconstruction, progress))
+        the same batch). Returns (counterfactuals, reconstructions or None), float32 in [-1, 1].
+        ``hold``: rounds of holding the variables the intervention leaves (:meth:`decode_latents`)."""
+        return self.to_images(*self.decode_latents(abduction, z_cf, guidance, reference, reconstruction, progress,
+                                                   hold))
 
     @torch.no_grad()
     def decode_latents(self, abduction: Abduction, z_cf: torch.Tensor, guidance: float = 1.0,
                        reference: str = "factual", reconstruction: bool = False,
-                       progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`decode` in the diffusion's space (the images, or a first stage's coefficients)."""
+                       progress: Progress | None = None, hold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`decode` in the diffusion's space (the images, or a first stage's coefficients).
+
+        ``hold`` > 0: the variables whose latents the intervention leaves as they were (neither intervened
+        on nor descendants) are held at their factual values. The model's own encoder reads them off the
+        decoded counterfactual, each such block of the condition is shifted by what the read-out is off,
+        and the code is decoded again, ``hold`` times. Where a descendant is a function of its parents
+        (Pendulum's shadow), no training image shows it disagree with them, and a decoder asked for a new
+        shadow also moves the pendulum to match; the condition's shift takes that back
+        (docs/design-notes.md, "Interventions on descendants"). Each round costs one more decoding."""
+        if hold < 0:
+            raise ValueError(f"hold must be >= 0 rounds, got {hold}")
+        cf, rec = self._decode_latents(abduction, z_cf, guidance, reference, reconstruction, progress)
+        held = (z_cf == abduction.z).flatten(2).all(2)  # (B, n): blocks the intervention left
+        changed = ~held.all(1)  # a null intervention stays the decoded code itself
+        held = held & changed[:, None]
+        if not hold or not held.any():
+            return cf, rec
+        model = self.model
+        factual = model.latent_to_label(abduction.z)
+        condition, first = z_cf, cf
+        for _ in range(hold):
+            with autocast(self.device):
+                read = model.latent_to_label(model.causal(model.encode(cf)[0])).float()
+            condition = condition + ((factual - read) * held).unsqueeze(-1).to(condition.dtype)
+            cf, _ = self._decode_latents(abduction, condition, guidance, reference, False, None)
+        return torch.where(changed.view(-1, *([1] * (cf.ndim - 1))), cf, first), rec
+
+    def _decode_latents(self, abduction: Abduction, z_cf: torch.Tensor, guidance: float, reference: str,
+                        reconstruction: bool, progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if reference not in REFERENCES:
             raise ValueError(f"reference must be 'factual' or 'null', got {reference!r}")
         if not 0.0 <= guidance <= 20.0:

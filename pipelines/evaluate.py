@@ -52,7 +52,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
              depth: float = 1.0, guidance: float = 1.0, procedure: Literal["ddim", "original"] = "ddim",
              n_dci: int = 500, n_composition: int = 16, batch_size: int = 64, device: str = "auto",
              predictor_n_train: int = 8000, progress: bool = True, reference: str = "factual",
-             figures: bool = True) -> dict:
+             figures: bool = True, hold: int = 0) -> dict:
     if procedure not in PROCEDURES:
         raise ValueError(f"procedure must be 'ddim' or 'original', got {procedure!r}")
     if reference not in REFERENCES:
@@ -73,7 +73,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
     result: dict = {"checkpoint": str(checkpoint), "dataset": ds.name, "variant": ckpt.variant,
                     "labelled_fraction": ckpt.training.get("labelled_fraction", 1.0), "step": ckpt.step, "n": n,
                     "num_steps": num_steps, "depth": depth, "guidance": guidance, "reference": reference,
-                    "procedure": procedure, "n_composition": n_composition}
+                    "procedure": procedure, "n_composition": n_composition, "hold": hold}
     gen = torch.Generator().manual_seed(seed)  # fresh noise of the original procedure
 
     # DCI on the posterior-mean causal latents
@@ -98,7 +98,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
         for v_i, v in enumerate(variables):
             targets = random_targets(ds, v, n, seed + v_i)[s:s + batch_size]
             z_cf = pipe.act(ab, {v: targets}, propagate=procedure == "ddim")
-            x_cf, _ = pipe.decode(ab, z_cf, guidance, reference)
+            x_cf, _ = pipe.decode(ab, z_cf, guidance, reference, hold=hold)
             truth = ds.counterfactual(batch, {v: targets}, size)
             x_true = to_tensor(truth.images).to(dev)
             preds = {"model": predictors.predict(x_cf), "copy": pred_copy, "truth": predictors.predict(x_true),
@@ -168,7 +168,8 @@ def markdown_tables(result: dict, variables: tuple[str, ...]) -> str:
              f"data set {result['dataset']}, model {result.get('variant', 'causaldiffae')}, labelled fraction "
              f"{result.get('labelled_fraction', 1.0):g}, step {result['step']}, n = {result['n']}, "
              f"{result['num_steps']} DDIM steps, depth {result['depth']}, guidance {result['guidance']} "
-             f"({result.get('reference', 'factual')} reference), procedure {result['procedure']}", "",
+             f"({result.get('reference', 'factual')} reference), procedure {result['procedure']}"
+             + (f", unchanged variables held ({result['hold']} rounds)" if result.get("hold") else ""), "",
              "DCI disentanglement: " + ("not measured" if result["dci"] is None else f"{result['dci']:.3f}"), "",
              "## Effectiveness: MAE of the anti-causal predictor on the counterfactual vs the true label",
              "", "Normalised units (the paper's); rows = measured variable, columns = intervention.", "",
