@@ -146,8 +146,9 @@ class CounterfactualPipeline:
         decoded counterfactual, each such block of the condition is shifted by what the read-out is off,
         and the code is decoded again, ``hold`` times. Where a descendant is a function of its parents
         (Pendulum's shadow), no training image shows it disagree with them, and a decoder asked for a new
-        shadow also moves the pendulum to match; the condition's shift takes that back
-        (docs/design-notes.md, "Interventions on descendants"). Each round costs one more decoding."""
+        shadow changes the pendulum and the light as well; the condition's shift takes back what the encoder
+        reads of that (docs/design-notes.md, "Interventions on descendants"). Each round costs one more
+        decoding, which ``progress`` does not count."""
         if hold < 0:
             raise ValueError(f"hold must be >= 0 rounds, got {hold}")
         cf, rec = self._decode_latents(abduction, z_cf, guidance, reference, reconstruction, progress)
