@@ -146,7 +146,7 @@ def run_dataset(ds: str, b: dict, args, work: Path) -> dict:
         print(f"[{ds}] evaluating {row} ...", flush=True)
         t0 = time.perf_counter()
         # holding the unchanged variables is part of our counterfactual, not of the baselines' procedures
-        hold = b.get("hold", 0) if row == OURS else 0
+        hold = b["hold"] if row == OURS else 0
         res = evaluate(trained[name]["checkpoint"], work / ds / "evaluations" / f"{name}_{procedure}",
                        n=b["eval_n"], num_steps=b["ddim_steps"], procedure=procedure, n_dci=b["n_dci"],
                        n_composition=b["n_composition"], device=args.device,

@@ -415,6 +415,11 @@ class CausalDiffAE(nn.Module):
         (:meth:`to_latent`)."""
         return self.encoder(x0)
 
+    def causal_latents(self, x0: torch.Tensor) -> torch.Tensor:
+        """z at the posterior mean of u: the causal layer applied to q(u | x0)'s mean, (B, n, d); ``x0`` in the
+        diffusion's space (:meth:`to_latent`)."""
+        return self.causal(self.encode(x0)[0])
+
     def label_latent(self, y_norm: torch.Tensor) -> torch.Tensor:
         """mu(y): the latent block a normalised label value stands for. (..., n) -> (..., n, d)."""
         return y_norm.unsqueeze(-1).expand(*y_norm.shape, self.config.latent_dim)

@@ -162,7 +162,7 @@ class CounterfactualPipeline:
         condition, first = z_cf, cf
         for _ in range(hold):
             with autocast(self.device):
-                read = model.latent_to_label(model.causal(model.encode(cf)[0])).float()
+                read = model.latent_to_label(model.causal_latents(cf)).float()
             condition = condition + ((factual - read) * held).unsqueeze(-1).to(condition.dtype)
             cf, _ = self._decode_latents(abduction, condition, guidance, reference, False, None)
         return torch.where(changed.view(-1, *([1] * (cf.ndim - 1))), cf, first), rec

@@ -43,7 +43,7 @@ __all__ = ["evaluate", "posterior_causal_latents"]
 @torch.no_grad()
 def posterior_causal_latents(model, x: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
     """z at the posterior mean of u (the causal layer applied to q(u | x)'s mean), (N, n, d) on the CPU."""
-    return torch.cat([model.causal(model.encode(model.to_latent(x[i:i + batch].to(device)))[0]).float().cpu()
+    return torch.cat([model.causal_latents(model.to_latent(x[i:i + batch].to(device))).float().cpu()
                       for i in range(0, len(x), batch)])
 
 

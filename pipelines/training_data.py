@@ -228,13 +228,15 @@ def load_training_data(cfg: TrainConfig, progress: bool = True) -> TrainingData:
     log.info("%s %d %s training images at %d px in %.1f s", "read" if cfg.data else "generated", len(images),
              ds.name, size, time.perf_counter() - t0)
 
-    y = torch.as_tensor(ds.graph.normalise(labels), dtype=torch.float32)
-    labelled = labelled_mask(len(y), cfg.labelled_fraction, cfg.seed)
-    y[~labelled] = 0.0  # the hidden labels cannot leak into training
-    y_mechanism = None
-    if mechanism is not None:
-        y_mechanism = torch.as_tensor(ds.graph.normalise(mechanism), dtype=torch.float32)
-        y_mechanism[~labelled] = 0.0
+    labelled = labelled_mask(len(labels), cfg.labelled_fraction, cfg.seed)
+
+    def training_labels(values: np.ndarray) -> torch.Tensor:
+        out = torch.as_tensor(ds.graph.normalise(values), dtype=torch.float32)
+        out[~labelled] = 0.0  # the hidden labels cannot leak into training
+        return out
+
+    y = training_labels(labels)
+    y_mechanism = None if mechanism is None else training_labels(mechanism)
     if cfg.labelled_fraction < 1.0:
         log.info("weak supervision: labels for %d of %d training images", int(labelled.sum()), len(y))
     # The values the model saw (labelled images only): the scan code flags estimates and interventions
