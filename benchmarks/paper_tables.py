@@ -93,13 +93,13 @@ def budget(args) -> dict:
                 "batch_size": 16, "n_train": 256, "recipe": args.recipe,
                 "size": {"pendulum": 16, "morphomnist": 32, "circuit": 16}, "model": TINY_MODEL, "lr": 1e-3,
                 "eval_n": 4, "ddim_steps": 5, "n_dci": 60, "n_composition": 2, "predictor_n_train": 256,
-                "sweep_n": 2, "omegas": [0.0, 1.0, 3.0], "hold": args.hold}
+                "sweep_n": 2, "omegas": [0.0, 1.0, 3.0], "hold": args.hold, "confine": args.confine}
     return {"name": "full", "steps": 100_000, "minutes": args.minutes, "baseline_minutes": args.baseline_minutes,
             "batch_size": 32, "n_train": 10_000, "recipe": args.recipe,
             "size": {"pendulum": 32, "morphomnist": 32, "circuit": 32}, "model": {}, "lr": 3e-4,
             "eval_n": args.eval_n, "ddim_steps": args.ddim_steps, "n_dci": 500, "n_composition": 16,
             "predictor_n_train": 8000, "sweep_n": max(8, args.eval_n // 2), "omegas": args.omegas,
-            "hold": args.hold}
+            "hold": args.hold, "confine": args.confine}
 
 
 def run_dataset(ds: str, b: dict, args, work: Path) -> dict:
@@ -147,12 +147,15 @@ def run_dataset(ds: str, b: dict, args, work: Path) -> dict:
         t0 = time.perf_counter()
         # holding the unchanged variables is part of our counterfactual, not of the baselines' procedures
         hold = b["hold"] if row == OURS else 0
+        # confining the change is a decoding of the input's own noise code, for every row that inverts
+        confine = b.get("confine", 0.0) if procedure == "ddim" else 0.0
         res = evaluate(trained[name]["checkpoint"], work / ds / "evaluations" / f"{name}_{procedure}",
                        n=b["eval_n"], num_steps=b["ddim_steps"], procedure=procedure, n_dci=b["n_dci"],
                        n_composition=b["n_composition"], device=args.device,
-                       predictor_n_train=b["predictor_n_train"], progress=not args.quiet, hold=hold)
+                       predictor_n_train=b["predictor_n_train"], progress=not args.quiet, hold=hold,
+                       confine=confine)
         rows[row] = {"model": trained[name], "procedure": procedure, "evaluation": res,
-                     "eval_seconds": time.perf_counter() - t0, "hold": hold}
+                     "eval_seconds": time.perf_counter() - t0, "hold": hold, "confine": confine}
     if "causaldiffae_weak" not in trained:
         return {"rows": rows}
     print(f"[{ds}] guidance sweep ...", flush=True)
@@ -228,7 +231,9 @@ def markdown(results: dict) -> str:
                                         f"z dropped at {rows[r]['model']['cond_drop_prob']:g}"
                                         if rows[r]["model"]["labelled_fraction"] < 1 else "")
                                      + (f"; the variables an intervention leaves held ({rows[r]['hold']} rounds, "
-                                        "`--hold`)" if rows[r].get("hold") else "") + "  "
+                                        "`--hold`)" if rows[r].get("hold") else "")
+                                     + (f"; the change confined at {rows[r]['confine']:g} of its largest "
+                                        "(`--confine`)" if rows[r].get("confine") else "") + "  "
                                      for r in names]
         lines += ["", "DCI disentanglement (higher is better):", "",
                   "| paper CausalDiffAE | paper DiffAE | " + " | ".join(short[r] for r in names) + " |",
@@ -290,6 +295,10 @@ def main() -> None:
     p.add_argument("--hold", type=int, default=0,
                    help="rounds of holding the variables an intervention leaves, in our CausalDiffAE's row "
                         "(CounterfactualPipeline.decode)")
+    p.add_argument("--confine", type=float, default=0.0,
+                   help="keep each counterfactual's change only where it reaches this share of the image's largest "
+                        "change, in every row that inverts (CounterfactualPipeline.decode; 0: off, as the tables "
+                        "so far)")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--omegas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
     p.add_argument("--labelled-fraction", type=float, default=0.1)
@@ -351,7 +360,7 @@ def combine(parts: list[Path], out_dir: Path) -> None:
     # Parts may differ in a model's training time and recipe (every row records its own: model.train_minutes,
     # model.recipe), not in anything the evaluation does; the budget shown is that of the parts that hold
     # our CausalDiffAE, the later one where several do.
-    per_model = ("minutes", "recipe", "hold")  # hold: each row records its own
+    per_model = ("minutes", "recipe", "hold", "confine")  # hold and confine: each row records its own
     budgets = {json.dumps({k: v for k, v in r["budget"].items() if k not in per_model}, sort_keys=True)
                for r in loaded}
     if len(budgets) != 1:

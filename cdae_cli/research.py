@@ -43,6 +43,10 @@ _RESIDUAL = typer.Option(None, help="Scans: the intensity part of the change ups
 _SCAN_MODEL = typer.Option("brain", "--model", help="Scans: the registered model NAME or NAME:vN to use when no "
                                                     "--checkpoint is given (brain: the one cdae-med ships).")
 _STEPS = typer.Option(50, help="DDIM steps.")
+_CONFINE = typer.Option(None, min=0.0, max=0.99, help="Images: keep the counterfactual's change only where it reaches "
+                                                      "this share of the image's largest change, the input's own "
+                                                      "pixels elsewhere; 0 keeps it all [default: 0.35 for a model "
+                                                      "that decodes images, off for scans].")
 _DEVICE = typer.Option("auto", help="auto, cpu or cuda.")
 _QUIET = typer.Option(False, "--quiet", help="No progress bars.")
 
@@ -261,6 +265,7 @@ def counterfactual(
                                                   "flagged in the report (flag) or refused (refuse)."),
     realisation: Optional[str] = _REALISATION,
     residual: Optional[str] = _RESIDUAL,
+    confine: Optional[float] = _CONFINE,
     device: str = _DEVICE,
 ) -> None:
     """Counterfactual of one image or scan under do(...); prints a JSON report of the values it implies."""
@@ -274,6 +279,9 @@ def counterfactual(
         if input is not None and is_nifti(input):
             if out_dir is None:
                 raise UserError("a scan's counterfactual needs --out-dir DIR (it writes four files)")
+            if confine:
+                raise UserError("--confine is for images; a scan's change is realised on the scan itself "
+                                "(--realisation)")
             from pipelines.scans import ScanModel
 
             scans = ScanModel.load(_scan_checkpoint(checkpoint, model), device=device, num_steps=steps, depth=depth,
@@ -289,12 +297,13 @@ def counterfactual(
         if checkpoint is None:
             raise UserError("an image's counterfactual needs --checkpoint DIR (the registered models are for scans)")
         _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps, 1.0 if depth is None else depth,
-                              guidance, device)
+                              guidance, device, confine)
 
     run(go)
 
 
-def _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps, depth, guidance, device) -> None:
+def _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps, depth, guidance, device,
+                          confine) -> None:
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -306,6 +315,8 @@ def _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps,
     pipe = CounterfactualPipeline.from_checkpoint(checkpoint, device)
     ckpt, graph = pipe.checkpoint, pipe.graph
     interventions = parse_values(graph, do_map, allow_empty=False)
+    confine = pipe.default_confine if confine is None else confine
+    pipe.check_confine(confine)
     channels, size = ckpt.image["channels"], ckpt.image["size"]
     if input is not None:
         if len(size) != 2:
@@ -333,7 +344,7 @@ def _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps,
         # Generators give the same first k samples for any n, so only index + 1 are drawn.
         arr = get_dataset(name).sample(index + 1, seed=test_seed(ckpt.training.get("seed", 0)),
                                        size=size[0]).images[index:]
-    res = pipe(to_tensor(arr), interventions, num_steps=steps, depth=depth, guidance=guidance)
+    res = pipe(to_tensor(arr), interventions, num_steps=steps, depth=depth, guidance=guidance, confine=confine)
     out_img = to_uint8(res.images)[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(out_img.squeeze(-1) if out_img.shape[-1] == 1 else out_img).save(out)
@@ -416,6 +427,7 @@ def evaluate(
                                                   "classifier-free form)."),
     hold: int = typer.Option(0, min=0, max=10, help="Rounds of holding the variables an intervention leaves at "
                                                    "their factual read-out (each one more decoding)."),
+    confine: Optional[float] = _CONFINE,
     device: str = _DEVICE,
     quiet: bool = _QUIET,
 ) -> None:
@@ -426,7 +438,7 @@ def evaluate(
         _check_n(n)
         result = run_evaluate(checkpoint, out, n=n, num_steps=steps, depth=depth, guidance=guidance,
                               procedure=procedure, device=device, progress=not quiet, reference=reference,
-                              hold=hold)
+                              hold=hold, confine=confine)
         dest = Path(out or Path(checkpoint) / "evaluation")
         typer.echo((dest / "evaluation.md").read_text())
         typer.echo(f"wrote {dest}/evaluation.json, evaluation.md, counterfactual_grid.png, sweep.png", err=True)

@@ -36,6 +36,7 @@ class Abduction:
     x_t: torch.Tensor  # DDIM noise code at the inversion depth
     num_steps: int
     depth: float
+    images: torch.Tensor | None = None  # the input, where a decoding keeps part of it (cdae_med.confine)
 
 
 @torch.no_grad()
@@ -46,7 +47,7 @@ def abduct(model: CausalDiffAE, ddim: DDIM, x0: torch.Tensor, num_steps: int = 5
     unknown: those latent blocks are set from the label prior instead of being estimated from the
     image, and u is re-derived (u_i = z_i - f_i(z_parents)) so that z stays the SCM's output.
     The noise code is in the diffusion's space (:meth:`CausalDiffAE.to_latent`)."""
-    x0 = model.to_latent(x0)
+    images, x0 = x0, model.to_latent(x0)
     u, _ = model.encode(x0)
     z = model.causal(u)
     if observed:
@@ -64,7 +65,7 @@ def abduct(model: CausalDiffAE, ddim: DDIM, x0: torch.Tensor, num_steps: int = 5
             z[:, i] = torch.where(known[:, None], block, z[:, i])
         u = model.causal.abduct(z)
     x_t = ddim.encode(lambda x, t: model.denoise(x, t, z), x0, num_steps, depth, progress)
-    return Abduction(u=u, z=z, x_t=x_t, num_steps=num_steps, depth=depth)
+    return Abduction(u=u, z=z, x_t=x_t, num_steps=num_steps, depth=depth, images=images)
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from typing import Callable, Literal, Mapping
 import torch
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .confine import confine_change
 from .counterfactual import Abduction, abduct, act
 from .diffusion import DDIM
 from .graph import CausalGraph
@@ -38,13 +39,17 @@ from .model import CausalDiffAE
 from .runtime import autocast, resolve_device
 from .values import parse_values
 
-__all__ = ["CounterfactualPipeline", "CounterfactualOutput", "PROCEDURES", "REFERENCES"]
+__all__ = ["CounterfactualPipeline", "CounterfactualOutput", "DEFAULT_CONFINE", "PROCEDURES", "REFERENCES"]
 
 # "ddim": ours (DDIM inversion, descendants recomputed). "original": the paper's public code, kept to
 # measure what doing it properly is worth: x_T is fresh Gaussian noise (z is still abducted from the
 # image) and an intervention overwrites its block without recomputing the descendants.
 PROCEDURES = ("ddim", "original")
 REFERENCES = ("factual", "null")
+# The share of an image's largest change below which a counterfactual keeps the input's pixels
+# (cdae_med.confine), where the command line and training's evaluation confine: the lowest image
+# error of 0.2 / 0.35 / 0.5 on Pendulum (docs/design-notes.md, "Confining the change").
+DEFAULT_CONFINE = 0.35
 Progress = Callable[[int], None]
 
 
@@ -94,6 +99,12 @@ class CounterfactualPipeline:
         return next(self.model.parameters()).device
 
     @property
+    def default_confine(self) -> float:
+        """:data:`DEFAULT_CONFINE` for a model that decodes images, 0 (off) for one with a first stage,
+        whose change is realised on the scan by its own code (pipelines.scans)."""
+        return DEFAULT_CONFINE if self.model.first_stage is None else 0.0
+
+    @property
     def graph(self) -> CausalGraph:
         return self.model.graph
 
@@ -113,7 +124,7 @@ class CounterfactualPipeline:
                 u, _ = self.model.encode(x)
                 noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
                 return Abduction(u=u, z=self.model.causal(u), x_t=noise.to(x.device, x.dtype),
-                                 num_steps=num_steps, depth=depth)
+                                 num_steps=num_steps, depth=depth, images=images)
             return abduct(self.model, self.scheduler, images, num_steps, depth, progress, observed=observed)
 
     @torch.no_grad()
@@ -128,12 +139,39 @@ class CounterfactualPipeline:
     @torch.no_grad()
     def decode(self, abduction: Abduction, z_cf: torch.Tensor, guidance: float = 1.0,
                reference: str = "factual", reconstruction: bool = False,
-               progress: Progress | None = None, hold: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+               progress: Progress | None = None, hold: int = 0,
+               confine: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode the noise code under ``z_cf`` (and, with ``reconstruction``, under the factual z in
         the same batch). Returns (counterfactuals, reconstructions or None), float32 in [-1, 1].
-        ``hold``: rounds of holding the variables the intervention leaves (:meth:`decode_latents`)."""
-        return self.to_images(*self.decode_latents(abduction, z_cf, guidance, reference, reconstruction, progress,
-                                                   hold))
+        ``hold``: rounds of holding the variables the intervention leaves (:meth:`decode_latents`).
+        ``confine`` in (0, 1): the change is kept only where it reaches that fraction of the image's
+        largest change, the input's own pixels elsewhere (:mod:`cdae_med.confine`); 0 keeps it all."""
+        self.check_confine(confine)
+        if confine and abduction.images is None:
+            raise ValueError("confine needs the input images: abduct them with this pipeline")
+        cf, rec = self.to_images(*self.decode_latents(abduction, z_cf, guidance, reference, reconstruction,
+                                                      progress, hold))
+        if confine:
+            cf = self._confine(abduction, z_cf, cf, confine)
+        return cf, rec
+
+    def check_confine(self, confine: float) -> None:
+        """Before any decoding: confining needs an image-space model."""
+        if not confine:
+            return
+        if not 0.0 < confine < 1.0:
+            raise ValueError(f"confine must be 0 (off) or in (0, 1), got {confine}")
+        if self.model.first_stage is not None:
+            raise ValueError("confine keeps the change where the decoded image changes; a model with a first "
+                             "stage (the brain model) realises its change on the scan itself, so confine does "
+                             "not apply to it")
+
+    def _confine(self, abduction: Abduction, z_cf: torch.Tensor, cf: torch.Tensor, confine: float) -> torch.Tensor:
+        images = abduction.images.to(cf.device, cf.dtype)
+        confined, _ = confine_change(images, cf, confine)
+        # a sample whose latents the intervention left is its input
+        changed = (z_cf != abduction.z).flatten(1).any(1).view(-1, *([1] * (cf.ndim - 1)))
+        return torch.where(changed, confined, images)
 
     @torch.no_grad()
     def decode_latents(self, abduction: Abduction, z_cf: torch.Tensor, guidance: float = 1.0,
@@ -234,14 +272,18 @@ class CounterfactualPipeline:
                  observed: Mapping[str, torch.Tensor] | None = None, num_steps: int = 50, depth: float = 1.0,
                  guidance: float = 1.0, reference: str = "factual", reconstruction: bool = False,
                  procedure: str = "ddim", generator: torch.Generator | None = None,
-                 progress: Progress | None = None) -> CounterfactualOutput:
-        """Counterfactuals of ``images`` (B, C, *spatial) in [-1, 1] under ``interventions``."""
+                 progress: Progress | None = None, confine: float = 0.0) -> CounterfactualOutput:
+        """Counterfactuals of ``images`` (B, C, *spatial) in [-1, 1] under ``interventions``;
+        ``confine`` as in :meth:`decode`."""
         # checked before the costly steps, once
         checked = parse_values(self.graph, interventions, allow_empty=False, n=images.shape[0])
+        self.check_confine(confine)
         ab = self.abduct(images, observed, num_steps, depth, procedure, generator, progress)
         z_cf = self._act(ab, checked, propagate=procedure == "ddim")
         latents = self.decode_latents(ab, z_cf, guidance, reference, reconstruction, progress)
         cf, rec = self.to_images(*latents)
+        if confine:
+            cf = self._confine(ab, z_cf, cf, confine)
         if self.model.spread is not None and procedure == "ddim":
             # the subject's deviation from the cohort's mean, scaled by the spread's ratio (VoxelSpread)
             spread = self.model.spread.change(images.to(cf.device), self.model.latent_to_label(ab.z),

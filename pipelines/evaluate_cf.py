@@ -31,12 +31,13 @@ def random_targets(dataset: SyntheticDataset, variable: str, n: int, seed: int) 
 def counterfactual_errors(pipe: CounterfactualPipeline, dataset: SyntheticDataset, samples: Samples,
                           variables: tuple[str, ...], *, num_steps: int = 50,
                           depth: float = 1.0, guidance: float = 1.0, batch_size: int = 64, seed: int = 0,
-                          progress: bool = True) -> dict:
-    """Mean absolute pixel error (0-255) of reconstructions and of do(v) counterfactuals, each against
-    the generator's true counterfactual, beside the error of returning the input unchanged."""
+                          progress: bool = True, confine: float = 0.0) -> dict:
+    """Mean absolute pixel error (0-255) of reconstructions and of do(v) counterfactuals (``confine`` as
+    in :meth:`CounterfactualPipeline.decode`), each against the generator's true counterfactual, beside
+    the error of returning the input unchanged."""
     images = samples.images
     size = images.shape[1]
-    out: dict = {"n": len(images), "num_steps": num_steps, "depth": depth, "guidance": guidance}
+    out: dict = {"n": len(images), "num_steps": num_steps, "depth": depth, "guidance": guidance, "confine": confine}
     passes = len(variables) + 1
     bar = tqdm(total=passes * len(images), desc="counterfactuals", unit="img", disable=not progress, leave=False)
     recon_err, cf_err = [], {v: [] for v in variables}
@@ -49,7 +50,7 @@ def counterfactual_errors(pipe: CounterfactualPipeline, dataset: SyntheticDatase
             ab = pipe.abduct(x0, num_steps=num_steps, depth=depth)
             z_cf = pipe.act(ab, {v: targets[s:s + batch_size]})
             # the reconstruction once, decoded with the first variable's counterfactuals
-            cf, rec = pipe.decode(ab, z_cf, guidance, reconstruction=v_i == 0)
+            cf, rec = pipe.decode(ab, z_cf, guidance, reconstruction=v_i == 0, confine=confine)
             if rec is not None:
                 recon_err.append(_mae(to_uint8(rec), images[s:s + batch_size]))
                 bar.update(len(x0))

@@ -39,8 +39,9 @@ def image_grid(cells: list[list[np.ndarray]], headers: list[str], cell_px: int =
 @torch.no_grad()
 def counterfactual_grid(pipe: CounterfactualPipeline, ds: SyntheticDataset, samples: Samples,
                         variables: tuple[str, ...], *, num_steps: int = 50,
-                        depth: float = 1.0, guidance: float = 1.0, seed: int = 0) -> Image.Image:
-    """Rows = samples; columns = input, reconstruction, then do(v) and the true do(v) for each v."""
+                        depth: float = 1.0, guidance: float = 1.0, seed: int = 0, confine: float = 0.0) -> Image.Image:
+    """Rows = samples; columns = input, reconstruction, then do(v) and the true do(v) for each v;
+    ``confine`` as in :meth:`CounterfactualPipeline.decode`."""
     images = samples.images
     size = images.shape[1]
     ab = pipe.abduct(to_tensor(images), num_steps=num_steps, depth=depth)
@@ -48,7 +49,7 @@ def counterfactual_grid(pipe: CounterfactualPipeline, ds: SyntheticDataset, samp
     headers = ["input", "reconstruction"]
     for v_i, v in enumerate(variables):
         targets = random_targets(ds, v, len(images), seed + v_i)
-        cf, _ = pipe.decode(ab, pipe.act(ab, {v: targets}), guidance)
+        cf, _ = pipe.decode(ab, pipe.act(ab, {v: targets}), guidance, confine=confine)
         columns.append(preview(to_uint8(cf)))
         columns.append(preview(ds.counterfactual(samples, {v: targets}, size).images))
         headers += [f"do({v})", f"true do({v})"]

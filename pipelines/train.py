@@ -92,6 +92,8 @@ class _Run:
     def __init__(self, cfg: TrainConfig, data: TrainingData, device: torch.device, ranks: Ranks):
         self.cfg, self.data, self.device, self.ranks = cfg, data, device, ranks
         model = build_model(cfg, data)
+        if cfg.eval_confine and model.first_stage is not None:  # before the fitting and the steps
+            CounterfactualPipeline(model).check_confine(cfg.eval_confine)
         # What a step's batch is drawn from: the images, or their coefficients under a first stage, which
         # is fitted once on the training images (before the weights' average copies the model) and codes
         # them once (a deformation first stage registers every image).
@@ -265,7 +267,8 @@ def _final_evaluation(run: _Run, out: Path, progress: bool, metrics: dict[str, A
     test = ds.sample(max(cfg.eval_n, cfg.grid_rows, 1), seed=test_seed(cfg.seed), size=size)
     roots = tuple(v.name for v in ds.graph.variables if not v.parents)
     settings = {"num_steps": cfg.eval_steps, "depth": cfg.eval_depth, "guidance": cfg.eval_guidance,
-                "seed": cfg.seed}
+                "seed": cfg.seed, "confine": pipe.default_confine if cfg.eval_confine is None else cfg.eval_confine}
+    pipe.check_confine(settings["confine"])
     if cfg.eval_n > 0:
         t1 = time.perf_counter()
         errs = counterfactual_errors(pipe, ds, test[:cfg.eval_n], roots, progress=progress, **settings)

@@ -90,6 +90,10 @@ class TrainParameters(BaseModel):
     eval_steps: int = Field(50, ge=2, le=1000, description="DDIM steps of the end-of-training evaluation.")
     eval_depth: float = Field(1.0, gt=0, le=1, description="Inversion depth of the end-of-training evaluation.")
     eval_guidance: float = Field(1.0, gt=0, le=20, description="Guidance weight of the end-of-training evaluation.")
+    eval_confine: float | None = Field(None, ge=0, lt=1, description=(
+        "Confine the end-of-training evaluation's counterfactuals to where they change the image, at this share "
+        "of the largest change (0 = off) [default: the pipeline's, cdae_med.pipeline.DEFAULT_CONFINE for a "
+        "model that decodes images, off for one with a first stage]."))
     grid_rows: int = Field(6, ge=1, le=64, description="Test images in the counterfactual grid.")
     variant: Variant = Field("causaldiffae", description="Model: causaldiffae, diffae (no causal layer, no label "
                                                          "prior) or label_conditional (conditioned on the labels).")

@@ -26,6 +26,20 @@ def test_counterfactual_from_the_test_set(tiny_checkpoint, tmp_path):
     assert report["counterfactual"]["angle"] == pytest.approx(20.0)
 
 
+def test_counterfactual_confines_its_change_on_request(tiny_checkpoint, tmp_path):
+    outs = {}
+    for confine in ("0", "0.5"):
+        outs[confine] = tmp_path / f"cf{confine}.png"
+        r = run("counterfactual", "--checkpoint", tiny_checkpoint, "--dataset", "pendulum", "--index", 3,
+                "--do", "angle=20", "--out", outs[confine], "--steps", 5, "--confine", confine)
+        assert r.exit_code == 0, r.output
+    plain, confined = (np.asarray(Image.open(outs[c]), float) for c in ("0", "0.5"))
+    assert np.abs(plain - confined).max() > 0  # some of the change is the input's own pixels again
+    r = run("counterfactual", "--checkpoint", tiny_checkpoint, "--dataset", "pendulum", "--index", 3,
+            "--do", "angle=20", "--out", tmp_path / "x.png", "--confine", "1.5")
+    assert r.exit_code == 2 and "--confine" in r.output
+
+
 def test_counterfactual_from_a_png(tiny_checkpoint, tmp_path):
     img = tmp_path / "in.png"
     Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(img)
