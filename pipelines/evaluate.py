@@ -53,7 +53,10 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
              n_dci: int = 500, n_composition: int = 16, batch_size: int = 64, device: str = "auto",
              predictor_n_train: int = 8000, progress: bool = True, reference: str = "factual",
              figures: bool = True, hold: int = 0, confine: float | None = None) -> dict:
-    """``confine``: as :meth:`CounterfactualPipeline.decode`, default the pipeline's
+    """DCI, the effectiveness cells, the errors against the true counterfactual, composition and
+    reversibility of ``checkpoint`` on ``n`` test images per intervention, written to ``out``.
+
+    ``confine``: as :meth:`CounterfactualPipeline.decode`, default the pipeline's
     (:attr:`~CounterfactualPipeline.default_confine`); it applies to the effectiveness cells, the
     errors against the true counterfactual and the figures. Composition and reversibility measure the
     model's own decoding, unconfined (a confined null intervention is the input itself)."""
