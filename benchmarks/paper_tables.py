@@ -148,7 +148,7 @@ def run_dataset(ds: str, b: dict, args, work: Path) -> dict:
         # holding the unchanged variables is part of our counterfactual, not of the baselines' procedures
         hold = b["hold"] if row == OURS else 0
         # confining the change is a decoding of the input's own noise code, for every row that inverts
-        confine = b.get("confine", 0.0) if procedure == "ddim" else 0.0
+        confine = b["confine"] if procedure == "ddim" else 0.0
         res = evaluate(trained[name]["checkpoint"], work / ds / "evaluations" / f"{name}_{procedure}",
                        n=b["eval_n"], num_steps=b["ddim_steps"], procedure=procedure, n_dci=b["n_dci"],
                        n_composition=b["n_composition"], device=args.device,

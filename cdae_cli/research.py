@@ -315,8 +315,7 @@ def _image_counterfactual(checkpoint, do_map, out, dataset, index, input, steps,
     pipe = CounterfactualPipeline.from_checkpoint(checkpoint, device)
     ckpt, graph = pipe.checkpoint, pipe.graph
     interventions = parse_values(graph, do_map, allow_empty=False)
-    confine = pipe.default_confine if confine is None else confine
-    pipe.check_confine(confine)
+    confine = pipe.resolve_confine(confine)
     channels, size = ckpt.image["channels"], ckpt.image["size"]
     if input is not None:
         if len(size) != 2:

@@ -39,7 +39,8 @@ from .model import CausalDiffAE
 from .runtime import autocast, resolve_device
 from .values import parse_values
 
-__all__ = ["CounterfactualPipeline", "CounterfactualOutput", "DEFAULT_CONFINE", "PROCEDURES", "REFERENCES"]
+__all__ = ["CounterfactualPipeline", "CounterfactualOutput", "DEFAULT_CONFINE", "PROCEDURES", "REFERENCES",
+           "validate_confine"]
 
 # "ddim": ours (DDIM inversion, descendants recomputed). "original": the paper's public code, kept to
 # measure what doing it properly is worth: x_T is fresh Gaussian noise (z is still abducted from the
@@ -51,6 +52,27 @@ REFERENCES = ("factual", "null")
 # error of 0.2 / 0.35 / 0.5 on Pendulum (docs/design-notes.md, "Confining the change").
 DEFAULT_CONFINE = 0.35
 Progress = Callable[[int], None]
+
+
+def validate_confine(model: CausalDiffAE, confine: float) -> None:
+    """Raises where ``model`` cannot be decoded with ``confine`` (:meth:`CounterfactualPipeline.decode`): a
+    share outside (0, 1), or a model with a first stage, whose change is realised on the scan itself."""
+    if not confine:
+        return
+    if not 0.0 < confine < 1.0:
+        raise ValueError(f"confine must be 0 (off) or in (0, 1), got {confine}")
+    if model.first_stage is not None:
+        raise ValueError("confine keeps the change where the decoded image changes; a model with a first "
+                         "stage (the brain model) realises its change on the scan itself, so confine does "
+                         "not apply to it")
+
+
+def _where_changed(abduction: Abduction, z_cf: torch.Tensor, changed: torch.Tensor,
+                   unchanged: torch.Tensor) -> torch.Tensor:
+    """Per sample, ``changed`` where ``z_cf`` differs from the factual latents, ``unchanged`` where the
+    intervention left them (a null intervention)."""
+    differs = (z_cf != abduction.z).flatten(1).any(1)
+    return torch.where(differs.view(-1, *([1] * (changed.ndim - 1))), changed, unchanged)
 
 
 @dataclass
@@ -155,23 +177,20 @@ class CounterfactualPipeline:
             cf = self._confine(abduction, z_cf, cf, confine)
         return cf, rec
 
+    def resolve_confine(self, confine: float | None) -> float:
+        """``confine``, or :attr:`default_confine` where it is None, checked (:meth:`check_confine`)."""
+        confine = self.default_confine if confine is None else confine
+        self.check_confine(confine)
+        return confine
+
     def check_confine(self, confine: float) -> None:
-        """Before any decoding: confining needs an image-space model."""
-        if not confine:
-            return
-        if not 0.0 < confine < 1.0:
-            raise ValueError(f"confine must be 0 (off) or in (0, 1), got {confine}")
-        if self.model.first_stage is not None:
-            raise ValueError("confine keeps the change where the decoded image changes; a model with a first "
-                             "stage (the brain model) realises its change on the scan itself, so confine does "
-                             "not apply to it")
+        """Before any decoding: :func:`validate_confine` for this pipeline's model."""
+        validate_confine(self.model, confine)
 
     def _confine(self, abduction: Abduction, z_cf: torch.Tensor, cf: torch.Tensor, confine: float) -> torch.Tensor:
         images = abduction.images.to(cf.device, cf.dtype)
-        confined, _ = confine_change(images, cf, confine)
         # a sample whose latents the intervention left is its input
-        changed = (z_cf != abduction.z).flatten(1).any(1).view(-1, *([1] * (cf.ndim - 1)))
-        return torch.where(changed, confined, images)
+        return _where_changed(abduction, z_cf, confine_change(images, cf, confine)[0], images)
 
     @torch.no_grad()
     def decode_latents(self, abduction: Abduction, z_cf: torch.Tensor, guidance: float = 1.0,
@@ -203,7 +222,7 @@ class CounterfactualPipeline:
                 read = model.latent_to_label(model.causal_latents(cf)).float()
             condition = condition + ((factual - read) * held).unsqueeze(-1).to(condition.dtype)
             cf, _ = self._decode_latents(abduction, condition, guidance, reference, False, None)
-        return torch.where(changed.view(-1, *([1] * (cf.ndim - 1))), cf, first), rec
+        return _where_changed(abduction, z_cf, cf, first), rec
 
     def _decode_latents(self, abduction: Abduction, z_cf: torch.Tensor, guidance: float, reference: str,
                         reconstruction: bool, progress: Progress | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -219,9 +238,7 @@ class CounterfactualPipeline:
             cf, rec = out.chunk(2)
             # A sample whose latents did not change is its reconstruction bit for bit (the two halves
             # of a batch can differ in the last float bits), so a null intervention changes nothing.
-            same = (z_cf == abduction.z).flatten(1).all(1)
-            cf = torch.where(same.view(-1, *([1] * (cf.ndim - 1))), rec, cf)
-            return cf, rec
+            return _where_changed(abduction, z_cf, cf, rec), rec
         return out, None
 
     def to_images(self, cf: torch.Tensor, rec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -69,8 +69,7 @@ def evaluate(checkpoint: str | Path, out: str | Path | None = None, n: int = 64,
     n_composition = min(n_composition, n)
     pipe = CounterfactualPipeline.from_checkpoint(checkpoint, device)
     ckpt, model, dev = pipe.checkpoint, pipe.model, pipe.device
-    confine = pipe.default_confine if confine is None else confine
-    pipe.check_confine(confine)
+    confine = pipe.resolve_confine(confine)
     ds = get_dataset(ckpt.dataset)
     graph = ds.graph
     size = ckpt.image["size"][0]

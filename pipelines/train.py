@@ -24,7 +24,7 @@ from cdae_med.checkpoint import CheckpointError, load_training_state, save_check
 from cdae_med.diffusion import DDIM, DDIMConfig
 from cdae_med.latent import DeformationAutoencoder
 from cdae_med.model import CausalDiffAE, CausalDiffAEConfig
-from cdae_med.pipeline import CounterfactualPipeline
+from cdae_med.pipeline import CounterfactualPipeline, validate_confine
 from cdae_med.runtime import autocast, maybe_compile, optimise_for_device, resolve_device
 
 from .distributed import Ranks, any_rank, check_in_sync, init_distributed, shutdown
@@ -92,8 +92,7 @@ class _Run:
     def __init__(self, cfg: TrainConfig, data: TrainingData, device: torch.device, ranks: Ranks):
         self.cfg, self.data, self.device, self.ranks = cfg, data, device, ranks
         model = build_model(cfg, data)
-        if cfg.eval_confine and model.first_stage is not None:  # before the fitting and the steps
-            CounterfactualPipeline(model).check_confine(cfg.eval_confine)
+        validate_confine(model, cfg.eval_confine or 0.0)  # before the fitting and the steps (None: the default)
         # What a step's batch is drawn from: the images, or their coefficients under a first stage, which
         # is fitted once on the training images (before the weights' average copies the model) and codes
         # them once (a deformation first stage registers every image).
@@ -267,8 +266,7 @@ def _final_evaluation(run: _Run, out: Path, progress: bool, metrics: dict[str, A
     test = ds.sample(max(cfg.eval_n, cfg.grid_rows, 1), seed=test_seed(cfg.seed), size=size)
     roots = tuple(v.name for v in ds.graph.variables if not v.parents)
     settings = {"num_steps": cfg.eval_steps, "depth": cfg.eval_depth, "guidance": cfg.eval_guidance,
-                "seed": cfg.seed, "confine": pipe.default_confine if cfg.eval_confine is None else cfg.eval_confine}
-    pipe.check_confine(settings["confine"])
+                "seed": cfg.seed, "confine": pipe.resolve_confine(cfg.eval_confine)}
     if cfg.eval_n > 0:
         t1 = time.perf_counter()
         errs = counterfactual_errors(pipe, ds, test[:cfg.eval_n], roots, progress=progress, **settings)
